@@ -1,0 +1,5 @@
+"""python -m fvis"""
+
+from fvis.cli import main
+
+main()

@@ -1,0 +1,411 @@
+"""Run the model once with hooks: ``Capture`` records out, hooks always removed, mode restored.
+
+Two kinds of hooks run during the one forward pass:
+
+- a **capture hook** on each chosen module snapshots every tensor in its output at hook time
+  (statistics, a float32 copy of the shown sample, grad facts, ``_version``), so later in-place
+  operations cannot change what is reported;
+- a **trace hook** on every module of the model records each call (grad mode, whether inputs,
+  parameters and outputs require grad, output shapes). It tells which modules ran, how often,
+  where an autograd cut happened (``fvis.grads``), and which layers had run when forward failed.
+
+Hooks return ``None``: a forward hook that returns a value would replace the module's output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fvis.errors import ModelInputError
+from fvis.stats import Stats, tensor_stats
+
+
+class Mode(StrEnum):
+    """How the forward pass runs: ``grad`` makes the grad report meaningful."""
+
+    GRAD = "grad"
+    NO_GRAD = "no-grad"
+    INFERENCE = "inference"
+
+
+@dataclass(frozen=True)
+class GradFacts:
+    """Autograd state of one captured tensor, recorded at hook time."""
+
+    grad_enabled: bool
+    inference_mode: bool
+    requires_grad: bool
+    grad_fn: str | None
+    is_leaf: bool
+    is_inference: bool
+    version: int | None  # None for inference tensors (they have no version counter)
+    version_after: int | None = None  # at the end of forward, if the tensor was still alive
+    grad_fn_after: str | None = None
+
+    @property
+    def modified_in_place(self) -> bool:
+        return (
+            self.version is not None
+            and self.version_after is not None
+            and self.version_after != self.version
+        )
+
+
+@dataclass(frozen=True)
+class Capture:
+    """One tensor from one call of one module.
+
+    ``values`` is a float32 copy of the shown sample (or the whole tensor if it has no batch
+    dimension) taken at hook time; it is ``None`` once a streaming consumer dropped it.
+    """
+
+    layer: str
+    call: int
+    path: str  # "" for a plain tensor output, "[0]" or ".logits" inside containers
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    grad: GradFacts
+    stats: Stats
+    values: np.ndarray | None = field(default=None, repr=False, compare=False)
+    calls_total: int = 1
+
+    @property
+    def label(self) -> str:
+        """``inner.relu``, ``relu#2`` for the second call of a shared module, plus the path."""
+        call = f"#{self.call}" if self.calls_total > 1 else ""
+        return f"{self.layer}{call}{self.path}"
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One call of any module of the model (the trace)."""
+
+    name: str
+    call: int
+    grad_enabled: bool
+    inference_mode: bool
+    inputs_require_grad: bool
+    params_require_grad: bool
+    outputs_require_grad: bool
+    has_float_output: bool
+    output_shapes: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    """Everything one forward pass produced."""
+
+    captures: tuple[Capture, ...]
+    trace: tuple[CallRecord, ...]
+    never_ran: tuple[str, ...]  # requested layers whose __call__ never happened
+    output: Any = field(repr=False, compare=False)  # the model's output (graph alive in grad mode)
+    edges: Mapping[tuple[str, int, str], tuple[Any, int]] = field(
+        default_factory=dict, repr=False, compare=False
+    )  # capture key -> (grad node, output_nr)
+    mode: Mode = Mode.GRAD
+
+
+@dataclass
+class _Live:
+    """A capture being recorded: the tensor is held weakly so memory is not kept alive."""
+
+    capture: Capture
+    key: int  # id() of the module, to count its calls
+    ref: weakref.ref[torch.Tensor] | None
+    last_version: int | None
+    last_grad_fn: str | None
+    seq: int = 0  # snapshot order = order in which calls returned
+
+
+def capture(
+    model: nn.Module,
+    inputs: Sequence[Any] | Mapping[str, Any],
+    layers: Sequence[str],
+    *,
+    mode: Mode = Mode.GRAD,
+    train: bool = False,
+    sample: int | None = 0,
+    keep_values: bool = True,
+    on_capture: Callable[[Capture], None] | None = None,
+) -> CaptureResult:
+    """Run ``model`` once and capture the outputs of the dotted ``layers``.
+
+    >>> result = capture(model, [x], ["inner.relu"])          # doctest: +SKIP
+    >>> [c.label for c in result.captures]
+    ['inner.relu']
+
+    ``sample`` picks the batch element whose values are kept for pictures (``None``: all).
+    ``on_capture`` sees each capture as soon as its call returns (for streaming rendering:
+    ``calls_total`` and the in-place facts are not known yet at that moment).
+    """
+    names = _module_names(model)
+    targets = _targets(model, names, layers)
+    session = _Session(names, targets, sample, keep_values, on_capture)
+    was_training = model.training
+    model.train(train)
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(_grad_context(mode))
+            session.install(model, stack)
+            output = _run(model, inputs, session)
+            session.finish()
+    finally:
+        model.train(was_training)
+    return session.result(output, mode)
+
+
+def _module_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every dotted name of every module, walking ``_modules`` so shared modules keep all."""
+    names: dict[int, list[str]] = {}
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        seen = id(module) in names
+        names.setdefault(id(module), []).append(prefix)
+        if seen:
+            continue
+        children = [
+            (f"{prefix}.{n}" if prefix else n, m)
+            for n, m in module._modules.items()
+            if m is not None
+        ]
+        stack.extend(reversed(children))
+    return names
+
+
+def _targets(
+    model: nn.Module, names: dict[int, list[str]], layers: Sequence[str]
+) -> dict[int, tuple[str, nn.Module]]:
+    by_name = {name: module for module in model.modules() for name in names[id(module)]}
+    targets: dict[int, tuple[str, nn.Module]] = {}
+    for layer in layers:
+        module = by_name.get(layer)
+        if module is None:
+            raise ModelInputError(f"no layer {layer!r} in the loaded model")
+        targets.setdefault(id(module), (layer, module))
+    return targets
+
+
+@contextmanager
+def _grad_context(mode: Mode) -> Iterator[None]:
+    if mode is Mode.INFERENCE:
+        with torch.inference_mode():
+            yield
+    elif mode is Mode.NO_GRAD:
+        with torch.no_grad():
+            yield
+    else:
+        with torch.enable_grad():
+            yield
+
+
+def _run(model: nn.Module, inputs: Sequence[Any] | Mapping[str, Any], session: _Session) -> Any:
+    try:
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        return model(*inputs)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        failed_in = session.stack[-1] if session.stack else ""  # innermost unfinished call
+        where = f" in {failed_in!r}" if failed_in else " in the model's own forward"
+        ran = session.ran_summary()
+        raise ModelInputError(
+            f"forward failed{where}: {type(exc).__name__}: {first[:300]}",
+            hint=f"layers that ran before the failure: {ran}"
+            if ran
+            else "no layer ran: check the input shape against the first layer",
+        ) from exc
+
+
+class _Session:
+    """State of one capture run: hook callbacks and what they recorded."""
+
+    def __init__(
+        self,
+        names: dict[int, list[str]],
+        targets: dict[int, tuple[str, nn.Module]],
+        sample: int | None,
+        keep_values: bool,
+        on_capture: Callable[[Capture], None] | None,
+    ) -> None:
+        self.names = names
+        self.targets = targets
+        self.sample = sample
+        self.keep_values = keep_values
+        self.on_capture = on_capture
+        self.calls: dict[int, int] = {}
+        self.trace: list[CallRecord] = []
+        self.live: list[_Live] = []
+        self.done: list[_Live] = []
+        self.edges: dict[tuple[str, int, str], tuple[Any, int]] = {}
+        self.stack: list[str] = []  # names of the calls under way, outermost first
+
+    def install(self, model: nn.Module, stack: ExitStack) -> None:
+        for module in model.modules():
+            stack.enter_context(module.register_forward_pre_hook(self._pre))
+            stack.enter_context(module.register_forward_hook(self._post))
+
+    def _pre(self, module: nn.Module, _args: Any) -> None:
+        self.stack.append(self.names[id(module)][0])
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        name = self.stack.pop() if self.stack else self.names[id(module)][0]
+        call = self.calls.get(id(module), 0) + 1
+        self.calls[id(module)] = call
+        self.trace.append(_call_record(name, call, module, args, output))
+        self._check_versions()
+        if id(module) in self.targets:
+            layer = self.targets[id(module)][0]
+            for path, tensor in flatten_tensors(output):
+                self._snapshot(id(module), layer, call, path, tensor)
+
+    def _snapshot(self, key: int, layer: str, call: int, path: str, tensor: torch.Tensor) -> None:
+        facts = _grad_facts(tensor)
+        values = (
+            _sample_values(tensor, self.sample) if self.keep_values or self.on_capture else None
+        )
+        record = Capture(
+            layer,
+            call,
+            path,
+            tuple(tensor.shape),
+            _dtype(tensor.dtype),
+            str(tensor.device),
+            facts,
+            tensor_stats(tensor),
+            values,
+        )
+        if tensor.requires_grad:
+            edge = torch.autograd.graph.get_gradient_edge(tensor)
+            self.edges[(layer, call, path)] = (edge.node, edge.output_nr)
+        if self.on_capture is not None:
+            self.on_capture(record)
+        if not self.keep_values:
+            record = dataclasses.replace(record, values=None)
+        ref = None if tensor.is_inference() else weakref.ref(tensor)
+        seq = len(self.live) + len(self.done)
+        self.live.append(_Live(record, key, ref, facts.version, facts.grad_fn, seq))
+
+    def _check_versions(self) -> None:
+        # Called after every module call: an in-place op by a later module (ReLU(inplace=True))
+        # is seen while the tensor is still alive, even if it is freed before forward ends.
+        still: list[_Live] = []
+        for item in self.live:
+            tensor = item.ref() if item.ref is not None else None
+            if tensor is None:
+                self.done.append(item)
+                continue
+            item.last_version = tensor._version
+            item.last_grad_fn = _grad_fn_name(tensor)
+            still.append(item)
+        self.live = still
+
+    def finish(self) -> None:
+        self._check_versions()
+        self.done.extend(self.live)
+        self.live = []
+
+    def ran_summary(self, limit: int = 5) -> str:
+        names = list(dict.fromkeys(r.name for r in self.trace if r.name))
+        shown = ", ".join(names[-limit:])
+        return (f"... {shown}" if len(names) > limit else shown) + (
+            f" ({len(names)} in all)" if len(names) > limit else ""
+        )
+
+    def result(self, output: Any, mode: Mode) -> CaptureResult:
+        captures = []
+        for item in sorted(self.done, key=lambda it: it.seq):
+            grad = dataclasses.replace(
+                item.capture.grad, version_after=item.last_version, grad_fn_after=item.last_grad_fn
+            )
+            captures.append(
+                dataclasses.replace(
+                    item.capture, grad=grad, calls_total=self.calls.get(item.key, 1)
+                )
+            )
+        never = tuple(name for key, (name, _) in self.targets.items() if key not in self.calls)
+        return CaptureResult(tuple(captures), tuple(self.trace), never, output, self.edges, mode)
+
+
+def _call_record(name: str, call: int, module: nn.Module, args: Any, output: Any) -> CallRecord:
+    outputs = [t for _, t in flatten_tensors(output)]
+    floats = [t for t in outputs if t.is_floating_point() or t.is_complex()]
+    return CallRecord(
+        name=name,
+        call=call,
+        grad_enabled=torch.is_grad_enabled(),
+        inference_mode=torch.is_inference_mode_enabled(),
+        inputs_require_grad=any(t.requires_grad for _, t in flatten_tensors(args)),
+        params_require_grad=any(p.requires_grad for p in module.parameters(recurse=False)),
+        outputs_require_grad=any(t.requires_grad for t in floats),
+        has_float_output=bool(floats),
+        output_shapes=tuple(tuple(t.shape) for t in outputs),
+    )
+
+
+def flatten_tensors(
+    value: Any, path: str = "", depth: int = 0
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in nested outputs, named by path: ``[0]``, ``.logits``, ``.hidden[1]``.
+
+    Handles tensors, mappings (incl. ``ModelOutput``), dataclasses, namedtuples, lists, tuples.
+    """
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif depth > 8:
+        return
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from flatten_tensors(item, f"{path}.{key}", depth + 1)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from flatten_tensors(getattr(value, f.name), f"{path}.{f.name}", depth + 1)
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):
+        for key in value._fields:
+            yield from flatten_tensors(getattr(value, key), f"{path}.{key}", depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from flatten_tensors(item, f"{path}[{i}]", depth + 1)
+
+
+def _grad_facts(tensor: torch.Tensor) -> GradFacts:
+    inference = tensor.is_inference()
+    return GradFacts(
+        grad_enabled=torch.is_grad_enabled(),
+        inference_mode=torch.is_inference_mode_enabled(),
+        requires_grad=tensor.requires_grad,
+        grad_fn=_grad_fn_name(tensor),
+        is_leaf=tensor.is_leaf,
+        is_inference=inference,
+        version=None if inference else tensor._version,
+    )
+
+
+def _grad_fn_name(tensor: torch.Tensor) -> str | None:
+    return tensor.grad_fn.name() if tensor.grad_fn is not None else None
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _sample_values(tensor: torch.Tensor, sample: int | None) -> np.ndarray:
+    """A float32 numpy copy of one batch element (dim 0), or of everything."""
+    with torch.no_grad():
+        data = tensor.detach()
+        if sample is not None and data.dim() >= 2:
+            data = data[min(sample, data.shape[0] - 1)]
+        if data.is_complex():
+            data = data.abs()
+        return data.to("cpu", torch.float32, copy=True).numpy()

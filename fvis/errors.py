@@ -1,0 +1,71 @@
+"""Domain exceptions, each mapped to one documented exit code.
+
+The CLI catches ``FvisError`` in one place and prints ``fvis: error: <message>`` plus an
+optional ``hint:`` line. Anything else is a bug (exit 70, traceback shown).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitStatus(IntEnum):
+    """Exit codes, documented in the README and ``fvis --help``."""
+
+    OK = 0
+    CHECKS_FAILED = 1
+    USAGE = 2
+    BAD_FILE = 3
+    REFUSED = 4
+    MODEL_INPUT = 5
+    OUTPUT = 6
+    INTERNAL = 70
+    INTERRUPTED = 130
+    TERMINATED = 143
+
+
+class FvisError(Exception):
+    """Base class: a problem fvis explains in one line, with at most one hint."""
+
+    exit_status = ExitStatus.INTERNAL
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(FvisError):
+    """Bad flag or value, missing file, unknown layer."""
+
+    exit_status = ExitStatus.USAGE
+
+
+class BadFileError(FvisError):
+    """Unreadable, corrupt or unsupported file."""
+
+    exit_status = ExitStatus.BAD_FILE
+
+
+class RefusedError(FvisError):
+    """Refused for safety: loading would run code the user has not trusted."""
+
+    exit_status = ExitStatus.REFUSED
+
+
+class ModelInputError(FvisError):
+    """Model and input (or checkpoint and architecture) do not fit, or forward failed."""
+
+    exit_status = ExitStatus.MODEL_INPUT
+
+
+class OutputError(FvisError):
+    """The output folder cannot be used or written."""
+
+    exit_status = ExitStatus.OUTPUT
+
+
+class ChecksFailed(FvisError):
+    """One or more CI gates failed."""
+
+    exit_status = ExitStatus.CHECKS_FAILED

@@ -1,0 +1,175 @@
+"""Tell checkpoint formats apart by content, never by extension, and name wrong files plainly.
+
+Nothing here imports torch: sniffing must be cheap and must not trust the file.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from fvis.errors import BadFileError, UsageError
+
+# The largest safetensors header we accept (the format's own limit is 100 MB).
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+class FileKind(StrEnum):
+    """The checkpoint formats fvis reads."""
+
+    TORCH_ZIP = "torch-zip"  # torch.save: state dict, training dict or pickled module
+    LEGACY_PICKLE = "torch-legacy"  # torch.save(..., _use_new_zipfile_serialization=False)
+    TORCHSCRIPT = "torchscript"
+    EXPORT_PROGRAM = "pt2"  # torch.export.save
+    SAFETENSORS = "safetensors"
+
+
+@dataclass(frozen=True)
+class Sniffed:
+    """What a file is, and for zip archives the folder every entry lives under."""
+
+    path: Path
+    kind: FileKind
+    prefix: str = ""  # "archive/" for zip formats
+
+
+# Magic numbers of files people pass by mistake, and what to call them.
+_WRONG_FILES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"%PDF", "a PDF document"),
+    (b"\x89HDF", "an HDF5 file (Keras .h5?)"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"BZh", "a bzip2 archive"),
+    (b"\xfd7zXZ", "an xz archive"),
+    (b"7z\xbc\xaf", "a 7-Zip archive"),
+    (b"\x7fELF", "an executable (ELF)"),
+)
+
+
+def sniff(path: Path) -> Sniffed:
+    """Classify a model file by its bytes.
+
+    >>> sniff(Path("model.pt")).kind          # doctest: +SKIP
+    <FileKind.TORCH_ZIP: 'torch-zip'>
+
+    Raises ``UsageError`` for a missing path or a folder and ``BadFileError`` (naming what
+    the file looks like instead) for anything that is not a checkpoint.
+    """
+    _require_file(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise BadFileError(f"{path} is empty (0 bytes), not a PyTorch checkpoint")
+    with path.open("rb") as fh:
+        head = fh.read(4096)
+    if _looks_like_safetensors(head, size):
+        return Sniffed(path, FileKind.SAFETENSORS)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return _sniff_zip(path)
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return Sniffed(path, FileKind.LEGACY_PICKLE)
+    raise BadFileError(
+        f"{path} is {_describe_other(head)}, not a PyTorch checkpoint", hint=_wrong_file_hint(head)
+    )
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, not a checkpoint file")
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    # Checked before the pickle test: the header length's low byte can be 0x80.
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return 2 <= header_len <= min(size - 8, _MAX_SAFETENSORS_HEADER) and head[8:9] == b"{"
+
+
+def _describe_other(head: bytes) -> str:
+    for magic, label in _WRONG_FILES:
+        if head.startswith(magic):
+            return label
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "a WebP image"
+    if head.startswith(b"BM") and len(head) > 14:
+        return "a BMP image"
+    if head.startswith(b"\x08") and b"onnx" in head[:64].lower():
+        return "an ONNX model"
+    if _is_text(head):
+        return "a text file"
+    return "not a format fvis knows (unknown bytes)"
+
+
+def _wrong_file_hint(head: bytes) -> str | None:
+    label = _describe_other(head)
+    if "image" in label or "NumPy" in label:
+        return "the model comes first and the input after --input: fvis dump MODEL --input IMAGE"
+    if "ONNX" in label:
+        return "fvis reads PyTorch checkpoints; export the model with torch.save or torch.export"
+    return None
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    printable = sum(ch.isprintable() or ch in "\r\n\t" for ch in text)
+    return printable >= 0.95 * max(len(text), 1)
+
+
+def _sniff_zip(path: Path) -> Sniffed:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise BadFileError(
+            f"{path} is a corrupt or truncated zip archive ({exc})",
+            hint="copy or download the checkpoint again",
+        ) from None
+    prefix = _single_top_folder(path, names)
+    entries = set(names)
+    if f"{prefix}constants.pkl" in entries:
+        return Sniffed(path, FileKind.TORCHSCRIPT, prefix)
+    if f"{prefix}archive_format" in entries or f"{prefix}models/model.json" in entries:
+        return Sniffed(path, FileKind.EXPORT_PROGRAM, prefix)
+    if f"{prefix}data.pkl" in entries:
+        return Sniffed(path, FileKind.TORCH_ZIP, prefix)
+    raise BadFileError(f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl)")
+
+
+def _single_top_folder(path: Path, names: list[str]) -> str:
+    tops = {name.split("/", 1)[0] for name in names}
+    if len(tops) != 1 or not all("/" in name for name in names):
+        raise BadFileError(
+            f"{path} is a zip archive but not a PyTorch checkpoint "
+            f"(expected one top-level folder, found {len(tops)})"
+        )
+    return tops.pop() + "/"
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, object]]:
+    """The JSON header of a safetensors file, validated by the safetensors library."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            keys = list(handle.keys())
+        with path.open("rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(header_len))
+    except Exception as exc:  # the library raises its own SafetensorError and OSError
+        raise BadFileError(f"{path} is a damaged safetensors file: {exc}") from None
+    header.pop("__metadata__", None)
+    return {key: header[key] for key in keys}

@@ -1,0 +1,270 @@
+"""Read pickled modules and TorchScript archives without running anything from the file.
+
+An ``Unpickler`` whose ``find_class`` returns only inert stand-ins: every class or function the
+file names becomes a ``Stub`` that records its name and arguments and does nothing else, and
+tensor rebuild functions return ``FakeTensor`` shapes. So ``os.system`` in a ``__reduce__``
+becomes a harmless record, and the user's classes need not be importable.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fvis.errors import BadFileError
+from fvis.layers import ModuleNode, TensorMeta
+
+# Containers that are safe to build for real: they run no code from the file.
+_SAFE_BUILTINS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("__builtin__", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "dict"): dict,
+    ("builtins", "list"): list,
+    ("builtins", "tuple"): tuple,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+}
+
+
+@dataclass(frozen=True)
+class FakeStorage:
+    dtype: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class FakeTensor:
+    shape: tuple[int, ...]
+    dtype: str
+    requires_grad: bool = False
+    is_parameter: bool = False
+
+
+class Stub:
+    """An instance of a class named in the file. It keeps its state and never runs code."""
+
+    qualname = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # SETITEM on a stub dict subclass
+        self.args = (*self.args, (key, value))
+
+    def append(self, value: Any) -> None:  # APPEND on a stub list subclass
+        self.args = (*self.args, value)
+
+    def extend(self, values: Any) -> None:
+        self.args = (*self.args, *values)
+
+
+class _StubUnpickler(pickle.Unpickler):
+    def __init__(self, stream: io.BufferedIOBase | io.BytesIO) -> None:
+        super().__init__(stream)
+        self.globals_seen: list[str] = []
+        self._classes: dict[str, type[Stub]] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        qualname = f"{module}.{name}"
+        self.globals_seen.append(qualname)
+        if (module, name) in _SAFE_BUILTINS:
+            return _SAFE_BUILTINS[(module, name)]
+        if module.startswith("torch") and name.endswith("Storage"):
+            return _storage_type(name)
+        if module == "torch._utils" and name.startswith("_rebuild"):
+            return _REBUILDERS.get(name, _rebuild_unknown)
+        if module == "torch._tensor" and name == "_rebuild_from_type_v2":
+            return _rebuild_from_type_v2
+        if module == "copyreg" and name == "_reconstructor":
+            return _reconstructor
+        return self._stub_class(qualname)
+
+    def _stub_class(self, qualname: str) -> type[Stub]:
+        if qualname not in self._classes:
+            self._classes[qualname] = type("Stub", (Stub,), {"qualname": qualname})
+        return self._classes[qualname]
+
+    def persistent_load(self, pid: Any) -> Any:
+        # ('storage', storage_type, key, location, numel[, view_metadata])
+        if isinstance(pid, tuple) and len(pid) >= 5 and isinstance(pid[1], FakeStorage):
+            return FakeStorage(pid[1].dtype, int(pid[4]) if isinstance(pid[4], int) else 0)
+        return FakeStorage("unknown", 0)
+
+
+def _storage_type(name: str) -> FakeStorage:
+    dtype = name.removesuffix("Storage").lower() or "uint8"
+    return FakeStorage(
+        {
+            "float": "float32",
+            "double": "float64",
+            "half": "float16",
+            "long": "int64",
+            "int": "int32",
+            "short": "int16",
+            "byte": "uint8",
+            "char": "int8",
+            "untyped": "uint8",
+        }.get(dtype, dtype),
+        0,
+    )
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in value)
+    except (TypeError, ValueError):
+        return ()
+
+
+def _rebuild_tensor(storage: Any, _offset: Any = 0, size: Any = (), *_rest: Any) -> FakeTensor:
+    dtype = storage.dtype if isinstance(storage, FakeStorage) else "unknown"
+    requires_grad = bool(_rest[1]) if len(_rest) > 1 and isinstance(_rest[1], bool) else False
+    return FakeTensor(_shape(size), dtype, requires_grad)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = True, *_rest: Any) -> FakeTensor:
+    if isinstance(data, FakeTensor):
+        return FakeTensor(data.shape, data.dtype, bool(requires_grad), is_parameter=True)
+    return FakeTensor((), "unknown", bool(requires_grad), is_parameter=True)
+
+
+def _rebuild_unknown(*args: Any) -> FakeTensor:
+    for arg in args:
+        if isinstance(arg, FakeTensor):
+            return arg
+    return FakeTensor((), "unknown")
+
+
+def _rebuild_from_type_v2(func: Any, _new_type: Any, args: Any, _state: Any) -> Any:
+    return func(*args) if callable(func) and not isinstance(func, type) else _rebuild_unknown()
+
+
+def _reconstructor(cls: Any, _base: Any, _state: Any) -> Any:
+    return cls() if isinstance(cls, type) and issubclass(cls, Stub) else Stub()
+
+
+_REBUILDERS = {
+    "_rebuild_tensor": _rebuild_tensor,
+    "_rebuild_tensor_v2": _rebuild_tensor,
+    "_rebuild_parameter": _rebuild_parameter,
+    "_rebuild_parameter_with_state": _rebuild_parameter,
+}
+
+
+@dataclass(frozen=True)
+class InertLoad:
+    """The top object of a pickle read with stand-ins, and every global the file named."""
+
+    obj: Any
+    globals_seen: tuple[str, ...]
+
+
+def read_zip_pickle(path: Path, prefix: str) -> InertLoad:
+    """Read ``<prefix>data.pkl`` of a torch zip or TorchScript archive with stand-ins."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = archive.read(f"{prefix}data.pkl")
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
+        raise BadFileError(f"{path} is a corrupt checkpoint archive ({exc})") from None
+    return _unpickle(path, io.BytesIO(data))
+
+
+def read_legacy_pickle(path: Path) -> InertLoad:
+    """Read a legacy (pre-zip) torch file: magic number, protocol, sys info, then the object."""
+    with path.open("rb") as fh:
+        stream = io.BufferedReader(fh)  # type: ignore[arg-type]
+        header = [_unpickle(path, stream).obj for _ in range(3)]
+        if header[0] != 0x1950A86A20F9469CFC6C:
+            raise BadFileError(
+                f"{path} is a Python pickle, not a PyTorch checkpoint",
+                hint="fvis only reads files written by torch.save",
+            )
+        return _unpickle(path, stream)
+
+
+def _unpickle(path: Path, stream: Any) -> InertLoad:
+    unpickler = _StubUnpickler(stream)
+    try:
+        obj = unpickler.load()
+    except RecursionError:
+        raise BadFileError(f"{path} is nested too deeply to read") from None
+    except Exception as exc:  # any malformed pickle: EOFError, UnpicklingError, ValueError...
+        reason = str(exc) or type(exc).__name__
+        raise BadFileError(f"{path} is a corrupt or truncated checkpoint ({reason})") from None
+    return InertLoad(obj, tuple(dict.fromkeys(unpickler.globals_seen)))
+
+
+def is_module_stub(obj: Any) -> bool:
+    """True when ``obj`` is a pickled ``nn.Module`` or TorchScript module stand-in."""
+    if not isinstance(obj, Stub):
+        return False
+    state = obj.state
+    return isinstance(state, dict) and ("_modules" in state or "training" in state)
+
+
+def tree_from_stub(root: Stub) -> ModuleNode:
+    """The module tree of a pickled module (``nn.Module`` state or TorchScript attributes)."""
+    memo: dict[int, ModuleNode] = {}
+    return _node(root, memo)
+
+
+def _node(stub: Stub, memo: dict[int, ModuleNode]) -> ModuleNode:
+    if id(stub) in memo:
+        return memo[id(stub)]
+    state = stub.state if isinstance(stub.state, dict) else {}
+    if "_modules" in state:  # a pickled nn.Module: its __dict__
+        children_src = state.get("_modules") or {}
+        tensors = _metas(state.get("_parameters") or {}, buffer=False)
+        tensors += _metas(state.get("_buffers") or {}, buffer=True)
+    else:  # TorchScript: attributes directly, submodules and tensors mixed
+        children_src = {k: v for k, v in state.items() if is_module_stub(v)}
+        tensors = _metas(
+            {k: v for k, v in state.items() if isinstance(v, FakeTensor)}, buffer=False
+        )
+    children = tuple(
+        (str(name), _node(child, memo))
+        for name, child in children_src.items()
+        if isinstance(child, Stub)
+    )
+    node = ModuleNode(_clean_class_name(stub.qualname), id(stub), tuple(tensors), children)
+    memo[id(stub)] = node
+    return node
+
+
+def _metas(items: dict[str, Any], buffer: bool) -> list[TensorMeta]:
+    return [
+        TensorMeta(str(name), t.shape, t.dtype, t.requires_grad and not buffer, is_buffer=buffer)
+        for name, t in items.items()
+        if isinstance(t, FakeTensor)
+    ]
+
+
+def _clean_class_name(qualname: str) -> str:
+    # TorchScript names classes "__torch__.pkg.Cls" and mangles repeats "...___torch_mangle_3.Cls".
+    parts = [
+        p
+        for p in qualname.removeprefix("__torch__.").split(".")
+        if not p.startswith("___torch_mangle")
+    ]
+    return ".".join(parts)
+
+
+def fake_tensors(obj: Any) -> dict[str, FakeTensor] | None:
+    """The ``name -> FakeTensor`` items of a state-dict-like mapping, or ``None`` if it is not one."""
+    if not isinstance(obj, dict) or not obj:
+        return None
+    if not all(isinstance(k, str) for k in obj):
+        return None
+    tensors = {k: v for k, v in obj.items() if isinstance(v, FakeTensor)}
+    return tensors if tensors else None

@@ -1,0 +1,321 @@
+"""The module tree: one neutral record per module, dotted names, shared modules, name resolution.
+
+Every source of a model (a live ``nn.Module``, a pickled module read without running it, a
+TorchScript archive, a ``torch.export`` program, a bare state dict) becomes the same
+``ModuleNode`` tree, so listing, resolving names and counting parameters are written once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fvis.errors import UsageError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape and flags of one parameter or buffer, with no data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    requires_grad: bool = True
+    is_buffer: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class ModuleNode:
+    """One module of a tree; ``key`` identifies the object so shared modules can be told apart."""
+
+    class_name: str
+    key: int
+    tensors: tuple[TensorMeta, ...] = ()
+    children: tuple[tuple[str, ModuleNode], ...] = ()
+
+    @property
+    def short_class(self) -> str:
+        return self.class_name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of ``fvis layers``: a module reached by one dotted name."""
+
+    name: str
+    class_name: str
+    depth: int
+    is_leaf: bool
+    is_nested_model: bool
+    params: int
+    trainable: int
+    frozen: int
+    buffers: int
+    aliases: tuple[str, ...] = ()  # other names of the same (shared) module
+    first_name: str = ""  # the name a shared module was first reached by
+
+    @property
+    def short_class(self) -> str:
+        return self.class_name.rsplit(".", 1)[-1]
+
+    @property
+    def is_shared(self) -> bool:
+        return bool(self.aliases)
+
+
+@dataclass(frozen=True)
+class ModelTree:
+    """The whole tree plus how it was obtained (for messages such as "state dict only")."""
+
+    root: ModuleNode
+    source_note: str = ""
+    layers: tuple[LayerInfo, ...] = field(default=())
+
+    @classmethod
+    def of(cls, root: ModuleNode, source_note: str = "") -> ModelTree:
+        return cls(root=root, source_note=source_note, layers=tuple(walk(root)))
+
+    def names(self) -> list[str]:
+        return [info.name for info in self.layers if info.name]
+
+
+def is_user_class(class_name: str) -> bool:
+    """True for classes defined outside torch (a user's model, possibly nested in another)."""
+    return not (class_name.startswith("torch.") or class_name in ("", "?"))
+
+
+def node_from_module(module: nn.Module) -> ModuleNode:
+    """Build the neutral tree from a live module, walking ``_modules`` so shared modules keep
+    every name (``named_modules()`` drops the second one).
+
+    >>> node_from_module(torch.nn.Linear(2, 3)).class_name
+    'torch.nn.modules.linear.Linear'
+    """
+    memo: dict[int, ModuleNode] = {}
+    return _node_from_module(module, memo)
+
+
+def _node_from_module(module: nn.Module, memo: dict[int, ModuleNode]) -> ModuleNode:
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    tensors = [
+        TensorMeta(n, tuple(p.shape), _dtype_name(p.dtype), bool(p.requires_grad))
+        for n, p in module._parameters.items()
+        if p is not None
+    ]
+    tensors += [
+        TensorMeta(n, tuple(b.shape), _dtype_name(b.dtype), False, is_buffer=True)
+        for n, b in module._buffers.items()
+        if b is not None
+    ]
+    children = tuple(
+        (n, _node_from_module(child, memo))
+        for n, child in module._modules.items()
+        if child is not None
+    )
+    node = ModuleNode(f"{cls.__module__}.{cls.__qualname__}", id(module), tuple(tensors), children)
+    memo[id(module)] = node
+    return node
+
+
+def node_from_state_dict(shapes: Mapping[str, TensorMeta]) -> ModuleNode:
+    """Group flat parameter names (``inner.linear.weight``) into a tree of unknown classes.
+
+    Parameter-free modules (ReLU, pooling) cannot appear: they leave no key behind.
+    """
+    nested: dict[str, Any] = {}
+    for full_name, meta in shapes.items():
+        *path, leaf = full_name.split(".")
+        level = nested
+        for part in path:
+            level = level.setdefault(part, {})
+            if not isinstance(level, dict):  # a key that is both a tensor and a prefix
+                break
+        else:
+            level[leaf] = TensorMeta(leaf, meta.shape, meta.dtype, meta.requires_grad)
+    counter = iter(range(1, 1 << 62))
+    return _node_from_nested(nested, counter)
+
+
+def node_from_paths(classes: Mapping[str, str], shapes: Mapping[str, TensorMeta]) -> ModuleNode:
+    """A tree from ``{dotted_module_path: class_name}`` (``""`` is the root) plus tensors."""
+    root = node_from_state_dict(shapes)
+    return _with_classes(root, "", classes, _keys_from(len(classes) + 1))
+
+
+def _keys_from(start: int) -> Iterator[int]:
+    return iter(range(-start - (1 << 40), 0))
+
+
+def _with_classes(
+    node: ModuleNode, path: str, classes: Mapping[str, str], keys: Iterator[int]
+) -> ModuleNode:
+    names = [name for name, _ in node.children]
+    prefix = f"{path}." if path else ""
+    extra: list[str] = []
+    for module_path in classes:
+        if module_path and module_path.startswith(prefix):
+            head = module_path[len(prefix) :].split(".")[0]
+            if head not in names and head not in extra:
+                extra.append(head)
+    children = [*node.children, *((n, ModuleNode("?", next(keys))) for n in extra)]
+    return ModuleNode(
+        classes.get(path, node.class_name),
+        node.key,
+        node.tensors,
+        tuple((n, _with_classes(child, _join(path, n), classes, keys)) for n, child in children),
+    )
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _node_from_nested(nested: dict[str, Any], counter: Iterator[int]) -> ModuleNode:
+    tensors = tuple(v for v in nested.values() if isinstance(v, TensorMeta))
+    children = tuple(
+        (k, _node_from_nested(v, counter)) for k, v in nested.items() if isinstance(v, dict)
+    )
+    return ModuleNode("?", next(counter), tensors, children)
+
+
+def walk(root: ModuleNode) -> Iterator[LayerInfo]:
+    """Yield a ``LayerInfo`` per dotted name, depth-first, root first (name ``""``).
+
+    A shared module is listed under each of its names (its children only under the first);
+    parameters are counted once per subtree, so the root's total matches
+    ``sum(p.numel() for p in model.parameters())``.
+    """
+    names_by_key: dict[int, list[str]] = {}
+    order: list[tuple[str, int, ModuleNode]] = []
+    _collect(root, "", 0, names_by_key, order)
+    for name, depth, node in order:
+        yield _layer_info(name, depth, node, _unique_nodes(node), names_by_key[node.key])
+
+
+def _collect(
+    node: ModuleNode,
+    name: str,
+    depth: int,
+    names_by_key: dict[int, list[str]],
+    order: list[tuple[str, int, ModuleNode]],
+) -> None:
+    seen_before = node.key in names_by_key
+    names_by_key.setdefault(node.key, []).append(name)
+    order.append((name, depth, node))
+    if seen_before:
+        return  # its subtree is already listed under its first name
+    for child_name, child in node.children:
+        _collect(
+            child, f"{name}.{child_name}" if name else child_name, depth + 1, names_by_key, order
+        )
+
+
+def _unique_nodes(node: ModuleNode) -> list[ModuleNode]:
+    found: dict[int, ModuleNode] = {}
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current.key in found:
+            continue
+        found[current.key] = current
+        stack.extend(child for _, child in current.children)
+    return list(found.values())
+
+
+def _layer_info(
+    name: str, depth: int, node: ModuleNode, subtree: list[ModuleNode], all_names: list[str]
+) -> LayerInfo:
+    params = [t for n in subtree for t in n.tensors if not t.is_buffer]
+    trainable = sum(t.numel for t in params if t.requires_grad)
+    total = sum(t.numel for t in params)
+    return LayerInfo(
+        name=name,
+        class_name=node.class_name,
+        depth=depth,
+        is_leaf=not node.children,
+        is_nested_model=bool(node.children) and is_user_class(node.class_name) and depth > 0,
+        params=total,
+        trainable=trainable,
+        frozen=total - trainable,
+        buffers=sum(t.numel for n in subtree for t in n.tensors if t.is_buffer),
+        aliases=tuple(n for n in all_names if n != name),
+        first_name=all_names[0],
+    )
+
+
+def resolve(
+    layers: Sequence[LayerInfo], patterns: Iterable[str], model_label: str = "MODEL"
+) -> list[LayerInfo]:
+    """Resolve exact dotted names and globs to layers, in tree order, without duplicates.
+
+    Unknown names raise ``UsageError`` with close matches by name and by class:
+
+    >>> resolve(tree.layers, ["inner.*"])          # doctest: +SKIP
+    [LayerInfo(name='inner.linear', ...), LayerInfo(name='inner.relu', ...)]
+    """
+    by_name = {info.name: info for info in layers if info.name}
+    chosen: dict[str, LayerInfo] = {}
+    for pattern in patterns:
+        matches = _match(by_name, pattern)
+        if not matches:
+            raise UsageError(
+                f"no layer {pattern!r}{_suggestion(layers, pattern)}",
+                hint=f"run 'fvis layers {model_label}' to list the layer names",
+            )
+        for info in matches:
+            chosen.setdefault(info.name, info)
+    order = {info.name: i for i, info in enumerate(layers)}
+    return sorted(chosen.values(), key=lambda info: order[info.name])
+
+
+def _match(by_name: Mapping[str, LayerInfo], pattern: str) -> list[LayerInfo]:
+    if pattern in by_name:
+        return [by_name[pattern]]
+    if any(ch in pattern for ch in "*?["):
+        return [info for name, info in by_name.items() if fnmatch.fnmatchcase(name, pattern)]
+    return []
+
+
+def suggest(layers: Sequence[LayerInfo], wanted: str, limit: int = 3) -> list[str]:
+    """Close matches for a missing name: by dotted name, then by class under the same parent.
+
+    ``inner.relu`` finds ``inner.1 (ReLU)`` when the ReLU sits at index 1 of ``inner``.
+    """
+    labelled = {info.name: f"{info.name} ({info.short_class})" for info in layers if info.name}
+    found = difflib.get_close_matches(wanted, list(labelled), n=limit, cutoff=0.6)
+    parent, _, last = wanted.rpartition(".")
+    for info in layers:
+        info_parent = info.name.rpartition(".")[0]
+        if (
+            info_parent == parent
+            and info.short_class.lower() == last.lower()
+            and info.name not in found
+        ):
+            found.insert(0, info.name)
+    return [labelled[name] for name in found[:limit]]
+
+
+def _suggestion(layers: Sequence[LayerInfo], wanted: str) -> str:
+    close = suggest(layers, wanted)
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")

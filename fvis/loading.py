@@ -1,0 +1,745 @@
+"""Checkpoint I/O: list a model without running it, or load it safely to run it.
+
+Two entry points:
+
+- ``inspect_model`` builds the module tree of any checkpoint **without running code from the
+  file and without reading tensor data** (stand-in unpickling, headers, JSON metadata).
+- ``load_model`` returns a runnable ``nn.Module``. It always passes ``weights_only=True`` to
+  ``torch.load`` unless the user passed ``--trust``; it never falls back to unsafe loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fvis import inert
+from fvis.errors import BadFileError, ModelInputError, RefusedError, UsageError
+from fvis.formats import FileKind, Sniffed, read_safetensors_header, sniff
+from fvis.layers import (
+    ModelTree,
+    ModuleNode,
+    TensorMeta,
+    node_from_module,
+    node_from_paths,
+    node_from_state_dict,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# Keys under which training scripts nest the state dict, most specific first.
+_NESTING_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "ema",
+    "model_ema",
+    "net",
+    "network",
+    "module",
+    "weights",
+    "params",
+)
+_PREFIXES = ("module.", "_orig_mod.")
+# Never allowlisted, whatever the user asks: these run code or touch the system.
+_DANGEROUS_ROOTS = frozenset(
+    {
+        "builtins",
+        "__builtin__",
+        "os",
+        "posix",
+        "nt",
+        "sys",
+        "subprocess",
+        "importlib",
+        "pickle",
+        "_pickle",
+        "shutil",
+        "socket",
+        "ctypes",
+        "runpy",
+        "code",
+        "codeop",
+        "pty",
+        "io",
+        "pathlib",
+        "shlex",
+        "types",
+        "marshal",
+        "inspect",
+        "functools",
+        "operator",
+        "multiprocessing",
+        "signal",
+        "webbrowser",
+        "tempfile",
+        "codecs",
+        "_codecs",
+        "platform",
+        "asyncio",
+        "threading",
+        "glob",
+        "pdb",
+        "bdb",
+        "timeit",
+        "trace",
+        "cProfile",
+        "profile",
+        "urllib",
+        "http",
+        "ftplib",
+        "smtplib",
+        "telnetlib",
+        "requests",
+        "numpy",
+        "copyreg",
+        "dill",
+        "cloudpickle",
+        "joblib",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """The user's decision to run code from a checkpoint, optionally bound to one file."""
+
+    sha256: str | None = None  # None: trust whatever file is given
+
+    @classmethod
+    def parse(cls, value: str | None) -> Trust | None:
+        """``None`` -> no trust; ``"any"`` (bare ``--trust``) or ``"sha256:<hex>"``."""
+        if value is None:
+            return None
+        if value == "any":
+            return cls()
+        match = re.fullmatch(r"sha256:([0-9a-fA-F]{64})", value)
+        if not match:
+            raise UsageError(
+                f"--trust takes no value or 'sha256:<64 hex digits>', not {value!r}",
+                hint="put --trust after the model path, or bind it: --trust sha256:<hash>",
+            )
+        return cls(match.group(1).lower())
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to turn a file into a model; mirrors the CLI options."""
+
+    arch: str | None = None  # "pkg.module:callable" or "path/file.py:callable"
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    allow_modules: tuple[str, ...] = ()
+    trust: Trust | None = None
+    strict: bool = True
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from, for reports and messages."""
+
+    path: Path | None  # None for the bundled sample
+    kind: str
+    sha256: str = ""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.path else "<bundled sample inner_outer>"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    module: nn.Module
+    source: ModelSource
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- inspect (no code)
+
+
+def inspect_model(path: Path, options: LoadOptions = LoadOptions()) -> ModelTree:
+    """The module tree of a checkpoint, without running code from it or reading tensor data.
+
+    >>> inspect_model(Path("model.pt")).names()[:2]          # doctest: +SKIP
+    ['inner', 'inner.linear']
+    """
+    sniffed = sniff(path)
+    if sniffed.kind in (FileKind.TORCH_ZIP, FileKind.LEGACY_PICKLE, FileKind.TORCHSCRIPT):
+        loaded = _read_inert(sniffed)
+        if inert.is_module_stub(loaded.obj) and not options.arch:
+            tree = inert.tree_from_stub(loaded.obj)
+            note = (
+                "TorchScript archive"
+                if sniffed.kind is FileKind.TORCHSCRIPT
+                else ("pickled module (read without running it)")
+            )
+            return ModelTree.of(tree, note)
+        metas = _metas_from_inert(sniffed, loaded.obj)
+    elif sniffed.kind is FileKind.SAFETENSORS:
+        metas = _metas_from_safetensors(path)
+    else:
+        metas = _metas_from_export(sniffed)
+        if not options.arch:
+            return ModelTree.of(_tree_from_export(sniffed, metas), "torch.export program")
+    state, notes = unwrap_state_dict(metas)
+    if options.arch:
+        model = build_arch(options.arch, options.arch_kwargs, device="meta")
+        check_state_dict(path, _metas_of_module(model), state, options.strict)
+        return ModelTree.of(node_from_module(model), "; ".join(notes))
+    note = "state dict only: parameter-free modules (ReLU, pooling) are not visible"
+    return ModelTree.of(node_from_state_dict(state), "; ".join([*notes, note]))
+
+
+def _read_inert(sniffed: Sniffed) -> inert.InertLoad:
+    if sniffed.kind is FileKind.LEGACY_PICKLE:
+        return inert.read_legacy_pickle(sniffed.path)
+    return inert.read_zip_pickle(sniffed.path, sniffed.prefix)
+
+
+def _metas_from_inert(sniffed: Sniffed, obj: Any) -> dict[str, TensorMeta]:
+    if inert.is_module_stub(obj):  # a pickled module used as weights for --arch
+        return _flatten_tree_metas(inert.tree_from_stub(obj))
+    if not isinstance(obj, dict):
+        raise BadFileError(
+            f"{sniffed.path} holds a {type(obj).__name__}, not a model or state dict"
+        )
+    found = _find_state_dict(obj)
+    if found is None:
+        raise BadFileError(
+            f"{sniffed.path} holds a dict without tensors (keys: {_preview(list(obj))})",
+            hint="fvis needs a state dict, a training checkpoint or a pickled module",
+        )
+    return found
+
+
+def _find_state_dict(obj: dict[Any, Any]) -> dict[str, TensorMeta] | None:
+    tensors = inert.fake_tensors(obj)
+    if tensors and len(tensors) >= len(obj) / 2:
+        return {
+            k: TensorMeta(k, t.shape, t.dtype, t.requires_grad or not t.is_parameter)
+            for k, t in tensors.items()
+        }
+    for key in _NESTING_KEYS:
+        value = obj.get(key)
+        if isinstance(value, dict) and (found := _find_state_dict(value)) is not None:
+            return {f"{key}.{k}": v for k, v in found.items()}
+        if inert.is_module_stub(value):
+            flat = _flatten_tree_metas(inert.tree_from_stub(value))
+            return {f"{key}.{k}": v for k, v in flat.items()}
+    return None
+
+
+def _flatten_tree_metas(node: Any, prefix: str = "") -> dict[str, TensorMeta]:
+    out = {f"{prefix}{t.name}": t for t in node.tensors}
+    for name, child in node.children:
+        out.update(_flatten_tree_metas(child, f"{prefix}{name}."))
+    return out
+
+
+def _metas_from_safetensors(path: Path) -> dict[str, TensorMeta]:
+    header = read_safetensors_header(path)
+    return {
+        name: TensorMeta(
+            name,
+            tuple(int(d) for d in info["shape"]),  # type: ignore[attr-defined]
+            str(info["dtype"]).lower(),
+        )
+        for name, info in header.items()
+    }
+
+
+def _metas_from_export(sniffed: Sniffed) -> dict[str, TensorMeta]:
+    config = _export_config(sniffed, "data/weights/model_weights_config.json")
+    metas = {}
+    for name, entry in config.items():
+        sizes = entry.get("tensor_meta", {}).get("sizes", [])
+        shape = tuple(int(s.get("as_int", 0)) for s in sizes if isinstance(s, dict))
+        metas[name] = TensorMeta(
+            name, shape, "float32", bool(entry.get("tensor_meta", {}).get("requires_grad", True))
+        )
+    return metas
+
+
+def _tree_from_export(sniffed: Sniffed, metas: Mapping[str, TensorMeta]) -> ModuleNode:
+    """Rebuild the module tree from the ``nn_module_stack`` each graph node records."""
+    try:
+        with zipfile.ZipFile(sniffed.path) as archive:
+            program = json.loads(archive.read(sniffed.prefix + "models/model.json"))
+        nodes = program["graph_module"]["graph"]["nodes"]
+    except (KeyError, TypeError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        raise BadFileError(f"{sniffed.path} is a damaged torch.export archive ({exc})") from None
+    classes: dict[str, str] = {}
+    for node in nodes:
+        stack = (
+            (node.get("metadata") or {}).get("nn_module_stack", "")
+            if isinstance(node, dict)
+            else ""
+        )
+        for entry in str(stack).split(";"):
+            parts = entry.split(",")
+            if len(parts) >= 3:
+                classes.setdefault(parts[1], parts[-1])
+    return node_from_paths(classes, metas)
+
+
+def _export_config(sniffed: Sniffed, member: str) -> dict[str, Any]:
+    try:
+        with zipfile.ZipFile(sniffed.path) as archive:
+            raw = json.loads(archive.read(sniffed.prefix + member))
+    except KeyError:
+        return {}
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise BadFileError(f"{sniffed.path} is a damaged torch.export archive ({exc})") from None
+    config = raw.get("config", {}) if isinstance(raw, dict) else {}
+    return config if isinstance(config, dict) else {}
+
+
+def _metas_of_module(model: nn.Module) -> dict[str, TensorMeta]:
+    return {
+        name: TensorMeta(name, tuple(t.shape), str(t.dtype))
+        for name, t in model.state_dict(keep_vars=True).items()
+    }
+
+
+# --------------------------------------------------------------------------- state dicts
+
+
+def unwrap_state_dict(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Strip the nesting key and ``module.`` / ``_orig_mod.`` prefixes; say what was done.
+
+    >>> unwrap_state_dict({"model.module.fc.weight": w})[1]     # doctest: +SKIP
+    ["took the state dict under key 'model'", "stripped prefix 'module.' from 1 keys"]
+    """
+    notes: list[str] = []
+    out = dict(state)
+    for key in _NESTING_KEYS:
+        if out and all(k.startswith(key + ".") for k in out):
+            out = {k[len(key) + 1 :]: v for k, v in out.items()}
+            notes.append(f"took the state dict under key {key!r}")
+            break
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if out and all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix) :]: v for k, v in out.items()}
+                notes.append(f"stripped prefix {prefix!r} from {len(out)} keys")
+                changed = True
+    return out, notes
+
+
+def check_state_dict(
+    path: Path, expected: Mapping[str, TensorMeta], found: Mapping[str, Any], strict: bool = True
+) -> None:
+    """Raise one readable ``ModelInputError`` listing missing, unexpected and mismatched keys."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mismatched = [
+        f"{k} {_shape_str(_shape_of(found[k]))} vs {_shape_str(expected[k].shape)}"
+        for k in expected
+        if k in found and tuple(_shape_of(found[k])) != tuple(expected[k].shape)
+    ]
+    problems = [f"{len(mismatched)} shape mismatches: {_preview(mismatched)}"] if mismatched else []
+    if strict:
+        if missing:
+            problems.append(f"{len(missing)} missing keys: {_preview(missing)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys: {_preview(unexpected)}")
+    if problems:
+        raise ModelInputError(
+            f"{path} does not fit the architecture: " + "; ".join(problems),
+            hint="check --arch and --arch-kwargs (checkpoint shape vs model shape)",
+        )
+
+
+def _shape_of(value: Any) -> tuple[int, ...]:
+    shape = getattr(value, "shape", ())
+    return tuple(int(d) for d in shape)
+
+
+def _shape_str(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _preview(items: list[Any], limit: int = 3) -> str:
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+def build_arch(spec: str, kwargs: Mapping[str, Any], device: str = "cpu") -> nn.Module:
+    """Call ``module:callable`` or ``path/file.py:callable`` with ``kwargs`` on ``device``.
+
+    >>> build_arch("sample_models.zoo:build_nested_cnn", {})   # doctest: +SKIP
+    """
+    import torch
+
+    factory = _import_callable(spec)
+    try:
+        with torch.device(device):
+            model = factory(**dict(kwargs))
+    except TypeError as exc:
+        raise UsageError(f"--arch {spec}: {exc}", hint="check --arch-kwargs") from None
+    except Exception as exc:
+        raise ModelInputError(f"--arch {spec} failed to build the model: {exc}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"--arch {spec} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _import_callable(spec: str) -> Callable[..., Any]:
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise UsageError(
+            f"--arch {spec!r} must look like 'pkg.module:callable' or 'path/file.py:callable'"
+        )
+    module = _import_user_file(Path(target)) if target.endswith(".py") else import_user(target)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UsageError(f"--arch {spec}: {target} has no callable {attr!r}")
+    return factory  # type: ignore[no-any-return]
+
+
+def import_user(module_name: str) -> Any:
+    """Import a module the user named (their code, their decision); the cwd is searchable."""
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+
+
+def _import_user_file(path: Path) -> Any:
+    if not path.is_file():
+        raise UsageError(f"--arch: {path}: no such file")
+    name = "_fvis_arch_" + re.sub(r"\W", "_", path.stem)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"--arch: cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------- loading to run
+
+
+def load_model(path: Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
+    """Load a checkpoint as a runnable module, safely.
+
+    >>> load_model(Path("outer.state_dict.pt"), LoadOptions(arch="sample_models.zoo:OuterModel"))
+    ... # doctest: +SKIP
+    """
+    sniffed = sniff(path)
+    digest = sha256_of(path)
+    _check_trust_binding(path, digest, options.trust)
+    loaders = {
+        FileKind.TORCH_ZIP: _load_pickle_checkpoint,
+        FileKind.LEGACY_PICKLE: _load_pickle_checkpoint,
+        FileKind.SAFETENSORS: _load_safetensors,
+        FileKind.TORCHSCRIPT: _load_torchscript,
+        FileKind.EXPORT_PROGRAM: _load_export,
+    }
+    module, notes = loaders[sniffed.kind](sniffed, options)
+    return LoadedModel(module, ModelSource(path, sniffed.kind.value, digest, tuple(notes)))
+
+
+def _check_trust_binding(path: Path, digest: str, trust: Trust | None) -> None:
+    if trust is not None and trust.sha256 is not None and trust.sha256 != digest:
+        raise RefusedError(
+            f"{path} has SHA-256 {digest}, not the {trust.sha256} that --trust names",
+            hint="the file changed since you trusted it; check where it came from",
+        )
+
+
+def _warn_trusted(path: Path, digest: str) -> None:
+    warnings.warn(
+        f"running code from {path} because of --trust (sha256:{digest})", TrustWarning, stacklevel=3
+    )
+
+
+class TrustWarning(UserWarning):
+    """Emitted once per load that runs code from a file because the user trusted it."""
+
+
+def _with_arch(
+    sniffed: Sniffed, options: LoadOptions, state: Mapping[str, Any], notes: list[str]
+) -> tuple[nn.Module, list[str]]:
+    assert options.arch  # callers check
+    state, more = unwrap_state_dict(state)
+    model = build_arch(options.arch, options.arch_kwargs)
+    check_state_dict(sniffed.path, _metas_of_module(model), state, options.strict)
+    try:
+        model.load_state_dict(state, strict=options.strict, assign=False)
+    except RuntimeError as exc:
+        raise ModelInputError(f"{sniffed.path}: {str(exc).splitlines()[0]}") from None
+    return model, [*notes, *more]
+
+
+def _load_pickle_checkpoint(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, list[str]]:
+    import torch
+
+    peek = _read_inert(sniffed)
+    is_module = inert.is_module_stub(peek.obj)
+    if options.trust is None and not is_module:
+        _refuse_unknown_globals(
+            sniffed.path, peek.globals_seen, options.allow_modules, what="checkpoint"
+        )
+    if is_module and options.arch and sniffed.kind is FileKind.TORCH_ZIP:
+        state = read_tensors_as_data(sniffed)
+        return _with_arch(sniffed, options, state, ["read the pickled module's weights as data"])
+    if is_module:
+        model = _load_pickled_module(sniffed, peek, options)
+        if not options.arch:
+            return model, []
+        return _with_arch(sniffed, options, model.state_dict(), [])
+    obj = _torch_load(sniffed, options, peek)
+    if isinstance(obj, torch.nn.Module):
+        state: Mapping[str, Any] = obj.state_dict()
+    elif isinstance(obj, dict):
+        state = _real_state_dict(sniffed.path, obj)
+    else:
+        raise BadFileError(f"{sniffed.path} holds a {type(obj).__name__}, not a state dict")
+    if not options.arch:
+        raise UsageError(
+            f"{sniffed.path} holds a state dict, which has weights but no architecture",
+            hint="give the model class: --arch pkg.module:ClassName (or path/file.py:build)",
+        )
+    return _with_arch(sniffed, options, state, [])
+
+
+def _real_state_dict(path: Path, obj: dict[Any, Any]) -> dict[str, Any]:
+    import torch
+
+    def tensors(d: dict[Any, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+    found = tensors(obj)
+    if found and len(found) >= len(obj) / 2:
+        return found
+    for key in _NESTING_KEYS:
+        value = obj.get(key)
+        if isinstance(value, torch.nn.Module):
+            return {f"{key}.{k}": v for k, v in value.state_dict().items()}
+        if isinstance(value, dict) and (inner := _real_state_dict(path, value)):
+            return {f"{key}.{k}": v for k, v in inner.items()}
+    raise BadFileError(f"{path} holds a dict without a state dict (keys: {_preview(list(obj))})")
+
+
+def _torch_load(
+    sniffed: Sniffed,
+    options: LoadOptions,
+    peek: inert.InertLoad,
+    extra_globals: list[Any] | None = None,
+) -> Any:
+    import torch
+
+    mmap = sniffed.kind is FileKind.TORCH_ZIP
+    try:
+        if options.trust is not None:
+            _warn_trusted(sniffed.path, sha256_of(sniffed.path))
+            return torch.load(sniffed.path, weights_only=False, map_location="cpu", mmap=mmap)
+        with torch.serialization.safe_globals(extra_globals or []):
+            return torch.load(sniffed.path, weights_only=True, map_location="cpu", mmap=mmap)
+    except Exception as exc:
+        if isinstance(exc, RefusedError):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if options.trust is None and "Unsupported global" in str(exc):
+            raise RefusedError(
+                f"{sniffed.path} needs globals fvis does not allow: {first}",
+                hint=_ways_forward(sniffed.path),
+            ) from None
+        raise BadFileError(f"{sniffed.path} could not be read: {first[:300]}") from None
+
+
+def _load_pickled_module(
+    sniffed: Sniffed, peek: inert.InertLoad, options: LoadOptions
+) -> nn.Module:
+    import torch
+
+    classes = (
+        []
+        if options.trust
+        else _allowed_classes(sniffed.path, peek.globals_seen, options.allow_modules)
+    )
+    model = _torch_load(sniffed, options, peek, classes)
+    if not isinstance(model, torch.nn.Module):
+        raise BadFileError(f"{sniffed.path} did not load as a module")
+    return model
+
+
+def _needed_globals(seen: tuple[str, ...]) -> list[str]:
+    """The globals a file names that ``weights_only`` loading does not allow by itself."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except Exception:  # private API: fall back to the rebuild helpers we know
+        allowed = set()
+    known_safe = ("torch._utils._rebuild", "torch.") if not allowed else ()
+    return [
+        g
+        for g in seen
+        if g not in allowed
+        and not g.endswith("Storage")
+        and not (known_safe and g.startswith(known_safe[0]))
+        and g not in ("collections.OrderedDict", "builtins.set", "__builtin__.set")
+    ]
+
+
+def _allowed_classes(
+    path: Path, seen: tuple[str, ...], allow_modules: tuple[str, ...]
+) -> list[Any]:
+    """Resolve each needed global to a class, or refuse naming what blocked the load."""
+    classes, blocked = [], []
+    for qualname in _needed_globals(seen):
+        obj = _resolve_allowed(qualname, allow_modules)
+        if obj is None:
+            blocked.append(qualname)
+        else:
+            classes.append(obj)
+    if blocked:
+        raise RefusedError(
+            f"{path} is a pickled module that needs globals fvis does not trust: "
+            f"{_preview(blocked, 5)}",
+            hint=_ways_forward(path, blocked),
+        )
+    return classes
+
+
+def _refuse_unknown_globals(
+    path: Path, seen: tuple[str, ...], allow_modules: tuple[str, ...], what: str
+) -> None:
+    blocked = [g for g in _needed_globals(seen) if _resolve_allowed(g, allow_modules) is None]
+    if blocked:
+        raise RefusedError(
+            f"{path}: the {what} needs globals fvis does not trust: {_preview(blocked, 5)}",
+            hint=_ways_forward(path, blocked),
+        )
+
+
+def _resolve_allowed(qualname: str, allow_modules: tuple[str, ...]) -> Any:
+    """The class for ``qualname`` if policy allows it: torch.nn modules, or classes from a
+    module the user allowed. Functions and dangerous modules never pass."""
+    import torch
+
+    module_name, _, attr = qualname.rpartition(".")
+    if module_name.split(".")[0] in _DANGEROUS_ROOTS:
+        return None
+    user_allowed = any(module_name == m or module_name.startswith(m + ".") for m in allow_modules)
+    if not (module_name.startswith("torch.nn.") or user_allowed):
+        return None
+    module = importlib.import_module(module_name) if not user_allowed else import_user(module_name)
+    obj = getattr(module, attr, None)
+    if not isinstance(obj, type):
+        return None
+    if not user_allowed and not issubclass(obj, torch.nn.Module):
+        return None
+    return obj
+
+
+def _ways_forward(path: Path, blocked: list[str] | None = None) -> str:
+    modules = sorted(
+        {
+            g.rpartition(".")[0]
+            for g in blocked or []
+            if g.rpartition(".")[0].split(".")[0] not in _DANGEROUS_ROOTS
+        }
+    )
+    allow = f"--allow-module {modules[0]}" if modules else None
+    if blocked and not modules:
+        return "the file names dangerous globals; do not trust it unless you made it"
+    options = ["save a state dict and pass --arch", allow, f"--trust if you trust {path.name}"]
+    return "; ".join(o for o in options if o)
+
+
+def _load_safetensors(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, list[str]]:
+    if not options.arch:
+        raise UsageError(
+            f"{sniffed.path} is a safetensors file: weights without an architecture",
+            hint="give the model class: --arch pkg.module:ClassName",
+        )
+    from safetensors.torch import load_file
+
+    read_safetensors_header(sniffed.path)  # validated, with the library's reason on failure
+    return _with_arch(sniffed, options, load_file(str(sniffed.path)), [])
+
+
+def _load_torchscript(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, list[str]]:
+    if not options.arch:
+        raise UsageError(
+            f"{sniffed.path} is a TorchScript archive: hooks do not work on ScriptModules",
+            hint="give the Python class with --arch (its weights are loaded into it), "
+            "or re-export the model with torch.export",
+        )
+    state = read_tensors_as_data(sniffed)
+    return _with_arch(sniffed, options, state, ["loaded TorchScript weights into --arch"])
+
+
+def read_tensors_as_data(sniffed: Sniffed) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled module or TorchScript archive; no code from it runs."""
+    from fvis.weights import read_tensors
+
+    return read_tensors(sniffed.path, sniffed.prefix)
+
+
+def _load_export(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, list[str]]:
+    import torch
+
+    pickled = [
+        name
+        for member in (
+            "data/weights/model_weights_config.json",
+            "data/constants/model_constants_config.json",
+        )
+        for name, entry in _export_config(sniffed, member).items()
+        if isinstance(entry, dict) and entry.get("use_pickle")
+    ]
+    if pickled and options.trust is None:
+        raise RefusedError(
+            f"{sniffed.path} is a torch.export program with pickled payloads "
+            f"({_preview(pickled)}), which would run code when loaded",
+            hint=f"--trust if you trust {sniffed.path.name}",
+        )
+    if options.trust is not None and pickled:
+        _warn_trusted(sniffed.path, sha256_of(sniffed.path))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(sniffed.path)
+            # Decompose so in-place ops (aten.relu_) become real values, then rebuild the tree.
+            module = torch.export.unflatten(program.run_decompositions())
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BadFileError(
+            f"{sniffed.path}: torch.export program could not be loaded: {first[:300]}"
+        ) from None
+    notes = ["torch.export program: decomposed and unflattened to its module tree"]
+    if options.arch:
+        return _with_arch(sniffed, options, module.state_dict(), notes)
+    return module, notes
