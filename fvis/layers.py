@@ -132,12 +132,23 @@ def _node_from_module(module: nn.Module, memo: dict[int, ModuleNode]) -> ModuleN
     return node
 
 
-def node_from_state_dict(shapes: Mapping[str, TensorMeta]) -> ModuleNode:
+# Buffers that state dicts mix in with parameters (state dicts do not say which is which).
+_BUFFER_NAMES = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+
+
+def node_from_state_dict(
+    shapes: Mapping[str, TensorMeta], skeleton: Iterable[str] = ()
+) -> ModuleNode:
     """Group flat parameter names (``inner.linear.weight``) into a tree of unknown classes.
 
-    Parameter-free modules (ReLU, pooling) cannot appear: they leave no key behind.
+    ``skeleton`` lists module paths known to exist, in the order to show them. Without it,
+    parameter-free modules (ReLU, pooling) cannot appear: they leave no key behind.
     """
     nested: dict[str, Any] = {}
+    for module_path in skeleton:
+        level = nested
+        for part in module_path.split(".") if module_path else []:
+            level = level.setdefault(part, {})
     for full_name, meta in shapes.items():
         *path, leaf = full_name.split(".")
         level = nested
@@ -146,43 +157,39 @@ def node_from_state_dict(shapes: Mapping[str, TensorMeta]) -> ModuleNode:
             if not isinstance(level, dict):  # a key that is both a tensor and a prefix
                 break
         else:
-            level[leaf] = TensorMeta(leaf, meta.shape, meta.dtype, meta.requires_grad)
+            level[leaf] = TensorMeta(
+                leaf,
+                meta.shape,
+                meta.dtype,
+                meta.requires_grad,
+                meta.is_buffer or _looks_like_buffer(leaf, meta.dtype),
+            )
     counter = iter(range(1, 1 << 62))
     return _node_from_nested(nested, counter)
 
 
 def node_from_paths(classes: Mapping[str, str], shapes: Mapping[str, TensorMeta]) -> ModuleNode:
     """A tree from ``{dotted_module_path: class_name}`` (``""`` is the root) plus tensors."""
-    root = node_from_state_dict(shapes)
-    return _with_classes(root, "", classes, _keys_from(len(classes) + 1))
+    return _with_classes(node_from_state_dict(shapes, skeleton=classes), "", classes)
 
 
-def _keys_from(start: int) -> Iterator[int]:
-    return iter(range(-start - (1 << 40), 0))
-
-
-def _with_classes(
-    node: ModuleNode, path: str, classes: Mapping[str, str], keys: Iterator[int]
-) -> ModuleNode:
-    names = [name for name, _ in node.children]
-    prefix = f"{path}." if path else ""
-    extra: list[str] = []
-    for module_path in classes:
-        if module_path and module_path.startswith(prefix):
-            head = module_path[len(prefix) :].split(".")[0]
-            if head not in names and head not in extra:
-                extra.append(head)
-    children = [*node.children, *((n, ModuleNode("?", next(keys))) for n in extra)]
+def _with_classes(node: ModuleNode, path: str, classes: Mapping[str, str]) -> ModuleNode:
     return ModuleNode(
         classes.get(path, node.class_name),
         node.key,
         node.tensors,
-        tuple((n, _with_classes(child, _join(path, n), classes, keys)) for n, child in children),
+        tuple((n, _with_classes(child, _join(path, n), classes)) for n, child in node.children),
     )
 
 
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
+
+
+def _looks_like_buffer(name: str, dtype: str) -> bool:
+    return name in _BUFFER_NAMES or not (
+        dtype.startswith(("float", "bfloat", "complex", "f")) or dtype == "unknown"
+    )
 
 
 def _node_from_nested(nested: dict[str, Any], counter: Iterator[int]) -> ModuleNode:

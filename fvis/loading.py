@@ -274,9 +274,9 @@ def _metas_from_export(sniffed: Sniffed) -> dict[str, TensorMeta]:
     for name, entry in config.items():
         sizes = entry.get("tensor_meta", {}).get("sizes", [])
         shape = tuple(int(s.get("as_int", 0)) for s in sizes if isinstance(s, dict))
-        metas[name] = TensorMeta(
-            name, shape, "float32", bool(entry.get("tensor_meta", {}).get("requires_grad", True))
-        )
+        requires_grad = bool(entry.get("tensor_meta", {}).get("requires_grad", True))
+        is_buffer = not entry.get("is_param", True)
+        metas[name] = TensorMeta(name, shape, "float32", requires_grad, is_buffer=is_buffer)
     return metas
 
 

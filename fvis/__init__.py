@@ -1,0 +1,51 @@
+"""fvis: see what a layer deep inside a PyTorch model sees, and whether it is on the graph.
+
+The importable API is the product; the ``fvis`` command is a thin shell over it. Names are
+imported lazily so ``import fvis`` (and ``fvis --help``) does not import torch.
+
+>>> import fvis
+>>> model = fvis.load_model("model.pt", fvis.LoadOptions(arch="pkg.models:Net"))  # doctest: +SKIP
+>>> result = fvis.capture(model.module, [x], ["inner.relu"])                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "FvisError": "fvis.errors",
+    "ExitStatus": "fvis.errors",
+    "LoadOptions": "fvis.loading",
+    "Trust": "fvis.loading",
+    "load_model": "fvis.loading",
+    "inspect_model": "fvis.loading",
+    "sniff": "fvis.formats",
+    "walk": "fvis.layers",
+    "resolve": "fvis.layers",
+    "node_from_module": "fvis.layers",
+    "Mode": "fvis.capture",
+    "Capture": "fvis.capture",
+    "capture": "fvis.capture",
+    "render": "fvis.render",
+    "RenderOptions": "fvis.render",
+    "InputOptions": "fvis.inputs",
+    "list_layers": "fvis.api",
+    "resolve_model": "fvis.api",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fvis' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,334 @@
+"""The ``fvis`` command: option parsing and one error boundary, over ``fvis.api``.
+
+Heavy imports (torch, numpy, PIL) are deferred into the commands so ``fvis --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from fvis.errors import ExitStatus, FvisError, UsageError
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok; 1 checks failed; 2 usage error (bad option, missing file, unknown "
+    "layer); 3 unreadable, corrupt or unsupported file; 4 refused for safety; 5 model and "
+    "input incompatible or forward failed; 6 output problem; 70 internal error (a bug); "
+    "130 interrupted."
+)
+
+app = typer.Typer(
+    name="fvis",
+    help="See what a layer deep inside a PyTorch model sees, and whether its output is still "
+    "on the autograd graph.\n\n" + EXIT_CODES_HELP,
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# --------------------------------------------------------------------------- shared options
+
+ModelArg = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Checkpoint file. Default: [tool.fvis] model in ./pyproject.toml, "
+        "else the bundled sample.",
+        show_default=False,
+    ),
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="Architecture for a state dict: 'pkg.module:callable' or 'path/file.py:callable'.",
+        show_default=False,
+    ),
+]
+ArchKwargsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch-kwargs",
+        help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.",
+        show_default=False,
+    ),
+]
+AllowModuleOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-module",
+        help="Allow classes from this module when loading a pickled "
+        "model (your code, your decision). Repeatable.",
+        show_default=False,
+    ),
+]
+TrustOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--trust",
+        flag_value="any",
+        is_flag=False,
+        metavar="[sha256:HEX]",
+        help="Run code from the checkpoint (full unpickling). Bind it to one file "
+        "with --trust sha256:<hex>.",
+        show_default=False,
+    ),
+]
+InputOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input",
+        "-i",
+        help="Image, tensor file (.pt/.npy/.safetensors) or folder; "
+        "name=FILE for keyword inputs. Repeatable.",
+        show_default=False,
+    ),
+]
+ShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shape", help="Random input of this shape, e.g. 1,3,224,224.", show_default=False
+    ),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random inputs.")]
+SizeOpt = Annotated[
+    str | None, typer.Option("--size", help="Resize images to HxW.", show_default=False)
+]
+NormOpt = Annotated[
+    str,
+    typer.Option(
+        "--norm",
+        help="Image normalisation: auto (ImageNet for RGB), imagenet, "
+        "none, MEAN,STD or M1,M2,M3/S1,S2,S3.",
+    ),
+]
+ChannelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--channels",
+        help="Channels the model expects (default: read from the first convolution).",
+        show_default=False,
+    ),
+]
+DepthOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--depth", help="Show modules down to this depth (root is 0).", show_default=False
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead.")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# --------------------------------------------------------------------------- error boundary
+
+
+def _debug(ctx: typer.Context | None) -> bool:
+    flag = bool(ctx and ctx.find_root().meta.get("fvis.debug"))
+    return flag or os.environ.get("FVIS_DEBUG", "") not in ("", "0")
+
+
+def boundary(func: F) -> F:
+    """Map domain errors to one line + hint + exit code; bugs to a traceback and 70."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = kwargs.get("ctx")  # every command takes the typer context first
+        try:
+            return func(*args, **kwargs)
+        except FvisError as exc:
+            if _debug(ctx):
+                traceback.print_exc()
+            _error(exc.message, exc.hint)
+            raise typer.Exit(int(exc.exit_status)) from None
+        except KeyboardInterrupt:
+            _error("interrupted")
+            raise typer.Exit(int(ExitStatus.INTERRUPTED)) from None
+        except typer.Exit:
+            raise
+        except Exception:
+            traceback.print_exc()
+            _error(
+                "internal error: this is a bug in fvis", "please report it with the traceback above"
+            )
+            raise typer.Exit(int(ExitStatus.INTERNAL)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _error(message: str, hint: str | None = None) -> None:
+    from fvis.text import for_terminal_plain
+
+    sys.stderr.write(f"fvis: error: {for_terminal_plain(message)}\n")
+    if hint:
+        sys.stderr.write(f"hint: {for_terminal_plain(hint)}\n")
+
+
+def _note(message: str) -> None:
+    from fvis.text import for_terminal_plain
+
+    sys.stderr.write(f"fvis: {for_terminal_plain(message)}\n")
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    """fvis: feature maps and grad-tracking reports for nested PyTorch models."""
+    ctx.meta["fvis.debug"] = debug
+    if version:
+        from importlib.metadata import version as dist_version
+
+        typer.echo(f"fvis {dist_version('fvis')}")
+        raise typer.Exit(0)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _load_options(
+    arch: str | None, arch_kwargs: str | None, allow_module: list[str] | None, trust: str | None
+) -> Any:
+    from fvis.loading import LoadOptions, Trust
+
+    kwargs: dict[str, Any] = {}
+    if arch_kwargs:
+        try:
+            kwargs = json.loads(arch_kwargs)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from None
+        if not isinstance(kwargs, dict):
+            raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    return LoadOptions(
+        arch=arch,
+        arch_kwargs=kwargs,
+        allow_modules=tuple(allow_module or ()),
+        trust=Trust.parse(trust),
+    )
+
+
+def _input_options(
+    inputs: list[str] | None,
+    shape: str | None,
+    seed: int,
+    size: str | None,
+    norm: str,
+    channels: int | None,
+    config: Any,
+) -> Any:
+    from fvis.inputs import InputOptions, parse_shape, parse_size
+
+    sources = tuple(inputs or ()) or (config.inputs if config and not shape else ())
+    shape = shape or (config.shape if config and not sources else None)
+    return InputOptions(
+        sources=sources,
+        shape=parse_shape(shape) if shape else None,
+        seed=seed,
+        size=parse_size(size) if size else None,
+        norm=norm,
+        channels=channels,
+    )
+
+
+def _resolve(model: Path | None, load: Any) -> Any:
+    from fvis.api import BUNDLED, resolve_model
+
+    ref, config = resolve_model(model, load)
+    if ref.origin == BUNDLED:
+        _note(f"no model given and no [tool.fvis] in ./pyproject.toml: using the {BUNDLED}")
+    elif ref.origin:
+        _note(f"model {ref.path} from {ref.origin}")
+    return ref, config
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:  # pipes and CI logs: do not crop long dotted names at 80
+        console.width = max(console.width, 200)
+    return console
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@app.command()
+@boundary
+def layers(
+    ctx: typer.Context,
+    model: ModelArg = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    allow_module: AllowModuleOpt = None,
+    trust: TrustOpt = None,
+    input: InputOpt = None,
+    shape: ShapeOpt = None,
+    seed: SeedOpt = 0,
+    size: SizeOpt = None,
+    norm: NormOpt = "auto",
+    channels: ChannelsOpt = None,
+    depth: DepthOpt = None,
+    filter: Annotated[
+        str | None,
+        typer.Option(
+            "--filter", help="Only names matching this glob, e.g. 'backbone.*'.", show_default=False
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the module tree: dotted names, classes, parameters, nested models, shared modules.
+
+    With --input or --shape, one forward pass adds output shapes, call counts and the layers
+    that never ran. Without, nothing from the file runs and no tensor data is read.
+    """
+    from fvis.api import list_layers
+    from fvis.listing import to_json, to_rich
+
+    ref, config = _resolve(model, _load_options(arch, arch_kwargs, allow_module, trust))
+    wants_run = bool(
+        input or shape or (config and (config.inputs or config.shape) and model is None)
+    )
+    inputs = _input_options(input, shape, seed, size, norm, channels, config) if wants_run else None
+    listing = list_layers(ref, inputs)
+    if json_out:
+        sys.stdout.write(json.dumps(to_json(listing, depth, filter), indent=2) + "\n")
+        return
+    console = _console()
+    console.print(to_rich(listing, depth, filter))
+    _print_listing_notes(console, listing)
+
+
+def _print_listing_notes(console: Any, listing: Any) -> None:
+    from fvis.listing import human, never_ran
+    from fvis.text import for_terminal
+
+    root = listing.tree.layers[0]
+    console.print(
+        f"{len(listing.tree.layers)} modules, {human(root.params)} parameters "
+        f"({human(root.trainable)} trainable, {human(root.frozen)} frozen)"
+    )
+    if listing.tree.source_note:
+        console.print(f"[dim]{for_terminal(listing.tree.source_note)}[/dim]")
+    if listing.input_description:
+        console.print(f"[dim]input: {for_terminal(listing.input_description)}[/dim]")
+    missing = never_ran(listing)
+    if missing:
+        console.print(f"[red]never ran:[/red] {', '.join(for_terminal(n) for n in missing)}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="fvis")

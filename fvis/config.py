@@ -1,0 +1,91 @@
+"""``[tool.fvis]`` in ``pyproject.toml``: defaults for a repository, overridden by flags."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fvis.errors import UsageError
+
+KNOWN_KEYS = ("model", "arch", "arch-kwargs", "allow-modules", "input", "shape", "layers")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Values from ``[tool.fvis]``; paths are resolved against the pyproject's folder."""
+
+    file: Path
+    model: Path | None = None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    allow_modules: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    shape: str | None = None
+    layers: tuple[str, ...] = ()
+
+
+def find_config(folder: Path) -> Config | None:
+    """Read ``folder/pyproject.toml``'s ``[tool.fvis]``; ``None`` when there is none."""
+    path = folder / "pyproject.toml"
+    if not path.is_file():
+        return None
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not valid TOML: {exc}") from None
+    table = data.get("tool", {}).get("fvis")
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise UsageError(f"{path}: [tool.fvis] must be a table")
+    return _parse(path, table)
+
+
+def _parse(path: Path, table: dict[str, Any]) -> Config:
+    unknown = [k for k in table if k not in KNOWN_KEYS]
+    if unknown:
+        raise UsageError(
+            f"{path}: unknown key {unknown[0]!r} in [tool.fvis]",
+            hint="known keys: " + ", ".join(KNOWN_KEYS),
+        )
+    base = path.parent
+    model = table.get("model")
+    return Config(
+        file=path,
+        model=base / _str(path, "model", model) if model is not None else None,
+        arch=_opt_str(path, "arch", table.get("arch")),
+        arch_kwargs=_dict(path, "arch-kwargs", table.get("arch-kwargs", {})),
+        allow_modules=_strs(path, "allow-modules", table.get("allow-modules", [])),
+        inputs=tuple(
+            str(base / s) if "=" not in s else s
+            for s in _strs(path, "input", table.get("input", []))
+        ),
+        shape=_opt_str(path, "shape", table.get("shape")),
+        layers=_strs(path, "layers", table.get("layers", [])),
+    )
+
+
+def _str(path: Path, key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise UsageError(f"{path}: [tool.fvis] {key} must be a string")
+    return value
+
+
+def _opt_str(path: Path, key: str, value: Any) -> str | None:
+    return None if value is None else _str(path, key, value)
+
+
+def _strs(path: Path, key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{path}: [tool.fvis] {key} must be a string or a list of strings")
+    return tuple(value)
+
+
+def _dict(path: Path, key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise UsageError(f"{path}: [tool.fvis] {key} must be a table")
+    return dict(value)

@@ -1,0 +1,320 @@
+"""Model inputs: image files, tensor files, a seeded random shape, or one synthesized from the
+model's first layer. Every input says in words what was done to it (``Prepared.description``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fvis.errors import BadFileError, ModelInputError, UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# A sane cap on decoded pixels (Pillow's own bomb limit stays on as well).
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """Mirrors the CLI's input options."""
+
+    sources: tuple[str, ...] = ()  # files, folders, or name=FILE for keyword inputs
+    shape: tuple[int, ...] | None = None
+    seed: int = 0
+    size: tuple[int, int] | None = None
+    norm: str = "auto"  # auto | imagenet | none | "m1,m2,m3/s1,s2,s3" or "MEAN,STD"
+    channels: int | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Ready-to-call inputs: positional ``args`` and keyword ``kwargs``."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    labels: tuple[str, ...] = ()  # one per sample of the batch (file names)
+    display: np.ndarray | None = field(default=None, repr=False)  # first image, HxWxC uint8
+
+    @property
+    def batch_size(self) -> int:
+        first = next(iter([*self.args, *self.kwargs.values()]), None)
+        return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` or ``"1x3x224x224"`` -> ``(1, 3, 224, 224)``."""
+    parts = [p for p in re.split(r"[,x\s]+", text.strip()) if p]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts) or len(parts) > 6:
+        raise UsageError(f"--shape {text!r} must be positive integers such as 1,3,224,224")
+    return tuple(int(p) for p in parts)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"224x224"`` or ``"224"`` -> ``(224, 224)``."""
+    parts = [p for p in re.split(r"[x,]", text.strip()) if p]
+    if len(parts) not in (1, 2) or not all(p.isdigit() and 0 < int(p) <= 8192 for p in parts):
+        raise UsageError(f"--size {text!r} must look like 224x224 (1 to 8192)")
+    return (int(parts[0]), int(parts[-1]))
+
+
+def prepare(model: nn.Module, options: InputOptions) -> Prepared:
+    """Build the inputs for one forward pass of ``model``.
+
+    >>> prepare(model, InputOptions(shape=(1, 10))).description        # doctest: +SKIP
+    'random normal (1, 10), seed 0'
+    """
+    if options.sources and options.shape:
+        raise UsageError("give either --input or --shape, not both")
+    if options.shape:
+        return _random(options.shape, options.seed, "random normal")
+    if not options.sources:
+        shape, dtype_note = synth_shape(model)
+        prepared = _random(shape, options.seed, f"synthesized from the first layer{dtype_note}:")
+        if dtype_note:  # embeddings take integer ids
+            ids = torch.randint(0, _vocab(model), shape, generator=_gen(options.seed))
+            return Prepared((ids,), description=prepared.description, labels=prepared.labels)
+        return prepared
+    keyword = [s for s in options.sources if _is_keyword(s)]
+    positional = [s for s in options.sources if not _is_keyword(s)]
+    channels = options.channels or expected_channels(model)
+    args: tuple[Any, ...] = ()
+    notes: list[str] = []
+    labels: tuple[str, ...] = ()
+    display = None
+    if positional:
+        tensor, note, labels, display = _load_batch(positional, options, channels)
+        args, notes = (tensor,), [note]
+    kwargs = {}
+    for item in keyword:
+        name, _, file_name = item.partition("=")
+        tensor, note, _, _ = _load_batch([file_name], options, channels)
+        kwargs[name] = tensor
+        notes.append(f"{name}={note}")
+    return Prepared(args, kwargs, "; ".join(notes), labels, display)
+
+
+def _is_keyword(source: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z_]\w*=.+", source)) and not Path(source).exists()
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _random(shape: tuple[int, ...], seed: int, what: str) -> Prepared:
+    tensor = torch.randn(shape, generator=_gen(seed))
+    return Prepared((tensor,), description=f"{what} {shape}, seed {seed}")
+
+
+def first_layer(model: nn.Module) -> nn.Module | None:
+    """The first convolution, linear, embedding or norm layer in registration order."""
+    kinds = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.LayerNorm)
+    return next((m for m in model.modules() if isinstance(m, kinds)), None)
+
+
+def expected_channels(model: nn.Module) -> int | None:
+    layer = first_layer(model)
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return int(layer.in_channels)
+    return None
+
+
+def synth_shape(model: nn.Module) -> tuple[tuple[int, ...], str]:
+    """An input shape the first layer accepts: (1, C, 224, 224) for Conv2d, (1, F) for Linear."""
+    layer = first_layer(model)
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        spatial = {1: (256,), 2: (224, 224), 3: (16, 112, 112)}[len(layer.kernel_size)]
+        return (1, int(layer.in_channels), *spatial), ""
+    if isinstance(layer, nn.Linear):
+        return (1, int(layer.in_features)), ""
+    if isinstance(layer, nn.Embedding):
+        return (1, 16), " (token ids)"
+    if isinstance(layer, nn.LayerNorm):
+        return (1, 16, *layer.normalized_shape), ""
+    raise UsageError(
+        "cannot guess an input for this model (no conv, linear or embedding layer)",
+        hint="give --input FILE or --shape 1,3,224,224",
+    )
+
+
+def _vocab(model: nn.Module) -> int:
+    layer = first_layer(model)
+    return int(layer.num_embeddings) if isinstance(layer, nn.Embedding) else 2
+
+
+def _expand(sources: Sequence[str]) -> list[Path]:
+    paths: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            if not found:
+                raise UsageError(f"--input {path}: the folder is empty")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise UsageError(f"--input {path}: no such file")
+    return paths
+
+
+def _load_batch(
+    sources: Sequence[str], options: InputOptions, channels: int | None
+) -> tuple[torch.Tensor, str, tuple[str, ...], np.ndarray | None]:
+    paths = _expand(sources)
+    tensors, notes, display = [], [], None
+    for path in paths:
+        tensor, note, image = load_input_file(path, options, channels)
+        tensors.append(tensor)
+        notes.append(note)
+        display = display if display is not None else image
+    if len(tensors) == 1:
+        return tensors[0], notes[0], (paths[0].name,), display
+    shapes = {tuple(t.shape[1:]) for t in tensors}
+    if len(shapes) > 1:
+        raise ModelInputError(
+            f"inputs differ in shape ({_fmt_shapes(shapes)}); they cannot share one batch",
+            hint="give --size HxW for images",
+        )
+    batch = torch.cat(tensors)
+    return (
+        batch,
+        f"{len(paths)} files batched {tuple(batch.shape)}: {notes[0]}",
+        tuple(p.name for p in paths),
+        display,
+    )
+
+
+def _fmt_shapes(shapes: set[tuple[int, ...]]) -> str:
+    return ", ".join(str(s) for s in sorted(shapes)[:3])
+
+
+def load_input_file(
+    path: Path, options: InputOptions, channels: int | None
+) -> tuple[torch.Tensor, str, np.ndarray | None]:
+    """One file -> a batched tensor (leading dim 1 for images), a note, and the display image."""
+    with path.open("rb") as fh:
+        head = fh.read(16)
+    if not head:
+        raise BadFileError(f"{path} is empty (0 bytes)")
+    if head.startswith(b"\x93NUMPY"):
+        return _load_npy(path), f"{path.name} (npy)", None
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return _load_torch_tensor(path), f"{path.name} (torch tensor)", None
+    from fvis.formats import _looks_like_safetensors
+
+    if _looks_like_safetensors(head + b"x" * 0, path.stat().st_size) or path.suffix == (
+        ".safetensors"
+    ):
+        return _load_safetensors_tensor(path), f"{path.name} (safetensors)", None
+    return _load_image(path, options, channels)
+
+
+def _load_npy(path: Path) -> torch.Tensor:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise BadFileError(
+            f"{path}: {exc}", hint="object arrays need pickles; save a numeric array"
+        ) from None
+    except Exception as exc:
+        raise BadFileError(f"{path} is a damaged .npy file ({exc})") from None
+    if array.dtype.kind not in "fiub":
+        raise BadFileError(f"{path} holds {array.dtype} values, not numbers")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _load_torch_tensor(path: Path) -> torch.Tensor:
+    try:
+        value = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BadFileError(f"{path} is not a readable tensor file ({first[:200]})") from None
+    if isinstance(value, torch.Tensor):
+        return value
+    if (
+        isinstance(value, dict)
+        and value
+        and all(isinstance(v, torch.Tensor) for v in value.values())
+    ):
+        if len(value) == 1:
+            return next(iter(value.values()))
+        raise ModelInputError(
+            f"{path} holds {len(value)} tensors (a state dict?), not one input",
+            hint="the model comes first: fvis dump MODEL --input INPUT",
+        )
+    raise BadFileError(f"{path} holds a {type(value).__name__}, not a tensor")
+
+
+def _load_safetensors_tensor(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise BadFileError(f"{path} is a damaged safetensors file: {exc}") from None
+    if len(tensors) != 1:
+        raise ModelInputError(
+            f"{path} holds {len(tensors)} tensors, not one input",
+            hint="use --input name=FILE per keyword, one tensor per file",
+        )
+    return next(iter(tensors.values()))
+
+
+def _load_image(
+    path: Path, options: InputOptions, channels: int | None
+) -> tuple[torch.Tensor, str, np.ndarray]:
+    from fvis.images import read_image
+
+    array, notes = read_image(path, channels, options.size, MAX_IMAGE_PIXELS)
+    tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+    tensor, norm_note = _normalise(tensor, options.norm)
+    display = (array * 255).round().clip(0, 255).astype(np.uint8)
+    return tensor, f"{path.name} ({'; '.join([*notes, norm_note])})", display
+
+
+def _normalise(tensor: torch.Tensor, norm: str) -> tuple[torch.Tensor, str]:
+    channels = tensor.shape[1]
+    if norm == "none":
+        return tensor, "scaled to [0, 1]"
+    if norm in ("auto", "imagenet"):
+        if channels != 3:
+            if norm == "imagenet":
+                raise UsageError(f"--norm imagenet needs 3 channels; the input has {channels}")
+            return tensor, "scaled to [0, 1]"
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        label = "ImageNet mean/std"
+    else:
+        mean, std = _parse_norm(norm, channels)
+        label = f"mean {mean}, std {std}"
+    m = torch.tensor(mean, dtype=tensor.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=tensor.dtype).view(1, -1, 1, 1)
+    return (tensor - m) / s, f"scaled to [0, 1], normalised with {label}"
+
+
+def _parse_norm(norm: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    try:
+        if "/" in norm:
+            mean_s, std_s = norm.split("/", 1)
+            mean = tuple(float(v) for v in mean_s.split(","))
+            std = tuple(float(v) for v in std_s.split(","))
+        else:
+            m, s = (float(v) for v in norm.split(","))
+            mean, std = (m,) * channels, (s,) * channels
+    except ValueError:
+        raise UsageError(
+            f"--norm {norm!r} must be imagenet, none, MEAN,STD or M1,M2,M3/S1,S2,S3"
+        ) from None
+    if len(mean) != channels or len(std) != channels or any(v <= 0 for v in std):
+        raise UsageError(f"--norm {norm!r} needs {channels} means and positive stds")
+    return mean, std

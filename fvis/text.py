@@ -1,0 +1,66 @@
+"""Names are data: layer and tensor names come from files other people made.
+
+``for_terminal`` makes a name safe to print (no rich markup, no control characters);
+``for_filename`` makes it safe as one path component inside the output folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._#\-\[\]]+")
+MAX_FILENAME_STEM = 120
+
+
+def for_terminal(text: str) -> str:
+    """Escape control and format characters as ``\\xNN`` / ``\\uNNNN`` and rich markup.
+
+    >>> for_terminal("[red]x\\x1b[2J")
+    '\\\\[red]x\\\\x1b\\\\[2J'
+    """
+    from rich.markup import escape
+
+    return escape("".join(_visible(ch) for ch in text))
+
+
+def _visible(ch: str) -> str:
+    if ch.isprintable() and unicodedata.category(ch) not in ("Cf", "Co", "Cs"):
+        return ch
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def for_filename(name: str) -> str:
+    """One safe path component: no separators, no traversal, no hidden files, length capped.
+
+    >>> for_filename("../../etc/passwd")
+    'etc.passwd'
+    """
+    cleaned = _UNSAFE_FILE_CHARS.sub("_", unicodedata.normalize("NFKC", name).replace("/", "."))
+    cleaned = re.sub(r"\.{2,}", ".", cleaned).strip("._ ") or "layer"
+    if len(cleaned) > MAX_FILENAME_STEM:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        cleaned = f"{cleaned[: MAX_FILENAME_STEM - 11]}~{digest}"
+    return cleaned
+
+
+def unique_filenames(stems: list[str], suffix: str) -> list[str]:
+    """Sanitized, case-insensitively unique file names, in the order given."""
+    taken: set[str] = set()
+    out = []
+    for stem in stems:
+        base = for_filename(stem)
+        candidate, n = base, 1
+        while (candidate + suffix).lower() in taken:
+            n += 1
+            candidate = f"{base}~{n}"
+        taken.add((candidate + suffix).lower())
+        out.append(candidate + suffix)
+    return out
+
+
+def for_terminal_plain(text: str) -> str:
+    """Control characters escaped, for plain (non-rich) output such as error lines."""
+    return "".join(_visible(ch) for ch in text)
