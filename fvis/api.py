@@ -124,3 +124,135 @@ def trace_runs(loaded: LoadedModel, prepared: Prepared) -> dict[str, LayerRuns]:
 
 def _call_args(prepared: Prepared) -> Any:
     return prepared.kwargs if prepared.kwargs and not prepared.args else prepared.args
+
+
+# --------------------------------------------------------------------------- dump
+
+
+@dataclass(frozen=True)
+class DumpOptions:
+    """Mirrors ``fvis dump``'s options (everything but the model and the inputs)."""
+
+    layers: tuple[str, ...] = ()
+    all_leaves: bool = False
+    depth: int | None = None
+    mode: str = "grad"
+    train: bool = False
+    sample: int | None = 0  # None: every sample of the batch
+    images: bool = True
+    save_tensors: bool = False
+    cmap: str = "viridis"
+    norm_scope: str = "channel"
+    max_channels: int = 64
+
+
+@dataclass(frozen=True)
+class DumpResult:
+    report: dict[str, Any]
+    files: tuple[str, ...]
+    out: Path | None
+    notes: tuple[str, ...] = ()
+
+
+def choose_layers(tree: ModelTree, options: DumpOptions, label: str = "MODEL"
+                  ) -> tuple[list[str], list[str]]:
+    """Dotted names to hook, and notes on how they were chosen.
+
+    Explicit names and globs resolve as in ``fvis layers``; ``all_leaves`` takes every leaf
+    module; ``depth`` takes the modules at that depth plus shallower leaves. With none of
+    these, every leaf module is taken and a note says so.
+    """
+    from fvis.layers import resolve
+
+    named = [i for i in tree.layers if i.name and i.first_name == i.name]
+    leaves = [i.name for i in named if i.is_leaf]
+    chosen: list[str] = []
+    notes: list[str] = []
+    if options.layers:
+        chosen += [i.first_name or i.name for i in resolve(tree.layers, options.layers, label)]
+    if options.all_leaves:
+        chosen += leaves
+    if options.depth is not None:
+        chosen += [i.name for i in named if i.depth == options.depth
+                   or (i.is_leaf and i.depth < options.depth)]
+    if not (options.layers or options.all_leaves or options.depth is not None):
+        chosen = leaves
+        notes.append(f"no --layer given: capturing every leaf module ({len(leaves)})")
+    return list(dict.fromkeys(chosen)), notes
+
+
+def dump(ref: ModelRef, inputs: InputOptions, options: DumpOptions, out: Path | None,
+         overwrite: bool = False) -> DumpResult:
+    """Run the model once with hooks on the chosen layers; write pictures and reports.
+
+    ``out=None`` writes nothing (the report is still returned). Example::
+
+        dump(resolve_model(Path("m.pt"), LoadOptions(arch="pkg:Net"))[0],
+             InputOptions(sources=("cat.png",)), DumpOptions(layers=("inner.relu",)),
+             Path("fvis-out"))
+    """
+    from fvis.capture import Mode, capture
+    from fvis.gallery import Gallery
+    from fvis.output import OutputDir
+    from fvis.report import build_report
+
+    folder = OutputDir.open(out, overwrite) if out is not None else None  # fail before work
+    loaded = open_model(ref)
+    prepared = prepare_inputs(loaded, inputs)
+    tree = ModelTree.of(node_from_module(loaded.module))
+    layers, notes = choose_layers(tree, options, ref.label)
+    gallery = Gallery.from_options(options, prepared.labels)
+    result = capture(loaded.module, _call_args(prepared), layers, mode=Mode(options.mode),
+                     train=options.train, sample=options.sample,
+                     keep_values=options.save_tensors,
+                     on_capture=gallery.add if options.images else None)
+    images = gallery.name_files(result.captures)
+    report = build_report(_report_input(loaded, prepared, tree, options, result, images))
+    if folder is None:
+        return DumpResult(report, (), None, tuple(notes))
+    files = _write_outputs(folder, report, gallery, result.captures, options)
+    return DumpResult(report, tuple(files), out, tuple(notes))
+
+
+def _report_input(loaded: LoadedModel, prepared: Prepared, tree: ModelTree,
+                  options: DumpOptions, result: Any, images: Any) -> Any:
+    from fvis.report import ReportInput
+
+    root = tree.layers[0]
+    tensors = [*prepared.args, *prepared.kwargs.values()]
+    return ReportInput(
+        model={"file": loaded.source.label, "format": loaded.source.kind,
+               "sha256": loaded.source.sha256, "class": root.class_name,
+               "params": root.params, "trainable": root.trainable, "frozen": root.frozen,
+               "notes": list(loaded.source.notes)},
+        input={"description": prepared.description,
+               "shapes": [list(getattr(t, "shape", ())) for t in tensors],
+               "dtypes": [str(getattr(t, "dtype", "")).removeprefix("torch.") for t in tensors],
+               "samples": list(prepared.labels)},
+        mode=options.mode,
+        train=options.train,
+        captures=result.captures,
+        never_ran=result.never_ran,
+        images=images,
+    )
+
+
+def _write_outputs(folder: Any, report: dict[str, Any], gallery: Any, captures: Any,
+                   options: DumpOptions) -> list[str]:
+    import json
+
+    from fvis.report import to_markdown
+
+    names = [*gallery.file_names(), "report.json", "report.md"]
+    if options.save_tensors:
+        names.append("activations.safetensors")
+    folder.check_names(names)
+    gallery.write(folder)
+    if options.save_tensors:
+        from fvis.gallery import tensors_file
+
+        folder.write_bytes("activations.safetensors", tensors_file(captures))
+    folder.write_text("report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    folder.write_text("report.md", to_markdown(report))
+    folder.finish({"report": "report.json"})
+    return folder.written

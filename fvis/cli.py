@@ -5,12 +5,14 @@ Heavy imports (torch, numpy, PIL) are deferred into the commands so ``fvis --hel
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
 import traceback
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -151,9 +153,11 @@ def boundary(func: F) -> F:
                 traceback.print_exc()
             _error(exc.message, exc.hint)
             raise typer.Exit(int(exc.exit_status)) from None
-        except KeyboardInterrupt:
-            _error("interrupted")
-            raise typer.Exit(int(ExitStatus.INTERRUPTED)) from None
+        except KeyboardInterrupt as exc:
+            terminated = type(exc).__name__ == "Terminated"
+            _error("terminated" if terminated else "interrupted")
+            status = ExitStatus.TERMINATED if terminated else ExitStatus.INTERRUPTED
+            raise typer.Exit(int(status)) from None
         except typer.Exit:
             raise
         except Exception:
@@ -327,6 +331,138 @@ def _print_listing_notes(console: Any, listing: Any) -> None:
     missing = never_ran(listing)
     if missing:
         console.print(f"[red]never ran:[/red] {', '.join(for_terminal(n) for n in missing)}")
+
+
+class ModeChoice(StrEnum):
+    GRAD = "grad"
+    NO_GRAD = "no-grad"
+    INFERENCE = "inference"
+
+
+class CmapChoice(StrEnum):
+    GRAY = "gray"
+    VIRIDIS = "viridis"
+    MAGMA = "magma"
+    COOLWARM = "coolwarm"
+
+
+class ScopeChoice(StrEnum):
+    CHANNEL = "channel"
+    GLOBAL = "global"
+
+
+@app.command()
+@boundary
+def dump(
+    ctx: typer.Context,
+    model: ModelArg = None,
+    layer: Annotated[list[str] | None, typer.Option(
+        "--layer", "-l", help="Dotted layer name or glob (repeatable), as listed by "
+        "'fvis layers'.", show_default=False)] = None,
+    all_leaves: Annotated[bool, typer.Option("--all", help="Every leaf module.")] = False,
+    depth: Annotated[int | None, typer.Option(
+        "--depth", help="Modules at this depth (root is 0), plus shallower leaves.",
+        show_default=False)] = None,
+    input: InputOpt = None,
+    shape: ShapeOpt = None,
+    seed: SeedOpt = 0,
+    size: SizeOpt = None,
+    norm: NormOpt = "auto",
+    channels: ChannelsOpt = None,
+    mode: Annotated[ModeChoice, typer.Option(
+        "--mode", help="grad: forward with grad enabled (the grad report is meaningful); "
+        "no-grad / inference: as your inference code runs.")] = ModeChoice.GRAD,
+    train: Annotated[bool, typer.Option("--train", help="Run in train mode (default eval; "
+                                        "the model's mode is restored).")] = False,
+    sample: Annotated[str, typer.Option(
+        "--sample", help="Which sample of the batch to draw: an index, or 'all'.")] = "0",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("fvis-out"),
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Use a folder holding other files (only fvis's own files are "
+        "replaced).")] = False,
+    images: Annotated[bool, typer.Option("--images/--no-images", help="Write PNG grids.")
+                      ] = True,
+    save_tensors: Annotated[bool, typer.Option(
+        "--save-tensors", help="Also write activations.safetensors.")] = False,
+    cmap: Annotated[CmapChoice, typer.Option("--cmap")] = CmapChoice.VIRIDIS,
+    norm_scope: Annotated[ScopeChoice, typer.Option(
+        "--norm-scope", help="Normalise each channel or the whole map.")] = ScopeChoice.CHANNEL,
+    max_channels: Annotated[int, typer.Option(
+        "--max-channels", help="Show at most this many channels (top by energy).")] = 64,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    allow_module: AllowModuleOpt = None,
+    trust: TrustOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print report.json to stdout "
+                                           "instead of the table.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")
+                     ] = False,
+) -> None:
+    """Capture the chosen layers in one forward pass; write PNG grids, report.json and
+    report.md to --out, and print a table of what each activation is."""
+    from fvis.api import DumpOptions
+    from fvis.api import dump as run_dump
+
+    ref, config = _resolve(model, _load_options(arch, arch_kwargs, allow_module, trust))
+    inputs = _input_options(input, shape, seed, size, norm, channels,
+                            config if model is None else None)
+    layers = tuple(layer or ()) or (config.layers if config and model is None else ())
+    if max_channels < 1:
+        raise UsageError("--max-channels must be at least 1")
+    options = DumpOptions(
+        layers=layers, all_leaves=all_leaves, depth=depth, mode=mode.value, train=train,
+        sample=_parse_sample(sample), images=images, save_tensors=save_tensors,
+        cmap=cmap.value, norm_scope=norm_scope.value, max_channels=max_channels,
+    )
+    with _terminate_as_interrupt():
+        result = run_dump(ref, inputs, options, out, overwrite)
+    for note in result.notes:
+        _note(note)
+    if json_out:
+        sys.stdout.write(json.dumps(result.report, indent=2) + "\n")
+    elif not quiet:
+        _print_dump(result)
+
+
+def _parse_sample(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise UsageError(f"--sample {text!r} must be a batch index or 'all'")
+    return int(text)
+
+
+def _print_dump(result: Any) -> None:
+    from fvis.report import to_table
+    from fvis.text import for_terminal
+
+    console = _console()
+    console.print(to_table(result.report))
+    console.print(f"[dim]input: {for_terminal(result.report['input']['description'])}[/dim]")
+    console.print(f"wrote {len(result.files)} files to {for_terminal(str(result.out))}/ "
+                  f"(report.json, report.md, {len(result.files) - 2} pictures)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process was so cleanup runs as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Any:
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. some test runners)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main() -> None:

@@ -1,0 +1,98 @@
+"""Pictures of captures: rendered as each layer fires, named once the forward is over.
+
+Rendering inside the hook lets the capture drop the activation at once (memory stays flat for
+``--all``); file names wait for the end because a shared module's labels (``relu#1``) are only
+known once every call has happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fvis.report import ImageRef
+from fvis.text import unique_filenames
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from fvis.capture import Capture
+    from fvis.output import OutputDir
+    from fvis.render import RenderInfo, RenderOptions
+
+
+@dataclass
+class Gallery:
+    options: RenderOptions
+    sample_labels: tuple[str, ...] = ()
+    all_samples: bool = False
+    _pictures: dict[tuple[str, int, str], list[tuple[int | None, Image.Image, RenderInfo]]] = (
+        field(default_factory=dict))
+    _files: list[tuple[str, Image.Image]] = field(default_factory=list)
+
+    @classmethod
+    def from_options(cls, options: Any, sample_labels: tuple[str, ...]) -> Gallery:
+        from fvis.render import RenderOptions
+
+        render_options = RenderOptions(cmap=options.cmap, norm_scope=options.norm_scope,
+                                       max_channels=options.max_channels)
+        return cls(render_options, sample_labels, options.sample is None)
+
+    def add(self, capture: Capture) -> None:
+        """Render one capture now (called from the forward hook)."""
+        from fvis.render import render
+
+        values = capture.values
+        if values is None:
+            return
+        key = (capture.layer, capture.call, capture.path)
+        title = f"{capture.layer}{'#' + str(capture.call) if capture.call > 1 else ''}" \
+                f"{capture.path}"
+        if self.all_samples and len(capture.shape) >= 2:
+            for index in range(values.shape[0]):
+                image, info = render(values[index], f"{title} @{self._sample(index)}",
+                                     self.options)
+                self._pictures.setdefault(key, []).append((index, image, info))
+        else:
+            image, info = render(values, title, self.options)
+            self._pictures.setdefault(key, []).append((None, image, info))
+
+    def _sample(self, index: int) -> str:
+        return self.sample_labels[index] if index < len(self.sample_labels) else str(index)
+
+    def name_files(self, captures: Sequence[Capture]) -> dict[str, list[ImageRef]]:
+        """Give every picture a safe, unique file name; returns refs by capture label."""
+        entries = []
+        for capture in captures:
+            for sample, image, info in self._pictures.get(
+                    (capture.layer, capture.call, capture.path), []):
+                stem = capture.label if sample is None else f"{capture.label}@{self._sample(sample)}"
+                entries.append((capture.label, stem, sample, image, info))
+        names = unique_filenames([stem for _, stem, *_ in entries], ".png")
+        refs: dict[str, list[ImageRef]] = {}
+        self._files = []
+        for (label, _, sample, image, info), name in zip(entries, names, strict=True):
+            refs.setdefault(label, []).append(ImageRef(
+                name, sample, str(info.layout), len(info.shown_channels), info.total_channels,
+                info.note))
+            self._files.append((name, image))
+        return refs
+
+    def file_names(self) -> list[str]:
+        return [name for name, _ in self._files]
+
+    def write(self, folder: OutputDir) -> None:
+        for name, image in self._files:
+            folder.write(name, lambda fh, image=image: image.save(fh, format="PNG",
+                                                                  compress_level=1))
+
+
+def tensors_file(captures: Sequence[Capture]) -> bytes:
+    """The captured values as safetensors bytes, named by capture label."""
+    import torch
+    from safetensors.torch import save
+
+    tensors = {c.label: torch.from_numpy(c.values.copy()) for c in captures
+               if c.values is not None}
+    return save(tensors)

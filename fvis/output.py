@@ -1,0 +1,143 @@
+"""The output folder: atomic writes, a manifest of what fvis wrote, and nothing else touched.
+
+Rules (documented in the README):
+
+- every file is written to a hidden temporary name in the same folder, then renamed into place,
+  so a reader never sees half a file; temporaries are removed on any failure or interrupt;
+- ``.fvis-manifest.json`` lists the files fvis wrote; it is written last;
+- a folder holding files fvis did not write is refused unless ``overwrite``; even then only
+  files in fvis's own manifest are replaced, and a name clash with a foreign file is refused;
+- a rerun into a folder fvis wrote replaces its files and removes the ones it no longer writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+from fvis.errors import OutputError
+
+MANIFEST = ".fvis-manifest.json"
+MANIFEST_SCHEMA = "fvis.manifest/1"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class OutputDir:
+    """A folder fvis writes into. Create with ``OutputDir.open(path, overwrite)``."""
+
+    def __init__(self, root: Path, previous: set[str]) -> None:
+        self.root = root
+        self._previous = previous  # files listed in the old manifest
+        self._written: list[str] = []
+        self._mode = 0o666 & ~_umask()
+
+    @classmethod
+    def open(cls, root: Path, overwrite: bool = False) -> OutputDir:
+        """Check the folder can be used (creating it if needed) before any work is done."""
+        if root.exists() and not root.is_dir():
+            raise OutputError(f"--out {root} is a file, not a folder",
+                              hint="choose another --out folder")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create --out {root}: {exc.strerror or exc}") from None
+        previous = _read_manifest(root)
+        foreign = sorted(p.name for p in root.iterdir() if p.name != MANIFEST
+                         and p.name not in previous and not _is_temp(p.name))
+        if foreign and not overwrite:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise OutputError(
+                f"--out {root} holds {len(foreign)} files fvis did not write ({shown})",
+                hint="choose an empty or new folder, or pass --overwrite (fvis then replaces "
+                     "only its own files)",
+            )
+        return cls(root, previous)
+
+    def check_names(self, names: list[str]) -> None:
+        """Refuse before writing anything if a new file would replace a file fvis did not write."""
+        clashes = [n for n in names if (self.root / n).exists() and n not in self._previous]
+        if clashes:
+            raise OutputError(f"--out {self.root}: {clashes[0]} exists and was not written by "
+                              "fvis; it is left untouched", hint="choose another --out folder")
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        return self.write(name, lambda fh: fh.write(data))
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self.write_bytes(name, text.encode("utf-8"))
+
+    def write(self, name: str, writer: Callable[[IO[bytes]], object]) -> Path:
+        """Write ``name`` through ``writer(file)`` atomically; return the final path."""
+        if "/" in name or "\\" in name or name in ("", ".", "..") or name == MANIFEST:
+            raise OutputError(f"refusing to write {name!r}: not a plain file name")
+        target = self.root / name
+        with self._temporary(name) as (tmp, fh):
+            writer(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+            os.chmod(tmp, self._mode)
+            os.replace(tmp, target)
+        self._written.append(name)
+        return target
+
+    @contextlib.contextmanager
+    def _temporary(self, name: str) -> Iterator[tuple[Path, IO[bytes]]]:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{name[:40]}.", suffix=".fvis-tmp",
+                                        dir=self.root)
+        tmp = Path(tmp_name)
+        fh = os.fdopen(fd, "wb")
+        try:
+            yield tmp, fh
+        except BaseException as exc:
+            fh.close()
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot write {self.root / name}: "
+                                  f"{exc.strerror or exc}") from None
+            raise
+
+    def finish(self, extra: dict[str, object] | None = None) -> Path:
+        """Write the manifest last, then remove files the previous run wrote and this one did
+        not (they were fvis's own)."""
+        manifest = {"schema": MANIFEST_SCHEMA, "files": sorted(self._written), **(extra or {})}
+        data = (json.dumps(manifest, indent=2) + "\n").encode()
+        with self._temporary(MANIFEST) as (tmp, fh):
+            fh.write(data)
+            fh.close()
+            os.chmod(tmp, self._mode)
+            os.replace(tmp, self.root / MANIFEST)
+        for stale in sorted(self._previous - set(self._written)):
+            with contextlib.suppress(OSError):
+                (self.root / stale).unlink()
+        return self.root / MANIFEST
+
+    @property
+    def written(self) -> list[str]:
+        return list(self._written)
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".fvis-tmp")
+
+
+def _read_manifest(root: Path) -> set[str]:
+    path = root / MANIFEST
+    if not path.is_file():
+        return set()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        files = data.get("files", []) if isinstance(data, dict) else []
+    except (OSError, ValueError):
+        return set()
+    return {f for f in files if isinstance(f, str) and "/" not in f and f not in ("", "..")}

@@ -1,0 +1,209 @@
+"""The dump report: one dict (``report.json``, schema ``fvis.report/1``) and pure renderings of
+it (Markdown, a rich table). ``report.md`` and the terminal show the same facts as the JSON.
+
+Schema ``fvis.report/1`` (fields are only ever added)::
+
+    {"schema", "fvis_version", "torch_version",
+     "model": {"file", "format", "sha256", "class", "params", "trainable", "frozen", "notes"},
+     "input": {"description", "shapes", "dtypes"},
+     "mode": "grad" | "no-grad" | "inference", "train": bool,
+     "captures": [{"label", "layer", "call", "calls", "path", "shape", "dtype", "device",
+                   "grad": {"grad_enabled", "inference_mode", "requires_grad", "grad_fn",
+                            "is_leaf", "is_inference", "version", "version_after",
+                            "grad_fn_after", "modified_in_place"},
+                   "stats": {"numel", "min", "max", "mean", "std", "zero_fraction", "nan",
+                             "posinf", "neginf", "channels", "dead_channels"},
+                   "verdict": {...} | null,
+                   "images": [{"file", "sample", "layout", "shown_channels", "total_channels",
+                               "note"}]}],
+     "never_ran": [layer, ...], "warnings": [str, ...]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fvis.text import for_terminal
+
+SCHEMA = "fvis.report/1"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One picture written for a capture."""
+
+    file: str
+    sample: int | None
+    layout: str
+    shown_channels: int
+    total_channels: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ReportInput:
+    """Everything the report is built from; built by ``fvis.api.dump``."""
+
+    model: Mapping[str, Any]
+    input: Mapping[str, Any]
+    mode: str
+    train: bool
+    captures: Sequence[Any]  # fvis.capture.Capture
+    never_ran: Sequence[str]
+    images: Mapping[str, Sequence[ImageRef]] = field(default_factory=dict)  # by capture label
+    verdicts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # by capture label
+    warnings: Sequence[str] = ()
+
+
+def build_report(data: ReportInput) -> dict[str, Any]:
+    """The report as a JSON-ready dict (schema ``fvis.report/1``); pure."""
+    import torch
+
+    from fvis import __version__
+
+    return {
+        "schema": SCHEMA,
+        "fvis_version": __version__,
+        "torch_version": torch.__version__,
+        "model": dict(data.model),
+        "input": dict(data.input),
+        "mode": data.mode,
+        "train": data.train,
+        "captures": [_capture_json(c, data) for c in data.captures],
+        "never_ran": list(data.never_ran),
+        "warnings": list(data.warnings),
+    }
+
+
+def _capture_json(capture: Any, data: ReportInput) -> dict[str, Any]:
+    grad = dataclasses.asdict(capture.grad)
+    grad["modified_in_place"] = capture.grad.modified_in_place
+    return {
+        "label": capture.label,
+        "layer": capture.layer,
+        "call": capture.call,
+        "calls": capture.calls_total,
+        "path": capture.path,
+        "shape": list(capture.shape),
+        "dtype": capture.dtype,
+        "device": capture.device,
+        "grad": grad,
+        "stats": {k: _finite_or_none(v) for k, v in dataclasses.asdict(capture.stats).items()},
+        "verdict": dict(data.verdicts[capture.label]) if capture.label in data.verdicts else None,
+        "images": [dataclasses.asdict(i) for i in data.images.get(capture.label, ())],
+    }
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/Inf
+    return value
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def to_markdown(report: Mapping[str, Any]) -> str:
+    """``report.md``: the same facts for people, pictures linked (relative paths)."""
+    model, inp = report["model"], report["input"]
+    lines = [
+        f"# fvis report: {_md(model.get('file', ''))}",
+        "",
+        f"- model: `{_md(model.get('class', ''))}` ({_md(model.get('format', ''))}), "
+        f"{model.get('params', 0):,} parameters, sha256 `{model.get('sha256', '') or '-'}`",
+        f"- input: {_md(inp.get('description', ''))}",
+        f"- mode: `{report['mode']}`{' (train)' if report['train'] else ' (eval)'}; "
+        f"fvis {report['fvis_version']}, torch {report['torch_version']}",
+        "",
+        "| capture | shape | grad_fn | requires_grad | in place | min | max | "
+        "zeros | non-finite | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_md_row(c) for c in report["captures"]]
+    if report["never_ran"]:
+        lines += ["", "**Never ran:** " + ", ".join(f"`{_md(n)}`" for n in report["never_ran"])]
+    for warning in report["warnings"]:
+        lines.append(f"\n> warning: {_md(warning)}")
+    lines += ["", "## Pictures", ""]
+    for c in report["captures"]:
+        for image in c["images"]:
+            note = f" ({_md(image['note'])})" if image["note"] else ""
+            lines.append(f"### `{_md(c['label'])}`{note}\n\n![{_md(c['label'])}]"
+                         f"(<{image['file']}>)\n")
+    return "\n".join(lines) + "\n"
+
+
+def _md_row(c: Mapping[str, Any]) -> str:
+    s, g = c["stats"], c["grad"]
+    verdict = (c.get("verdict") or {}).get("summary", "")
+    cells = [
+        f"`{_md(c['label'])}`", _shape(c["shape"]), f"`{g['grad_fn'] or '-'}`",
+        str(g["requires_grad"]), "**yes**" if g["modified_in_place"] else "no",
+        _num(s["min"]), _num(s["max"]), f"{s['zero_fraction']:.0%}",
+        str(s["nan"] + s["posinf"] + s["neginf"]), _md(verdict),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md(text: str) -> str:
+    # Names are data: neutralise Markdown and HTML so a layer name cannot inject markup.
+    out = for_terminal_plain_md(str(text))
+    for ch in "\\`*_{}[]<>()#+!|":
+        out = out.replace(ch, "\\" + ch)
+    return out
+
+
+def for_terminal_plain_md(text: str) -> str:
+    from fvis.text import for_terminal_plain
+
+    return for_terminal_plain(text).replace("\n", " ")
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+# --------------------------------------------------------------------------- terminal
+
+
+def to_table(report: Mapping[str, Any]) -> Any:
+    """A ``rich.table.Table``: one row per capture, warnings in colour."""
+    from rich.table import Table
+
+    table = Table(show_lines=False, header_style="bold")
+    for column in ("capture", "shape", "grad_fn", "range", "zeros", "notes"):
+        table.add_column(column, overflow="fold")
+    for c in report["captures"]:
+        table.add_row(for_terminal(c["label"]), _shape(c["shape"]),
+                      for_terminal(c["grad"]["grad_fn"] or "-"),
+                      f"[{_num(c['stats']['min'])}, {_num(c['stats']['max'])}]",
+                      f"{c['stats']['zero_fraction']:.0%}", _row_notes(c))
+    for name in report["never_ran"]:
+        table.add_row(for_terminal(name), "-", "-", "-", "-", "[red]never ran[/red]")
+    return table
+
+
+def _row_notes(c: Mapping[str, Any]) -> str:
+    notes = []
+    verdict = c.get("verdict") or {}
+    if verdict.get("summary"):
+        style = "green" if verdict.get("connected") else "yellow"
+        notes.append(f"[{style}]{for_terminal(verdict['summary'])}[/{style}]")
+    if c["grad"]["modified_in_place"]:
+        notes.append(f"[red]modified in place after capture ({c['grad']['grad_fn']} -> "
+                     f"{c['grad']['grad_fn_after']})[/red]")
+    s = c["stats"]
+    if s["nan"] or s["posinf"] or s["neginf"]:
+        notes.append(f"[red]NaN {s['nan']}, +Inf {s['posinf']}, -Inf {s['neginf']}[/red]")
+    if s["dead_channels"]:
+        notes.append(f"[yellow]{s['dead_channels']} of {s['channels']} channels all zero"
+                     "[/yellow]")
+    return "; ".join(notes)
