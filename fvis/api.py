@@ -193,6 +193,7 @@ def dump(ref: ModelRef, inputs: InputOptions, options: DumpOptions, out: Path | 
     """
     from fvis.capture import Mode, capture
     from fvis.gallery import Gallery
+    from fvis.grads import diagnose, verdict_dicts
     from fvis.output import OutputDir
     from fvis.report import build_report
 
@@ -207,7 +208,9 @@ def dump(ref: ModelRef, inputs: InputOptions, options: DumpOptions, out: Path | 
                      keep_values=options.save_tensors,
                      on_capture=gallery.add if options.images else None)
     images = gallery.name_files(result.captures)
-    report = build_report(_report_input(loaded, prepared, tree, options, result, images))
+    verdicts = verdict_dicts(diagnose(result))
+    report = build_report(_report_input(loaded, prepared, tree, options, result, images,
+                                        verdicts))
     if folder is None:
         return DumpResult(report, (), None, tuple(notes))
     files = _write_outputs(folder, report, gallery, result.captures, options)
@@ -215,7 +218,7 @@ def dump(ref: ModelRef, inputs: InputOptions, options: DumpOptions, out: Path | 
 
 
 def _report_input(loaded: LoadedModel, prepared: Prepared, tree: ModelTree,
-                  options: DumpOptions, result: Any, images: Any) -> Any:
+                  options: DumpOptions, result: Any, images: Any, verdicts: Any) -> Any:
     from fvis.report import ReportInput
 
     root = tree.layers[0]
@@ -234,6 +237,7 @@ def _report_input(loaded: LoadedModel, prepared: Prepared, tree: ModelTree,
         captures=result.captures,
         never_ran=result.never_ran,
         images=images,
+        verdicts=verdicts,
     )
 
 

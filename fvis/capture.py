@@ -92,11 +92,12 @@ class CallRecord:
     """One call of any module of the model (the trace)."""
 
     name: str
+    class_name: str
     call: int
     grad_enabled: bool
     inference_mode: bool
     inputs_require_grad: bool
-    params_require_grad: bool
+    params_require_grad: bool  # any parameter of the module or its children
     outputs_require_grad: bool
     has_float_output: bool
     output_shapes: tuple[tuple[int, ...], ...]
@@ -250,6 +251,7 @@ class _Session:
         self.done: list[_Live] = []
         self.edges: dict[tuple[str, int, str], tuple[Any, int]] = {}
         self.stack: list[str] = []  # names of the calls under way, outermost first
+        self.params_grad: dict[int, bool] = {}  # module -> any parameter in it requires grad
 
     def install(self, model: nn.Module, stack: ExitStack) -> None:
         for module in model.modules():
@@ -263,7 +265,10 @@ class _Session:
         name = self.stack.pop() if self.stack else self.names[id(module)][0]
         call = self.calls.get(id(module), 0) + 1
         self.calls[id(module)] = call
-        self.trace.append(_call_record(name, call, module, args, output))
+        if id(module) not in self.params_grad:
+            self.params_grad[id(module)] = any(p.requires_grad for p in module.parameters())
+        self.trace.append(_call_record(name, type(module).__qualname__, call,
+                                       self.params_grad[id(module)], args, output))
         self._check_versions()
         if id(module) in self.targets:
             layer = self.targets[id(module)][0]
@@ -338,16 +343,18 @@ class _Session:
         return CaptureResult(tuple(captures), tuple(self.trace), never, output, self.edges, mode)
 
 
-def _call_record(name: str, call: int, module: nn.Module, args: Any, output: Any) -> CallRecord:
+def _call_record(name: str, class_name: str, call: int, params_grad: bool, args: Any,
+                 output: Any) -> CallRecord:
     outputs = [t for _, t in flatten_tensors(output)]
     floats = [t for t in outputs if t.is_floating_point() or t.is_complex()]
     return CallRecord(
         name=name,
+        class_name=class_name,
         call=call,
         grad_enabled=torch.is_grad_enabled(),
         inference_mode=torch.is_inference_mode_enabled(),
         inputs_require_grad=any(t.requires_grad for _, t in flatten_tensors(args)),
-        params_require_grad=any(p.requires_grad for p in module.parameters(recurse=False)),
+        params_require_grad=params_grad,
         outputs_require_grad=any(t.requires_grad for t in floats),
         has_float_output=bool(floats),
         output_shapes=tuple(tuple(t.shape) for t in outputs),
