@@ -33,6 +33,10 @@ _EXPORTS = {
     "RenderOptions": "fvis.render",
     "InputOptions": "fvis.inputs",
     "list_layers": "fvis.api",
+    "dump": "fvis.api",
+    "DumpOptions": "fvis.api",
+    "diagnose": "fvis.grads",
+    "Verdict": "fvis.grads",
     "resolve_model": "fvis.api",
 }
 
