@@ -144,6 +144,10 @@ class DumpOptions:
     cmap: str = "viridis"
     norm_scope: str = "channel"
     max_channels: int = 64
+    backward: bool = False
+    target: int | None = None  # logit to backpropagate from; None: the sum of the output
+    gradcam: bool = False
+    input_requires_grad: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,8 +158,9 @@ class DumpResult:
     notes: tuple[str, ...] = ()
 
 
-def choose_layers(tree: ModelTree, options: DumpOptions, label: str = "MODEL"
-                  ) -> tuple[list[str], list[str]]:
+def choose_layers(
+    tree: ModelTree, options: DumpOptions, label: str = "MODEL"
+) -> tuple[list[str], list[str]]:
     """Dotted names to hook, and notes on how they were chosen.
 
     Explicit names and globs resolve as in ``fvis layers``; ``all_leaves`` takes every leaf
@@ -173,16 +178,24 @@ def choose_layers(tree: ModelTree, options: DumpOptions, label: str = "MODEL"
     if options.all_leaves:
         chosen += leaves
     if options.depth is not None:
-        chosen += [i.name for i in named if i.depth == options.depth
-                   or (i.is_leaf and i.depth < options.depth)]
+        chosen += [
+            i.name
+            for i in named
+            if i.depth == options.depth or (i.is_leaf and i.depth < options.depth)
+        ]
     if not (options.layers or options.all_leaves or options.depth is not None):
         chosen = leaves
         notes.append(f"no --layer given: capturing every leaf module ({len(leaves)})")
     return list(dict.fromkeys(chosen)), notes
 
 
-def dump(ref: ModelRef, inputs: InputOptions, options: DumpOptions, out: Path | None,
-         overwrite: bool = False) -> DumpResult:
+def dump(
+    ref: ModelRef,
+    inputs: InputOptions,
+    options: DumpOptions,
+    out: Path | None,
+    overwrite: bool = False,
+) -> DumpResult:
     """Run the model once with hooks on the chosen layers; write pictures and reports.
 
     ``out=None`` writes nothing (the report is still returned). Example::
@@ -203,35 +216,85 @@ def dump(ref: ModelRef, inputs: InputOptions, options: DumpOptions, out: Path | 
     tree = ModelTree.of(node_from_module(loaded.module))
     layers, notes = choose_layers(tree, options, ref.label)
     gallery = Gallery.from_options(options, prepared.labels)
-    result = capture(loaded.module, _call_args(prepared), layers, mode=Mode(options.mode),
-                     train=options.train, sample=options.sample,
-                     keep_values=options.save_tensors,
-                     on_capture=gallery.add if options.images else None)
-    images = gallery.name_files(result.captures)
+    if options.input_requires_grad:
+        _require_grad(prepared)
+    result = capture(
+        loaded.module,
+        _call_args(prepared),
+        layers,
+        mode=Mode(options.mode),
+        train=options.train,
+        sample=options.sample,
+        keep_values=options.save_tensors or options.gradcam,
+        on_capture=gallery.add if options.images else None,
+    )
     verdicts = verdict_dicts(diagnose(result))
-    report = build_report(_report_input(loaded, prepared, tree, options, result, images,
-                                        verdicts))
+    flow = _backward(loaded, result, options)
+    if flow is not None and options.gradcam:
+        gallery.add_gradcams(result.captures, flow.grads, prepared.display)
+    images = gallery.name_files(result.captures)
+    data = _report_input(loaded, prepared, tree, options, result, images, verdicts)
+    report = build_report(data, flow)
     if folder is None:
         return DumpResult(report, (), None, tuple(notes))
     files = _write_outputs(folder, report, gallery, result.captures, options)
     return DumpResult(report, tuple(files), out, tuple(notes))
 
 
-def _report_input(loaded: LoadedModel, prepared: Prepared, tree: ModelTree,
-                  options: DumpOptions, result: Any, images: Any, verdicts: Any) -> Any:
+def _require_grad(prepared: Prepared) -> None:
+    import torch
+
+    for tensor in [*prepared.args, *prepared.kwargs.values()]:
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            tensor.requires_grad_(True)
+
+
+def _backward(loaded: LoadedModel, result: Any, options: DumpOptions) -> Any:
+    if not (options.backward or options.gradcam):
+        return None
+    from fvis.backward import BackwardResult, run_backward
+
+    if options.mode != "grad":
+        return BackwardResult(
+            "-",
+            f"backward impossible: the forward ran with --mode {options.mode}; use --mode grad",
+            {},
+            (),
+            {},
+        )
+    return run_backward(loaded.module, result, options.target, options.sample)
+
+
+def _report_input(
+    loaded: LoadedModel,
+    prepared: Prepared,
+    tree: ModelTree,
+    options: DumpOptions,
+    result: Any,
+    images: Any,
+    verdicts: Any,
+) -> Any:
     from fvis.report import ReportInput
 
     root = tree.layers[0]
     tensors = [*prepared.args, *prepared.kwargs.values()]
     return ReportInput(
-        model={"file": loaded.source.label, "format": loaded.source.kind,
-               "sha256": loaded.source.sha256, "class": root.class_name,
-               "params": root.params, "trainable": root.trainable, "frozen": root.frozen,
-               "notes": list(loaded.source.notes)},
-        input={"description": prepared.description,
-               "shapes": [list(getattr(t, "shape", ())) for t in tensors],
-               "dtypes": [str(getattr(t, "dtype", "")).removeprefix("torch.") for t in tensors],
-               "samples": list(prepared.labels)},
+        model={
+            "file": loaded.source.label,
+            "format": loaded.source.kind,
+            "sha256": loaded.source.sha256,
+            "class": root.class_name,
+            "params": root.params,
+            "trainable": root.trainable,
+            "frozen": root.frozen,
+            "notes": list(loaded.source.notes),
+        },
+        input={
+            "description": prepared.description,
+            "shapes": [list(getattr(t, "shape", ())) for t in tensors],
+            "dtypes": [str(getattr(t, "dtype", "")).removeprefix("torch.") for t in tensors],
+            "samples": list(prepared.labels),
+        },
         mode=options.mode,
         train=options.train,
         captures=result.captures,
@@ -241,8 +304,9 @@ def _report_input(loaded: LoadedModel, prepared: Prepared, tree: ModelTree,
     )
 
 
-def _write_outputs(folder: Any, report: dict[str, Any], gallery: Any, captures: Any,
-                   options: DumpOptions) -> list[str]:
+def _write_outputs(
+    folder: Any, report: dict[str, Any], gallery: Any, captures: Any, options: DumpOptions
+) -> list[str]:
     import json
 
     from fvis.report import to_markdown

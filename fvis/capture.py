@@ -267,8 +267,11 @@ class _Session:
         self.calls[id(module)] = call
         if id(module) not in self.params_grad:
             self.params_grad[id(module)] = any(p.requires_grad for p in module.parameters())
-        self.trace.append(_call_record(name, type(module).__qualname__, call,
-                                       self.params_grad[id(module)], args, output))
+        self.trace.append(
+            _call_record(
+                name, type(module).__qualname__, call, self.params_grad[id(module)], args, output
+            )
+        )
         self._check_versions()
         if id(module) in self.targets:
             layer = self.targets[id(module)][0]
@@ -343,8 +346,9 @@ class _Session:
         return CaptureResult(tuple(captures), tuple(self.trace), never, output, self.edges, mode)
 
 
-def _call_record(name: str, class_name: str, call: int, params_grad: bool, args: Any,
-                 output: Any) -> CallRecord:
+def _call_record(
+    name: str, class_name: str, call: int, params_grad: bool, args: Any, output: Any
+) -> CallRecord:
     outputs = [t for _, t in flatten_tensors(output)]
     floats = [t for t in outputs if t.is_floating_point() or t.is_complex()]
     return CallRecord(

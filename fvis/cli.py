@@ -356,47 +356,105 @@ class ScopeChoice(StrEnum):
 def dump(
     ctx: typer.Context,
     model: ModelArg = None,
-    layer: Annotated[list[str] | None, typer.Option(
-        "--layer", "-l", help="Dotted layer name or glob (repeatable), as listed by "
-        "'fvis layers'.", show_default=False)] = None,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--layer",
+            "-l",
+            help="Dotted layer name or glob (repeatable), as listed by 'fvis layers'.",
+            show_default=False,
+        ),
+    ] = None,
     all_leaves: Annotated[bool, typer.Option("--all", help="Every leaf module.")] = False,
-    depth: Annotated[int | None, typer.Option(
-        "--depth", help="Modules at this depth (root is 0), plus shallower leaves.",
-        show_default=False)] = None,
+    depth: Annotated[
+        int | None,
+        typer.Option(
+            "--depth",
+            help="Modules at this depth (root is 0), plus shallower leaves.",
+            show_default=False,
+        ),
+    ] = None,
     input: InputOpt = None,
     shape: ShapeOpt = None,
     seed: SeedOpt = 0,
     size: SizeOpt = None,
     norm: NormOpt = "auto",
     channels: ChannelsOpt = None,
-    mode: Annotated[ModeChoice, typer.Option(
-        "--mode", help="grad: forward with grad enabled (the grad report is meaningful); "
-        "no-grad / inference: as your inference code runs.")] = ModeChoice.GRAD,
-    train: Annotated[bool, typer.Option("--train", help="Run in train mode (default eval; "
-                                        "the model's mode is restored).")] = False,
-    sample: Annotated[str, typer.Option(
-        "--sample", help="Which sample of the batch to draw: an index, or 'all'.")] = "0",
+    mode: Annotated[
+        ModeChoice,
+        typer.Option(
+            "--mode",
+            help="grad: forward with grad enabled (the grad report is meaningful); "
+            "no-grad / inference: as your inference code runs.",
+        ),
+    ] = ModeChoice.GRAD,
+    train: Annotated[
+        bool,
+        typer.Option(
+            "--train", help="Run in train mode (default eval; the model's mode is restored)."
+        ),
+    ] = False,
+    sample: Annotated[
+        str, typer.Option("--sample", help="Which sample of the batch to draw: an index, or 'all'.")
+    ] = "0",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("fvis-out"),
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Use a folder holding other files (only fvis's own files are "
-        "replaced).")] = False,
-    images: Annotated[bool, typer.Option("--images/--no-images", help="Write PNG grids.")
-                      ] = True,
-    save_tensors: Annotated[bool, typer.Option(
-        "--save-tensors", help="Also write activations.safetensors.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Use a folder holding other files (only fvis's own files are replaced).",
+        ),
+    ] = False,
+    images: Annotated[bool, typer.Option("--images/--no-images", help="Write PNG grids.")] = True,
+    save_tensors: Annotated[
+        bool, typer.Option("--save-tensors", help="Also write activations.safetensors.")
+    ] = False,
     cmap: Annotated[CmapChoice, typer.Option("--cmap")] = CmapChoice.VIRIDIS,
-    norm_scope: Annotated[ScopeChoice, typer.Option(
-        "--norm-scope", help="Normalise each channel or the whole map.")] = ScopeChoice.CHANNEL,
-    max_channels: Annotated[int, typer.Option(
-        "--max-channels", help="Show at most this many channels (top by energy).")] = 64,
+    norm_scope: Annotated[
+        ScopeChoice, typer.Option("--norm-scope", help="Normalise each channel or the whole map.")
+    ] = ScopeChoice.CHANNEL,
+    max_channels: Annotated[
+        int, typer.Option("--max-channels", help="Show at most this many channels (top by energy).")
+    ] = 64,
+    backward: Annotated[
+        bool,
+        typer.Option(
+            "--backward",
+            help="Run one backward pass from the output and report the gradient "
+            "reaching each capture and each layer's parameters.",
+        ),
+    ] = False,
+    target: Annotated[
+        int | None,
+        typer.Option(
+            "--target",
+            help="With --backward: backpropagate from this logit (last dim) instead of "
+            "the sum of the output.",
+            show_default=False,
+        ),
+    ] = None,
+    gradcam: Annotated[
+        bool,
+        typer.Option(
+            "--gradcam",
+            help="Also write a Grad-CAM overlay for each (N,C,H,W) capture (implies --backward).",
+        ),
+    ] = False,
+    input_requires_grad: Annotated[
+        bool,
+        typer.Option(
+            "--input-requires-grad",
+            help="Make the input require grad, to check gradient flow through frozen layers.",
+        ),
+    ] = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     allow_module: AllowModuleOpt = None,
     trust: TrustOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print report.json to stdout "
-                                           "instead of the table.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")
-                     ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
 ) -> None:
     """Capture the chosen layers in one forward pass; write PNG grids, report.json and
     report.md to --out, and print a table of what each activation is."""
@@ -404,15 +462,28 @@ def dump(
     from fvis.api import dump as run_dump
 
     ref, config = _resolve(model, _load_options(arch, arch_kwargs, allow_module, trust))
-    inputs = _input_options(input, shape, seed, size, norm, channels,
-                            config if model is None else None)
+    inputs = _input_options(
+        input, shape, seed, size, norm, channels, config if model is None else None
+    )
     layers = tuple(layer or ()) or (config.layers if config and model is None else ())
     if max_channels < 1:
         raise UsageError("--max-channels must be at least 1")
     options = DumpOptions(
-        layers=layers, all_leaves=all_leaves, depth=depth, mode=mode.value, train=train,
-        sample=_parse_sample(sample), images=images, save_tensors=save_tensors,
-        cmap=cmap.value, norm_scope=norm_scope.value, max_channels=max_channels,
+        layers=layers,
+        all_leaves=all_leaves,
+        depth=depth,
+        mode=mode.value,
+        train=train,
+        sample=_parse_sample(sample),
+        images=images,
+        save_tensors=save_tensors,
+        cmap=cmap.value,
+        norm_scope=norm_scope.value,
+        max_channels=max_channels,
+        backward=backward or gradcam,
+        target=target,
+        gradcam=gradcam,
+        input_requires_grad=input_requires_grad,
     )
     with _terminate_as_interrupt():
         result = run_dump(ref, inputs, options, out, overwrite)
@@ -433,14 +504,23 @@ def _parse_sample(text: str) -> int | None:
 
 
 def _print_dump(result: Any) -> None:
-    from fvis.report import to_table
+    from fvis.report import backward_lines, to_table
     from fvis.text import for_terminal
 
     console = _console()
     console.print(to_table(result.report))
     console.print(f"[dim]input: {for_terminal(result.report['input']['description'])}[/dim]")
-    console.print(f"wrote {len(result.files)} files to {for_terminal(str(result.out))}/ "
-                  f"(report.json, report.md, {len(result.files) - 2} pictures)")
+    for name in result.report["never_ran"]:
+        console.print(
+            f"[red]never ran:[/red] {for_terminal(name)}: its __call__ did not happen "
+            "(.forward() called directly, a functional op, or a branch not taken)"
+        )
+    for line in backward_lines(result.report):
+        console.print(for_terminal(line))
+    console.print(
+        f"wrote {len(result.files)} files to {for_terminal(str(result.out))}/ "
+        f"(report.json, report.md, {len(result.files) - 2} pictures)"
+    )
 
 
 class Terminated(KeyboardInterrupt):

@@ -7,7 +7,7 @@ known once every call has happened.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,16 +27,19 @@ class Gallery:
     options: RenderOptions
     sample_labels: tuple[str, ...] = ()
     all_samples: bool = False
-    _pictures: dict[tuple[str, int, str], list[tuple[int | None, Image.Image, RenderInfo]]] = (
-        field(default_factory=dict))
+    _pictures: dict[tuple[str, int, str], list[tuple[int | None, Image.Image, RenderInfo]]] = field(
+        default_factory=dict
+    )
     _files: list[tuple[str, Image.Image]] = field(default_factory=list)
+    _cams: list[tuple[str, Image.Image]] = field(default_factory=list)
 
     @classmethod
     def from_options(cls, options: Any, sample_labels: tuple[str, ...]) -> Gallery:
         from fvis.render import RenderOptions
 
-        render_options = RenderOptions(cmap=options.cmap, norm_scope=options.norm_scope,
-                                       max_channels=options.max_channels)
+        render_options = RenderOptions(
+            cmap=options.cmap, norm_scope=options.norm_scope, max_channels=options.max_channels
+        )
         return cls(render_options, sample_labels, options.sample is None)
 
     def add(self, capture: Capture) -> None:
@@ -47,16 +50,32 @@ class Gallery:
         if values is None:
             return
         key = (capture.layer, capture.call, capture.path)
-        title = f"{capture.layer}{'#' + str(capture.call) if capture.call > 1 else ''}" \
-                f"{capture.path}"
+        title = (
+            f"{capture.layer}{'#' + str(capture.call) if capture.call > 1 else ''}{capture.path}"
+        )
         if self.all_samples and len(capture.shape) >= 2:
             for index in range(values.shape[0]):
-                image, info = render(values[index], f"{title} @{self._sample(index)}",
-                                     self.options)
+                image, info = render(values[index], f"{title} @{self._sample(index)}", self.options)
                 self._pictures.setdefault(key, []).append((index, image, info))
         else:
             image, info = render(values, title, self.options)
             self._pictures.setdefault(key, []).append((None, image, info))
+
+    def add_gradcams(
+        self, captures: Sequence[Capture], grads: Mapping[str, Any], display: Any
+    ) -> None:
+        """Grad-CAM overlays for captures with a ``(C, H, W)`` activation and its gradient."""
+        from fvis.backward import gradcam
+        from fvis.render import overlay
+
+        for capture in captures:
+            grad = grads.get(capture.label)
+            if capture.values is None or grad is None:
+                continue
+            cam = gradcam(capture.values, grad)
+            if cam is not None:
+                image = overlay(cam, display, f"Grad-CAM {capture.label}")
+                self._cams.append((capture.label, image))
 
     def _sample(self, index: int) -> str:
         return self.sample_labels[index] if index < len(self.sample_labels) else str(index)
@@ -66,16 +85,30 @@ class Gallery:
         entries = []
         for capture in captures:
             for sample, image, info in self._pictures.get(
-                    (capture.layer, capture.call, capture.path), []):
-                stem = capture.label if sample is None else f"{capture.label}@{self._sample(sample)}"
+                (capture.layer, capture.call, capture.path), []
+            ):
+                stem = (
+                    capture.label if sample is None else f"{capture.label}@{self._sample(sample)}"
+                )
                 entries.append((capture.label, stem, sample, image, info))
-        names = unique_filenames([stem for _, stem, *_ in entries], ".png")
+        stems = [stem for _, stem, *_ in entries] + [f"gradcam_{label}" for label, _ in self._cams]
+        names = unique_filenames(stems, ".png")
         refs: dict[str, list[ImageRef]] = {}
         self._files = []
-        for (label, _, sample, image, info), name in zip(entries, names, strict=True):
-            refs.setdefault(label, []).append(ImageRef(
-                name, sample, str(info.layout), len(info.shown_channels), info.total_channels,
-                info.note))
+        for (label, _, sample, image, info), name in zip(entries, names, strict=False):
+            refs.setdefault(label, []).append(
+                ImageRef(
+                    name,
+                    sample,
+                    str(info.layout),
+                    len(info.shown_channels),
+                    info.total_channels,
+                    info.note,
+                )
+            )
+            self._files.append((name, image))
+        for (label, image), name in zip(self._cams, names[len(entries) :], strict=True):
+            refs.setdefault(label, []).append(ImageRef(name, None, "gradcam", 0, 0, "Grad-CAM"))
             self._files.append((name, image))
         return refs
 
@@ -84,8 +117,9 @@ class Gallery:
 
     def write(self, folder: OutputDir) -> None:
         for name, image in self._files:
-            folder.write(name, lambda fh, image=image: image.save(fh, format="PNG",
-                                                                  compress_level=1))
+            folder.write(
+                name, lambda fh, image=image: image.save(fh, format="PNG", compress_level=1)
+            )
 
 
 def tensors_file(captures: Sequence[Capture]) -> bytes:
@@ -93,6 +127,5 @@ def tensors_file(captures: Sequence[Capture]) -> bytes:
     import torch
     from safetensors.torch import save
 
-    tensors = {c.label: torch.from_numpy(c.values.copy()) for c in captures
-               if c.values is not None}
+    tensors = {c.label: torch.from_numpy(c.values.copy()) for c in captures if c.values is not None}
     return save(tensors)

@@ -55,8 +55,14 @@ class Verdict:
     in_place: str | None = None  # set when the tensor was modified in place after capture
 
     def as_dict(self) -> dict[str, Any]:
-        return {"connected": self.connected, "cause": self.cause.value, "where": self.where,
-                "summary": self.summary, "hint": self.hint, "in_place": self.in_place}
+        return {
+            "connected": self.connected,
+            "cause": self.cause.value,
+            "where": self.where,
+            "summary": self.summary,
+            "hint": self.hint,
+            "in_place": self.in_place,
+        }
 
 
 def reachable_edges(output: Any) -> set[tuple[int, int]]:
@@ -97,22 +103,36 @@ def diagnose(result: CaptureResult) -> dict[str, Verdict]:
         verdicts[capture.label] = _with_in_place(verdict, capture)
     for name in result.never_ran:
         verdicts[name] = Verdict(
-            False, Cause.NEVER_RAN, name, f"never ran: {name}.__call__ did not happen",
+            False,
+            Cause.NEVER_RAN,
+            name,
+            f"never ran: {name}.__call__ did not happen",
             "it may be called as .forward() directly, used through a functional op, or sit on "
-            "a branch not taken for this input; hook its parent instead")
+            "a branch not taken for this input; hook its parent instead",
+        )
     return verdicts
 
 
-def _verdict(capture: Capture, connected: bool, result: CaptureResult,
-             cuts: Sequence[CallRecord]) -> Verdict:
+def _verdict(
+    capture: Capture, connected: bool, result: CaptureResult, cuts: Sequence[CallRecord]
+) -> Verdict:
     grad = capture.grad
     if connected:
-        return Verdict(True, Cause.CONNECTED, None, "connected to the output",
-                       "gradients from the output reach this activation")
+        return Verdict(
+            True,
+            Cause.CONNECTED,
+            None,
+            "connected to the output",
+            "gradients from the output reach this activation",
+        )
     if not _is_float(capture.dtype):
-        return Verdict(False, Cause.NOT_DIFFERENTIABLE, None,
-                       f"not differentiable: {capture.dtype} values carry no gradient",
-                       "only floating-point activations can be on the autograd graph")
+        return Verdict(
+            False,
+            Cause.NOT_DIFFERENTIABLE,
+            None,
+            f"not differentiable: {capture.dtype} values carry no gradient",
+            "only floating-point activations can be on the autograd graph",
+        )
     if grad.inference_mode or grad.is_inference:
         return _inference_verdict(capture, result)
     if not grad.grad_enabled:
@@ -124,81 +144,133 @@ def _verdict(capture: Capture, connected: bool, result: CaptureResult,
 
 def _inference_verdict(capture: Capture, result: CaptureResult) -> Verdict:
     if result.mode is Mode.INFERENCE:
-        return Verdict(False, Cause.INFERENCE, None,
-                       "inference mode (--mode inference): not on any autograd graph",
-                       "inference tensors can never join a later graph; run with --mode grad")
+        return Verdict(
+            False,
+            Cause.INFERENCE,
+            None,
+            "inference mode (--mode inference): not on any autograd graph",
+            "inference tensors can never join a later graph; run with --mode grad",
+        )
     parent = _enclosing(capture.layer, result.trace, lambda r: not r.inference_mode)
     where = _describe(parent)
-    return Verdict(False, Cause.INFERENCE, parent.name if parent else None,
-                   f"inference mode: {capture.layer} ran under torch.inference_mode() inside "
-                   f"{where}", f"move the call out of the inference_mode block in {where}")
+    return Verdict(
+        False,
+        Cause.INFERENCE,
+        parent.name if parent else None,
+        f"inference mode: {capture.layer} ran under torch.inference_mode() inside {where}",
+        f"move the call out of the inference_mode block in {where}",
+    )
 
 
 def _grad_off_verdict(capture: Capture, result: CaptureResult) -> Verdict:
     if result.mode is Mode.NO_GRAD:
-        return Verdict(False, Cause.GRAD_OFF, None,
-                       "grad mode off: ran under no_grad (--mode no-grad)",
-                       "run with --mode grad to see whether it is connected")
+        return Verdict(
+            False,
+            Cause.GRAD_OFF,
+            None,
+            "grad mode off: ran under no_grad (--mode no-grad)",
+            "run with --mode grad to see whether it is connected",
+        )
     parent = _enclosing(capture.layer, result.trace, lambda r: r.grad_enabled)
     where = _describe(parent)
-    return Verdict(False, Cause.GRAD_OFF, parent.name if parent else None,
-                   f"grad mode off: {capture.layer} ran under no_grad inside {where}",
-                   f"move the capture (or the call) outside the no_grad block in {where}; "
-                   "frozen layers need requires_grad_(False), not no_grad, to pass gradients "
-                   "through")
+    return Verdict(
+        False,
+        Cause.GRAD_OFF,
+        parent.name if parent else None,
+        f"grad mode off: {capture.layer} ran under no_grad inside {where}",
+        f"move the capture (or the call) outside the no_grad block in {where}; "
+        "frozen layers need requires_grad_(False), not no_grad, to pass gradients "
+        "through",
+    )
 
 
-def _no_grad_verdict(capture: Capture, result: CaptureResult,
-                     cuts: Sequence[CallRecord]) -> Verdict:
+def _no_grad_verdict(
+    capture: Capture, result: CaptureResult, cuts: Sequence[CallRecord]
+) -> Verdict:
     inside = _innermost_cut(capture.layer, cuts)
     if inside is not None:
         where = _describe(inside)
-        return Verdict(False, Cause.CUT_INSIDE, inside.name,
-                       f"graph cut inside {where}: its inputs or parameters require grad, its "
-                       "output does not", f"remove the .detach() / .data / no_grad in {where}")
+        return Verdict(
+            False,
+            Cause.CUT_INSIDE,
+            inside.name,
+            f"graph cut inside {where}: its inputs or parameters require grad, its output does not",
+            f"remove the .detach() / .data / no_grad in {where}",
+        )
     before = _last_cut_before(capture, result.trace, cuts)
     if before is not None:
         where = _describe(before)
-        return Verdict(False, Cause.CUT_INSIDE, before.name,
-                       f"graph cut upstream, inside {where}",
-                       f"remove the .detach() / .data / no_grad in {where}")
-    return Verdict(False, Cause.FROZEN, None,
-                   "nothing upstream requires grad: the parameters before it are frozen and "
-                   "the input does not require grad",
-                   "expected for a frozen backbone; to check gradient flow anyway, run with "
-                   "--input-requires-grad")
+        return Verdict(
+            False,
+            Cause.CUT_INSIDE,
+            before.name,
+            f"graph cut upstream, inside {where}",
+            f"remove the .detach() / .data / no_grad in {where}",
+        )
+    return Verdict(
+        False,
+        Cause.FROZEN,
+        None,
+        "nothing upstream requires grad: the parameters before it are frozen and "
+        "the input does not require grad",
+        "expected for a frozen backbone; to check gradient flow anyway, run with "
+        "--input-requires-grad",
+    )
 
 
 def _unreachable_verdict(capture: Capture, cuts: Sequence[CallRecord]) -> Verdict:
     downstream = next((c for c in reversed(cuts) if _is_ancestor(c.name, capture.layer)), None)
     if downstream is not None:
         where = _describe(downstream)
-        return Verdict(False, Cause.CUT_DOWNSTREAM, downstream.name,
-                       f"requires grad, but {where} cuts the graph before the output",
-                       f"remove the .detach() / .data / no_grad in {where}")
-    return Verdict(False, Cause.UNUSED, None,
-                   "computed but not used by the output (a dead branch or unused output)",
-                   "a loss on the model's output sends no gradient here; check that the "
-                   "branch is meant to be unused")
+        return Verdict(
+            False,
+            Cause.CUT_DOWNSTREAM,
+            downstream.name,
+            f"requires grad, but {where} cuts the graph before the output",
+            f"remove the .detach() / .data / no_grad in {where}",
+        )
+    return Verdict(
+        False,
+        Cause.UNUSED,
+        None,
+        "computed but not used by the output (a dead branch or unused output)",
+        "a loss on the model's output sends no gradient here; check that the "
+        "branch is meant to be unused",
+    )
 
 
 def _with_in_place(verdict: Verdict, capture: Capture) -> Verdict:
     grad = capture.grad
     if not grad.modified_in_place:
         return verdict
-    note = (f"modified in place after capture (_version {grad.version} -> "
-            f"{grad.version_after}, grad_fn {grad.grad_fn} -> {grad.grad_fn_after}): the "
-            "picture shows the values at capture; code that keeps a reference sees the "
-            "later values. Edits through .data cannot be detected.")
-    return Verdict(verdict.connected, verdict.cause, verdict.where,
-                   f"{verdict.summary}; modified in place after capture", verdict.hint, note)
+    note = (
+        f"modified in place after capture (_version {grad.version} -> "
+        f"{grad.version_after}, grad_fn {grad.grad_fn} -> {grad.grad_fn_after}): the "
+        "picture shows the values at capture; code that keeps a reference sees the "
+        "later values. Edits through .data cannot be detected."
+    )
+    return Verdict(
+        verdict.connected,
+        verdict.cause,
+        verdict.where,
+        f"{verdict.summary}; modified in place after capture",
+        verdict.hint,
+        note,
+    )
 
 
 def _cut_modules(trace: Sequence[CallRecord]) -> list[CallRecord]:
     """Calls that ran with grad on, whose inputs or parameters required grad and whose
     floating outputs did not, in call order."""
-    return [r for r in trace if r.grad_enabled and not r.inference_mode and r.has_float_output
-            and (r.inputs_require_grad or r.params_require_grad) and not r.outputs_require_grad]
+    return [
+        r
+        for r in trace
+        if r.grad_enabled
+        and not r.inference_mode
+        and r.has_float_output
+        and (r.inputs_require_grad or r.params_require_grad)
+        and not r.outputs_require_grad
+    ]
 
 
 def _innermost_cut(layer: str, cuts: Sequence[CallRecord]) -> CallRecord | None:
@@ -207,10 +279,13 @@ def _innermost_cut(layer: str, cuts: Sequence[CallRecord]) -> CallRecord | None:
     return max(inside, key=lambda c: c.name.count(".") + bool(c.name), default=None)
 
 
-def _last_cut_before(capture: Capture, trace: Sequence[CallRecord],
-                     cuts: Sequence[CallRecord]) -> CallRecord | None:
-    position = next((i for i, r in enumerate(trace)
-                     if r.name == capture.layer and r.call == capture.call), len(trace))
+def _last_cut_before(
+    capture: Capture, trace: Sequence[CallRecord], cuts: Sequence[CallRecord]
+) -> CallRecord | None:
+    position = next(
+        (i for i, r in enumerate(trace) if r.name == capture.layer and r.call == capture.call),
+        len(trace),
+    )
     cut_ids = {id(c) for c in cuts}
     earlier = [r for r in trace[:position] if id(r) in cut_ids]
     return earlier[-1] if earlier else None

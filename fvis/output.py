@@ -45,21 +45,25 @@ class OutputDir:
     def open(cls, root: Path, overwrite: bool = False) -> OutputDir:
         """Check the folder can be used (creating it if needed) before any work is done."""
         if root.exists() and not root.is_dir():
-            raise OutputError(f"--out {root} is a file, not a folder",
-                              hint="choose another --out folder")
+            raise OutputError(
+                f"--out {root} is a file, not a folder", hint="choose another --out folder"
+            )
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create --out {root}: {exc.strerror or exc}") from None
         previous = _read_manifest(root)
-        foreign = sorted(p.name for p in root.iterdir() if p.name != MANIFEST
-                         and p.name not in previous and not _is_temp(p.name))
+        foreign = sorted(
+            p.name
+            for p in root.iterdir()
+            if p.name != MANIFEST and p.name not in previous and not _is_temp(p.name)
+        )
         if foreign and not overwrite:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise OutputError(
                 f"--out {root} holds {len(foreign)} files fvis did not write ({shown})",
                 hint="choose an empty or new folder, or pass --overwrite (fvis then replaces "
-                     "only its own files)",
+                "only its own files)",
             )
         return cls(root, previous)
 
@@ -67,8 +71,11 @@ class OutputDir:
         """Refuse before writing anything if a new file would replace a file fvis did not write."""
         clashes = [n for n in names if (self.root / n).exists() and n not in self._previous]
         if clashes:
-            raise OutputError(f"--out {self.root}: {clashes[0]} exists and was not written by "
-                              "fvis; it is left untouched", hint="choose another --out folder")
+            raise OutputError(
+                f"--out {self.root}: {clashes[0]} exists and was not written by "
+                "fvis; it is left untouched",
+                hint="choose another --out folder",
+            )
 
     def write_bytes(self, name: str, data: bytes) -> Path:
         return self.write(name, lambda fh: fh.write(data))
@@ -93,8 +100,7 @@ class OutputDir:
 
     @contextlib.contextmanager
     def _temporary(self, name: str) -> Iterator[tuple[Path, IO[bytes]]]:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{name[:40]}.", suffix=".fvis-tmp",
-                                        dir=self.root)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{name[:40]}.", suffix=".fvis-tmp", dir=self.root)
         tmp = Path(tmp_name)
         fh = os.fdopen(fd, "wb")
         try:
@@ -103,8 +109,9 @@ class OutputDir:
             fh.close()
             tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError):
-                raise OutputError(f"cannot write {self.root / name}: "
-                                  f"{exc.strerror or exc}") from None
+                raise OutputError(
+                    f"cannot write {self.root / name}: {exc.strerror or exc}"
+                ) from None
             raise
 
     def finish(self, extra: dict[str, object] | None = None) -> Path:

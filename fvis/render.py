@@ -562,3 +562,36 @@ def _digit_glyphs() -> NDArray[np.bool_]:
         glyphs[digit] = np.asarray(mask)
     glyphs.flags.writeable = False
     return glyphs
+
+
+def overlay(
+    heat: NDArray[np.floating],
+    base: NDArray[np.uint8] | None,
+    title: str,
+    cmap: Cmap = Cmap.MAGMA,
+    alpha: float = 0.5,
+) -> Image.Image:
+    """A ``[0, 1]`` heatmap (Grad-CAM) resized onto ``base`` (HxWx3 uint8), as an RGB image.
+
+    >>> overlay(np.eye(4), None, "cam").mode
+    'RGB'
+    """
+    table = cmap_table(cmap).astype(np.float32)
+    size = (
+        (base.shape[1], base.shape[0])
+        if base is not None
+        else (heat.shape[1] * 8, heat.shape[0] * 8)
+    )
+    small = Image.fromarray(np.clip(heat, 0.0, 1.0).astype(np.float32), mode="F")
+    big = np.asarray(small.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    colours = table[np.clip((big * (len(table) - 1)).round().astype(int), 0, len(table) - 1)]
+    if base is not None:
+        rgb = base[..., :3] if base.shape[2] >= 3 else np.repeat(base[..., :1], 3, axis=2)
+        colours = (1 - alpha) * rgb.astype(np.float32) + alpha * colours
+    picture = Image.fromarray(colours.clip(0, 255).astype(np.uint8), mode="RGB")
+    strip = Image.new("RGB", (picture.width, 14), (22, 60, 70))
+    ImageDraw.Draw(strip).text((2, 1), _safe_text(title), fill=(250, 250, 250), font=_font())
+    out = Image.new("RGB", (picture.width, picture.height + strip.height))
+    out.paste(strip, (0, 0))
+    out.paste(picture, (0, strip.height))
+    return out

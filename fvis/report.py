@@ -16,7 +16,11 @@ Schema ``fvis.report/1`` (fields are only ever added)::
                    "verdict": {...} | null,
                    "images": [{"file", "sample", "layout", "shown_channels", "total_channels",
                                "note"}]}],
-     "never_ran": [layer, ...], "warnings": [str, ...]}
+     "never_ran": [layer, ...], "warnings": [str, ...],
+     "backward": null | {"target", "error", "params": [{"layer", "trainable", "received",
+                                                        "starved"}]}}
+
+With ``--backward`` every capture also has ``"gradient": {"reached", "norm"}``.
 """
 
 from __future__ import annotations
@@ -59,13 +63,16 @@ class ReportInput:
     warnings: Sequence[str] = ()
 
 
-def build_report(data: ReportInput) -> dict[str, Any]:
-    """The report as a JSON-ready dict (schema ``fvis.report/1``); pure."""
+def build_report(data: ReportInput, backward: Any = None) -> dict[str, Any]:
+    """The report as a JSON-ready dict (schema ``fvis.report/1``); pure.
+
+    ``backward`` is a ``fvis.backward.BackwardResult`` when ``--backward`` ran.
+    """
     import torch
 
     from fvis import __version__
 
-    return {
+    report = {
         "schema": SCHEMA,
         "fvis_version": __version__,
         "torch_version": torch.__version__,
@@ -76,6 +83,30 @@ def build_report(data: ReportInput) -> dict[str, Any]:
         "captures": [_capture_json(c, data) for c in data.captures],
         "never_ran": list(data.never_ran),
         "warnings": list(data.warnings),
+        "backward": _backward_json(backward),
+    }
+    if backward is not None:
+        for capture in report["captures"]:
+            flow = backward.captures.get(capture["label"])
+            capture["gradient"] = {"reached": flow.reached, "norm": flow.norm} if flow else None
+    return report
+
+
+def _backward_json(backward: Any) -> dict[str, Any] | None:
+    if backward is None:
+        return None
+    return {
+        "target": backward.target,
+        "error": backward.error,
+        "params": [
+            {
+                "layer": p.layer,
+                "trainable": p.trainable,
+                "received": p.received,
+                "starved": p.starved,
+            }
+            for p in backward.params
+        ],
     }
 
 
@@ -132,8 +163,9 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     for c in report["captures"]:
         for image in c["images"]:
             note = f" ({_md(image['note'])})" if image["note"] else ""
-            lines.append(f"### `{_md(c['label'])}`{note}\n\n![{_md(c['label'])}]"
-                         f"(<{image['file']}>)\n")
+            lines.append(
+                f"### `{_md(c['label'])}`{note}\n\n![{_md(c['label'])}](<{image['file']}>)\n"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -141,10 +173,16 @@ def _md_row(c: Mapping[str, Any]) -> str:
     s, g = c["stats"], c["grad"]
     verdict = (c.get("verdict") or {}).get("summary", "")
     cells = [
-        f"`{_md(c['label'])}`", _shape(c["shape"]), f"`{g['grad_fn'] or '-'}`",
-        str(g["requires_grad"]), "**yes**" if g["modified_in_place"] else "no",
-        _num(s["min"]), _num(s["max"]), f"{s['zero_fraction']:.0%}",
-        str(s["nan"] + s["posinf"] + s["neginf"]), _md(verdict),
+        f"`{_md(c['label'])}`",
+        _shape(c["shape"]),
+        f"`{g['grad_fn'] or '-'}`",
+        str(g["requires_grad"]),
+        "**yes**" if g["modified_in_place"] else "no",
+        _num(s["min"]),
+        _num(s["max"]),
+        f"{s['zero_fraction']:.0%}",
+        str(s["nan"] + s["posinf"] + s["neginf"]),
+        _md(verdict),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -182,13 +220,31 @@ def to_table(report: Mapping[str, Any]) -> Any:
     for column in ("capture", "shape", "grad_fn", "range", "zeros", "notes"):
         table.add_column(column, overflow="fold")
     for c in report["captures"]:
-        table.add_row(for_terminal(c["label"]), _shape(c["shape"]),
-                      for_terminal(c["grad"]["grad_fn"] or "-"),
-                      f"[{_num(c['stats']['min'])}, {_num(c['stats']['max'])}]",
-                      f"{c['stats']['zero_fraction']:.0%}", _row_notes(c))
+        table.add_row(
+            for_terminal(c["label"]),
+            _shape(c["shape"]),
+            for_terminal(c["grad"]["grad_fn"] or "-"),
+            f"[{_num(c['stats']['min'])}, {_num(c['stats']['max'])}]",
+            f"{c['stats']['zero_fraction']:.0%}",
+            _row_notes(c),
+        )
     for name in report["never_ran"]:
         table.add_row(for_terminal(name), "-", "-", "-", "-", "[red]never ran[/red]")
     return table
+
+
+def backward_lines(report: Mapping[str, Any]) -> list[str]:
+    """Plain-text findings of ``--backward``: an error, or layers whose parameters starved."""
+    backward = report.get("backward")
+    if not backward:
+        return []
+    if backward["error"]:
+        return [backward["error"]]
+    starved = [p["layer"] for p in backward["params"] if p["starved"]]
+    lines = [f"backward from the {backward['target']}"]
+    if starved:
+        lines.append("no gradient reached the trainable parameters of: " + ", ".join(starved))
+    return lines
 
 
 def _row_notes(c: Mapping[str, Any]) -> str:
@@ -197,13 +253,21 @@ def _row_notes(c: Mapping[str, Any]) -> str:
     if verdict.get("summary"):
         style = "green" if verdict.get("connected") else "yellow"
         notes.append(f"[{style}]{for_terminal(verdict['summary'])}[/{style}]")
+    gradient = c.get("gradient")
+    if gradient is not None:
+        notes.append(
+            f"grad norm {_num(gradient['norm'])}"
+            if gradient["reached"]
+            else "[yellow]no gradient reached it[/yellow]"
+        )
     if c["grad"]["modified_in_place"]:
-        notes.append(f"[red]modified in place after capture ({c['grad']['grad_fn']} -> "
-                     f"{c['grad']['grad_fn_after']})[/red]")
+        notes.append(
+            f"[red]modified in place after capture ({c['grad']['grad_fn']} -> "
+            f"{c['grad']['grad_fn_after']})[/red]"
+        )
     s = c["stats"]
     if s["nan"] or s["posinf"] or s["neginf"]:
         notes.append(f"[red]NaN {s['nan']}, +Inf {s['posinf']}, -Inf {s['neginf']}[/red]")
     if s["dead_channels"]:
-        notes.append(f"[yellow]{s['dead_channels']} of {s['channels']} channels all zero"
-                     "[/yellow]")
+        notes.append(f"[yellow]{s['dead_channels']} of {s['channels']} channels all zero[/yellow]")
     return "; ".join(notes)
