@@ -148,6 +148,7 @@ class DumpOptions:
     target: int | None = None  # logit to backpropagate from; None: the sum of the output
     gradcam: bool = False
     input_requires_grad: bool = False
+    missing_ok: bool = False  # unknown --layer names are returned (for the `missing` gate)
 
 
 @dataclass(frozen=True)
@@ -156,16 +157,18 @@ class DumpResult:
     files: tuple[str, ...]
     out: Path | None
     notes: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()  # --layer names that matched nothing (with missing_ok)
 
 
 def choose_layers(
     tree: ModelTree, options: DumpOptions, label: str = "MODEL"
-) -> tuple[list[str], list[str]]:
-    """Dotted names to hook, and notes on how they were chosen.
+) -> tuple[list[str], list[str], list[str]]:
+    """Dotted names to hook, notes on how they were chosen, and unknown names.
 
-    Explicit names and globs resolve as in ``fvis layers``; ``all_leaves`` takes every leaf
-    module; ``depth`` takes the modules at that depth plus shallower leaves. With none of
-    these, every leaf module is taken and a note says so.
+    Explicit names and globs resolve as in ``fvis layers`` (an unknown one raises, or with
+    ``missing_ok`` is returned); ``all_leaves`` takes every leaf module; ``depth`` takes the
+    modules at that depth plus shallower leaves. With none of these, every leaf module is
+    taken and a note says so.
     """
     from fvis.layers import resolve
 
@@ -173,20 +176,23 @@ def choose_layers(
     leaves = [i.name for i in named if i.is_leaf]
     chosen: list[str] = []
     notes: list[str] = []
-    if options.layers:
-        chosen += [i.first_name or i.name for i in resolve(tree.layers, options.layers, label)]
+    missing: list[str] = []
+    for pattern in options.layers:
+        try:
+            chosen += [i.first_name or i.name for i in resolve(tree.layers, [pattern], label)]
+        except UsageError:
+            if not options.missing_ok:
+                raise
+            missing.append(pattern)
     if options.all_leaves:
         chosen += leaves
     if options.depth is not None:
-        chosen += [
-            i.name
-            for i in named
-            if i.depth == options.depth or (i.is_leaf and i.depth < options.depth)
-        ]
+        depth = options.depth
+        chosen += [i.name for i in named if i.depth == depth or (i.is_leaf and i.depth < depth)]
     if not (options.layers or options.all_leaves or options.depth is not None):
         chosen = leaves
         notes.append(f"no --layer given: capturing every leaf module ({len(leaves)})")
-    return list(dict.fromkeys(chosen)), notes
+    return list(dict.fromkeys(chosen)), notes, missing
 
 
 def dump(
@@ -214,7 +220,7 @@ def dump(
     loaded = open_model(ref)
     prepared = prepare_inputs(loaded, inputs)
     tree = ModelTree.of(node_from_module(loaded.module))
-    layers, notes = choose_layers(tree, options, ref.label)
+    layers, notes, missing = choose_layers(tree, options, ref.label)
     gallery = Gallery.from_options(options, prepared.labels)
     if options.input_requires_grad:
         _require_grad(prepared)
@@ -236,9 +242,9 @@ def dump(
     data = _report_input(loaded, prepared, tree, options, result, images, verdicts)
     report = build_report(data, flow)
     if folder is None:
-        return DumpResult(report, (), None, tuple(notes))
+        return DumpResult(report, (), None, tuple(notes), tuple(missing))
     files = _write_outputs(folder, report, gallery, result.captures, options)
-    return DumpResult(report, tuple(files), out, tuple(notes))
+    return DumpResult(report, tuple(files), out, tuple(notes), tuple(missing))
 
 
 def _require_grad(prepared: Prepared) -> None:
@@ -324,3 +330,71 @@ def _write_outputs(
     folder.write_text("report.md", to_markdown(report))
     folder.finish({"report": "report.json"})
     return folder.written
+
+
+# --------------------------------------------------------------------------- check
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """Mirrors ``fvis check``'s gate options."""
+
+    gates: tuple[Any, ...] = ()  # fvis.gates.Gate
+    expectations: tuple[Any, ...] = ()  # fvis.gates.Expectation
+    baseline: Path | None = None
+    write_baseline: Path | None = None
+    rtol: float = 1e-3
+    atol: float = 1e-4
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    dump: DumpResult
+    outcome: Any  # fvis.gates.CheckOutcome
+    baseline_failures: tuple[Any, ...] = ()
+
+    @property
+    def failures(self) -> tuple[Any, ...]:
+        return (*self.outcome.failures, *self.baseline_failures)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def check(
+    ref: ModelRef,
+    inputs: InputOptions,
+    options: DumpOptions,
+    gates: CheckOptions,
+    out: Path | None = None,
+    overwrite: bool = False,
+) -> CheckResult:
+    """``dump`` plus gates, expectations and a baseline; nothing is written unless ``out``.
+
+    >>> result = check(ref, InputOptions(shape=(1, 10)), DumpOptions(),
+    ...                CheckOptions(gates=parse_gates("nonfinite")))     # doctest: +SKIP
+    >>> result.passed
+    True
+    """
+    import json
+    from dataclasses import replace
+
+    from fvis.baseline import compare, make_baseline, read_baseline
+    from fvis.gates import evaluate
+    from fvis.output import write_file_atomic
+
+    names = {g.name for g in gates.gates}
+    # Unknown layers fail the `missing` gate (exit 1) when it is on, else are a usage error.
+    options = replace(
+        options, missing_ok="missing" in names, backward=options.backward or "no-grad-flow" in names
+    )
+    baseline = read_baseline(gates.baseline) if gates.baseline else None  # fail before work
+    result = dump(ref, inputs, options, out, overwrite)
+    outcome = evaluate(result.report, gates.gates, gates.expectations, result.missing)
+    current = make_baseline(result.report)
+    regressions = tuple(compare(baseline, current, gates.rtol, gates.atol)) if baseline else ()
+    if gates.write_baseline is not None:
+        text = json.dumps(current, indent=2, allow_nan=False) + "\n"
+        write_file_atomic(gates.write_baseline, text.encode())
+    return CheckResult(result, outcome, regressions)

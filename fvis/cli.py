@@ -545,6 +545,162 @@ def _terminate_as_interrupt() -> Any:
         signal.signal(signal.SIGTERM, previous)
 
 
+@app.command()
+@boundary
+def check(
+    ctx: typer.Context,
+    model: ModelArg = None,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--layer", "-l", help="Dotted layer name or glob (repeatable).", show_default=False
+        ),
+    ] = None,
+    all_leaves: Annotated[bool, typer.Option("--all", help="Every leaf module.")] = False,
+    fail_on: Annotated[
+        str | None,
+        typer.Option(
+            "--fail-on",
+            help="Comma-separated gates: missing, not-run, disconnected, grad-off, "
+            "inplace, nonfinite, dead:FRACTION, no-grad-flow. Default: "
+            "missing,not-run,disconnected,nonfinite.",
+            show_default=False,
+        ),
+    ] = None,
+    expect: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--expect",
+            help="PATTERN=STATE for layers where a state is intended, e.g. "
+            "'backbone.*=disconnected' (connected, disconnected, grad-off, not-run). Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option("--baseline", help="Compare with this baseline file.", show_default=False),
+    ] = None,
+    write_baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--write-baseline", help="Record this run as a baseline file.", show_default=False
+        ),
+    ] = None,
+    rtol: Annotated[
+        float,
+        typer.Option(
+            "--rtol", help="Relative tolerance for statistics drift against the baseline."
+        ),
+    ] = 1e-3,
+    atol: Annotated[
+        float,
+        typer.Option(
+            "--atol", help="Absolute tolerance for statistics drift against the baseline."
+        ),
+    ] = 1e-4,
+    junit: Annotated[
+        Path | None,
+        typer.Option("--junit", help="Write a JUnit XML report here.", show_default=False),
+    ] = None,
+    input: InputOpt = None,
+    shape: ShapeOpt = None,
+    seed: SeedOpt = 0,
+    size: SizeOpt = None,
+    norm: NormOpt = "auto",
+    channels: ChannelsOpt = None,
+    mode: Annotated[ModeChoice, typer.Option("--mode")] = ModeChoice.GRAD,
+    backward: Annotated[
+        bool,
+        typer.Option("--backward", help="Also run one backward pass (needed by no-grad-flow)."),
+    ] = False,
+    target: Annotated[int | None, typer.Option("--target", show_default=False)] = None,
+    input_requires_grad: Annotated[bool, typer.Option("--input-requires-grad")] = False,
+    images: Annotated[
+        bool, typer.Option("--images", help="Also write pictures and reports to --out.")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Write report.json/report.md (and pictures with --images) here.",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    allow_module: AllowModuleOpt = None,
+    trust: TrustOpt = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the report and the failures as JSON to stdout.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only failures.")] = False,
+) -> None:
+    """fvis dump with gates and an exit code: 0 when every gate holds, 1 when any fails."""
+    from fvis.api import CheckOptions, DumpOptions
+    from fvis.api import check as run_check
+    from fvis.gates import DEFAULT_GATES, parse_expectations, parse_gates
+
+    ref, config = _resolve(model, _load_options(arch, arch_kwargs, allow_module, trust))
+    own = config if model is None else None
+    inputs = _input_options(input, shape, seed, size, norm, channels, own)
+    gates = CheckOptions(
+        gates=parse_gates(fail_on or (own.fail_on if own and own.fail_on else DEFAULT_GATES)),
+        expectations=parse_expectations(tuple(expect or ()) or (own.expect if own else ())),
+        baseline=baseline or (own.baseline if own and not write_baseline else None),
+        write_baseline=write_baseline,
+        rtol=rtol,
+        atol=atol,
+    )
+    options = DumpOptions(
+        layers=tuple(layer or ()) or (own.layers if own else ()),
+        all_leaves=all_leaves,
+        mode=mode.value,
+        images=images,
+        backward=backward,
+        target=target,
+        input_requires_grad=input_requires_grad,
+    )
+    if images and out is None:
+        out = Path("fvis-out")
+    with _terminate_as_interrupt():
+        result = run_check(ref, inputs, options, gates, out, overwrite)
+    _report_check(result, junit, json_out, quiet)
+    if not result.passed:
+        raise typer.Exit(int(ExitStatus.CHECKS_FAILED))
+
+
+def _report_check(result: Any, junit: Path | None, json_out: bool, quiet: bool) -> None:
+    import dataclasses
+
+    from fvis.ci_reports import junit_xml, step_summary
+    from fvis.output import write_file_atomic
+    from fvis.text import for_terminal_plain
+
+    failures = result.failures
+    if junit is not None:
+        write_file_atomic(junit, junit_xml(result.outcome, result.baseline_failures))
+    summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary_path:
+        with open(summary_path, "a", encoding="utf-8") as fh:
+            fh.write(step_summary(result.dump.report, failures))
+    if json_out:
+        payload = {
+            "passed": result.passed,
+            "failures": [dataclasses.asdict(f) for f in failures],
+            "report": result.dump.report,
+        }
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    for failure in failures:
+        sys.stdout.write(f"FAIL {for_terminal_plain(failure.line())}\n")
+    if not quiet:
+        checks = len(result.outcome.checks)
+        status = "passed" if result.passed else f"failed: {len(failures)} of {checks} checks"
+        sys.stdout.write(f"fvis check {status} ({len(result.dump.report['captures'])} captures)\n")
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="fvis")

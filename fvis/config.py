@@ -9,7 +9,18 @@ from typing import Any
 
 from fvis.errors import UsageError
 
-KNOWN_KEYS = ("model", "arch", "arch-kwargs", "allow-modules", "input", "shape", "layers")
+KNOWN_KEYS = (
+    "model",
+    "arch",
+    "arch-kwargs",
+    "allow-modules",
+    "input",
+    "shape",
+    "layers",
+    "fail-on",
+    "expect",
+    "baseline",
+)
 
 
 @dataclass(frozen=True)
@@ -24,6 +35,9 @@ class Config:
     inputs: tuple[str, ...] = ()
     shape: str | None = None
     layers: tuple[str, ...] = ()
+    fail_on: str | None = None
+    expect: tuple[str, ...] = ()
+    baseline: Path | None = None
 
 
 def find_config(folder: Path) -> Config | None:
@@ -64,6 +78,9 @@ def _parse(path: Path, table: dict[str, Any]) -> Config:
         ),
         shape=_opt_str(path, "shape", table.get("shape")),
         layers=_strs(path, "layers", table.get("layers", [])),
+        fail_on=_opt_str(path, "fail-on", table.get("fail-on")),
+        expect=_strs(path, "expect", table.get("expect", [])),
+        baseline=base / _str(path, "baseline", table["baseline"]) if "baseline" in table else None,
     )
 
 

@@ -134,6 +134,31 @@ class OutputDir:
         return list(self._written)
 
 
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Replace one file the user named (a baseline, a JUnit report) atomically."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder, not a file")
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{path.name[:40]}.", suffix=".fvis-tmp", dir=folder
+        )
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _is_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(".fvis-tmp")
 

@@ -1,0 +1,146 @@
+"""Baselines: record what each capture looked like, and catch regressions against it.
+
+A baseline (schema ``fvis.baseline/1``) keeps, per capture label: shape, dtype, call count,
+the grad verdict (``connected`` and its cause) and summary statistics. Comparing flags:
+
+- a capture that disappeared or appeared (a layer renamed, removed, or a branch now taken);
+- a shape, dtype or call-count change;
+- a verdict change (connected -> disconnected, or a different cause);
+- drift of ``mean``, ``std``, ``min`` and ``max`` beyond ``|now - then| <= atol + rtol*|then|``
+  (defaults ``rtol=1e-3``, ``atol=1e-4``: far above CPU/BLAS rounding noise for a seeded input,
+  far below what a changed weight or op produces); NaN/Inf counts must match exactly.
+
+Statistics are only meaningful with a deterministic input: a file, or ``--shape`` with
+``--seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fvis.errors import BadFileError
+from fvis.gates import Failure
+
+SCHEMA = "fvis.baseline/1"
+COMPARED_STATS = ("mean", "std", "min", "max")
+EXACT_STATS = ("nan", "posinf", "neginf")
+
+
+def make_baseline(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A baseline dict from a report (pure)."""
+    return {
+        "schema": SCHEMA,
+        "input": report["input"]["description"],
+        "mode": report["mode"],
+        "captures": {
+            c["label"]: {
+                "shape": c["shape"],
+                "dtype": c["dtype"],
+                "calls": c["calls"],
+                "connected": (c.get("verdict") or {}).get("connected"),
+                "cause": (c.get("verdict") or {}).get("cause"),
+                "stats": {k: c["stats"][k] for k in (*COMPARED_STATS, *EXACT_STATS)},
+            }
+            for c in report["captures"]
+        },
+        "never_ran": list(report["never_ran"]),
+    }
+
+
+def read_baseline(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadFileError(
+            f"{path}: no such baseline file", hint="write one first with --write-baseline"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise BadFileError(f"{path} is not a readable baseline ({exc})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise BadFileError(f"{path} is not an fvis baseline (schema {SCHEMA} expected)")
+    return data
+
+
+def compare(
+    baseline: Mapping[str, Any], now: Mapping[str, Any], rtol: float = 1e-3, atol: float = 1e-4
+) -> list[Failure]:
+    """Regressions of ``now`` (a baseline dict) against ``baseline``."""
+    failures: list[Failure] = []
+    then_caps, now_caps = baseline["captures"], now["captures"]
+    for label in then_caps.keys() - now_caps.keys():
+        failures.append(
+            Failure(
+                label,
+                "baseline",
+                "capture disappeared",
+                "a layer was renamed, removed, or stopped running",
+            )
+        )
+    for label in now_caps.keys() - then_caps.keys():
+        failures.append(
+            Failure(
+                label,
+                "baseline",
+                "new capture not in the baseline",
+                "rewrite the baseline if the change is intended",
+            )
+        )
+    for label in sorted(then_caps.keys() & now_caps.keys()):
+        failures += _compare_capture(label, then_caps[label], now_caps[label], rtol, atol)
+    for name in set(now.get("never_ran", [])) - set(baseline.get("never_ran", [])):
+        failures.append(Failure(name, "baseline", "ran in the baseline, never runs now", ""))
+    return sorted(failures, key=lambda f: f.layer)
+
+
+def _compare_capture(
+    label: str, then: Mapping[str, Any], now: Mapping[str, Any], rtol: float, atol: float
+) -> list[Failure]:
+    out = []
+    for key in ("shape", "dtype", "calls"):
+        if then[key] != now[key]:
+            out.append(Failure(label, "baseline", f"{key} changed: {then[key]} -> {now[key]}", ""))
+    if (then["connected"], then["cause"]) != (now["connected"], now["cause"]):
+        out.append(
+            Failure(
+                label,
+                "baseline",
+                f"verdict changed: {then['cause']} -> {now['cause']}",
+                "see the grad verdict for where the graph is cut",
+            )
+        )
+    for key in EXACT_STATS:
+        if then["stats"][key] != now["stats"][key]:
+            out.append(
+                Failure(
+                    label,
+                    "baseline",
+                    f"{key} count changed: {then['stats'][key]} -> {now['stats'][key]}",
+                    "",
+                )
+            )
+    for key in COMPARED_STATS:
+        a, b = now["stats"][key], then["stats"][key]
+        if not _close(a, b, rtol, atol):
+            out.append(
+                Failure(
+                    label,
+                    "baseline",
+                    f"{key} drifted: {_fmt(b)} -> {_fmt(a)} (rtol {rtol:g}, atol {atol:g})",
+                    "weights or ops changed; rewrite the baseline if intended",
+                )
+            )
+    return out
+
+
+def _close(a: float | None, b: float | None, rtol: float, atol: float) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=0.0, abs_tol=atol + rtol * abs(b))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"
