@@ -160,6 +160,11 @@ def boundary(func: F) -> F:
             raise typer.Exit(int(status)) from None
         except typer.Exit:
             raise
+        except BrokenPipeError:
+            # `fvis layers | head`: the reader went away; exit like a shell does on SIGPIPE.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(int(ExitStatus.BROKEN_PIPE)) from None
         except Exception:
             traceback.print_exc()
             _error(

@@ -21,6 +21,7 @@ class ExitStatus(IntEnum):
     OUTPUT = 6
     INTERNAL = 70
     INTERRUPTED = 130
+    BROKEN_PIPE = 141
     TERMINATED = 143
 
 
