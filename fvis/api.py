@@ -82,20 +82,12 @@ def list_layers(ref: ModelRef, inputs: InputOptions | None = None) -> Listing:
     """
     if inputs is None:
         tree = model_tree(ref)
-        return Listing(tree, ref.label, _format_of(ref))
+        return Listing(tree, ref.label, tree.kind or "bundled")
     loaded = open_model(ref)
     prepared = prepare_inputs(loaded, inputs)
     runs = trace_runs(loaded, prepared)
     tree = ModelTree.of(node_from_module(loaded.module), "; ".join(loaded.source.notes))
     return Listing(tree, ref.label, loaded.source.kind, runs, prepared.description)
-
-
-def _format_of(ref: ModelRef) -> str:
-    if ref.path is None:
-        return "bundled"
-    from fvis.formats import sniff
-
-    return sniff(ref.path).kind.value
 
 
 def prepare_inputs(loaded: LoadedModel, inputs: InputOptions) -> Prepared:

@@ -37,6 +37,20 @@ class Sniffed:
     prefix: str = ""  # "archive/" for zip formats
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits checked before torch reads a zip checkpoint."""
+
+    max_model_bytes: int | None = None  # total declared size of the archive's entries
+    verify_crc: bool | None = None  # None: verify files up to CRC_AUTO_LIMIT bytes
+
+
+CRC_AUTO_LIMIT = 2 << 30  # verifying CRCs reads the whole file: skip it above 2 GiB by default
+_MAX_PICKLE_BYTES = 1 << 30  # data.pkl holds the object tree, never the tensor data
+_MAX_DEFLATED_BYTES = 64 << 20  # TorchScript deflates only its code and debug tables
+_MAX_DEFLATE_RATIO = 200
+
+
 # Magic numbers of files people pass by mistake, and what to call them.
 _WRONG_FILES: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "a PNG image"),
@@ -55,7 +69,7 @@ _WRONG_FILES: tuple[tuple[bytes, str], ...] = (
 )
 
 
-def sniff(path: Path) -> Sniffed:
+def sniff(path: Path, limits: Limits = Limits()) -> Sniffed:
     """Classify a model file by its bytes.
 
     >>> sniff(Path("model.pt")).kind          # doctest: +SKIP
@@ -73,7 +87,7 @@ def sniff(path: Path) -> Sniffed:
     if _looks_like_safetensors(head, size):
         return Sniffed(path, FileKind.SAFETENSORS)
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-        return _sniff_zip(path)
+        return _sniff_zip(path, limits)
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return Sniffed(path, FileKind.LEGACY_PICKLE)
     raise BadFileError(
@@ -129,11 +143,12 @@ def _is_text(head: bytes) -> bool:
     return printable >= 0.95 * max(len(text), 1)
 
 
-def _sniff_zip(path: Path) -> Sniffed:
+def _sniff_zip(path: Path, limits: Limits = Limits()) -> Sniffed:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            preflight_zip(path, archive, limits)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise BadFileError(
             f"{path} is a corrupt or truncated zip archive ({exc})",
             hint="copy or download the checkpoint again",
@@ -147,6 +162,65 @@ def _sniff_zip(path: Path) -> Sniffed:
     if f"{prefix}data.pkl" in entries:
         return Sniffed(path, FileKind.TORCH_ZIP, prefix)
     raise BadFileError(f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl)")
+
+
+def preflight_zip(path: Path, archive: zipfile.ZipFile, limits: Limits = Limits()) -> None:
+    """Refuse resource bombs and damage before torch reads the archive.
+
+    Tensor data and ``data.pkl`` must be stored uncompressed (torch never compresses them);
+    every entry must lie inside the file; the declared total must fit ``max_model_bytes``;
+    CRCs are verified (for files up to 2 GiB unless ``verify_crc`` says otherwise).
+    """
+    size = path.stat().st_size
+    total = 0
+    for info in archive.infolist():
+        _check_entry(path, info, size)
+        total += info.file_size
+    if limits.max_model_bytes is not None and total > limits.max_model_bytes:
+        raise BadFileError(
+            f"{path} declares {total:,} bytes of content, more than "
+            f"--max-model-bytes {limits.max_model_bytes:,}"
+        )
+    verify = limits.verify_crc if limits.verify_crc is not None else size <= CRC_AUTO_LIMIT
+    if verify:
+        bad = archive.testzip()
+        if bad is not None:
+            raise BadFileError(
+                f"{path} is damaged: the checksum of {bad} does not match",
+                hint="copy or download the checkpoint again",
+            )
+
+
+def _check_entry(path: Path, info: zipfile.ZipInfo, size: int) -> None:
+    name = info.filename
+    if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+        raise BadFileError(f"{path} holds an entry with an unsafe name: {name!r}")
+    if info.header_offset + info.compress_size > size:
+        raise BadFileError(
+            f"{path} is truncated: entry {name} runs past the end of the file",
+            hint="copy or download the checkpoint again",
+        )
+    is_tensor_data = "/data/" in name or name.endswith("/data.pkl")
+    if info.compress_type == zipfile.ZIP_STORED:
+        if info.file_size != info.compress_size:
+            raise BadFileError(f"{path} is damaged: stored entry {name} declares two sizes")
+        if name.endswith("data.pkl") and info.file_size > _MAX_PICKLE_BYTES:
+            raise BadFileError(
+                f"{path}: {name} declares {info.file_size:,} bytes of pickle, "
+                "more than any checkpoint needs"
+            )
+        return
+    if is_tensor_data:
+        raise BadFileError(
+            f"{path}: entry {name} is compressed; torch never compresses "
+            "tensor data, so this is not a checkpoint torch wrote"
+        )
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > _MAX_DEFLATED_BYTES or ratio > _MAX_DEFLATE_RATIO:
+        raise BadFileError(
+            f"{path}: entry {name} would expand to {info.file_size:,} bytes "
+            f"(ratio {ratio:.0f}); refusing a possible zip bomb"
+        )
 
 
 def _single_top_folder(path: Path, names: list[str]) -> str:

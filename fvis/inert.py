@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fvis.errors import BadFileError
-from fvis.layers import ModuleNode, TensorMeta
+from fvis.layers import ModuleNode, TensorMeta, looks_like_buffer
 
 # Containers that are safe to build for real: they run no code from the file.
 _SAFE_BUILTINS: dict[tuple[str, str], Any] = {
@@ -229,8 +229,12 @@ def _node(stub: Stub, memo: dict[int, ModuleNode]) -> ModuleNode:
         tensors += _metas(state.get("_buffers") or {}, buffer=True)
     else:  # TorchScript: attributes directly, submodules and tensors mixed
         children_src = {k: v for k, v in state.items() if is_module_stub(v)}
+        attributes = {k: v for k, v in state.items() if isinstance(v, FakeTensor)}
         tensors = _metas(
-            {k: v for k, v in state.items() if isinstance(v, FakeTensor)}, buffer=False
+            {k: v for k, v in attributes.items() if not looks_like_buffer(k, v.dtype)}, buffer=False
+        )
+        tensors += _metas(
+            {k: v for k, v in attributes.items() if looks_like_buffer(k, v.dtype)}, buffer=True
         )
     children = tuple(
         (str(name), _node(child, memo))

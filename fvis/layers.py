@@ -83,10 +83,11 @@ class ModelTree:
     root: ModuleNode
     source_note: str = ""
     layers: tuple[LayerInfo, ...] = field(default=())
+    kind: str = ""  # the file format it came from (fvis.formats.FileKind value)
 
     @classmethod
-    def of(cls, root: ModuleNode, source_note: str = "") -> ModelTree:
-        return cls(root=root, source_note=source_note, layers=tuple(walk(root)))
+    def of(cls, root: ModuleNode, source_note: str = "", kind: str = "") -> ModelTree:
+        return cls(root=root, source_note=source_note, layers=tuple(walk(root)), kind=kind)
 
     def names(self) -> list[str]:
         return [info.name for info in self.layers if info.name]
@@ -162,7 +163,7 @@ def node_from_state_dict(
                 meta.shape,
                 meta.dtype,
                 meta.requires_grad,
-                meta.is_buffer or _looks_like_buffer(leaf, meta.dtype),
+                meta.is_buffer or looks_like_buffer(leaf, meta.dtype),
             )
     counter = iter(range(1, 1 << 62))
     return _node_from_nested(nested, counter)
@@ -186,7 +187,8 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _looks_like_buffer(name: str, dtype: str) -> bool:
+def looks_like_buffer(name: str, dtype: str) -> bool:
+    """State dicts and TorchScript mix buffers with parameters: tell them apart by name/dtype."""
     return name in _BUFFER_NAMES or not (
         dtype.startswith(("float", "bfloat", "complex", "f")) or dtype == "unknown"
     )

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from fvis import inert
 from fvis.errors import BadFileError, ModelInputError, RefusedError, UsageError
-from fvis.formats import FileKind, Sniffed, read_safetensors_header, sniff
+from fvis.formats import FileKind, Limits, Sniffed, read_safetensors_header, sniff
 from fvis.layers import (
     ModelTree,
     ModuleNode,
@@ -143,6 +143,7 @@ class LoadOptions:
     allow_modules: tuple[str, ...] = ()
     trust: Trust | None = None
     strict: bool = True
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ def inspect_model(path: Path, options: LoadOptions = LoadOptions()) -> ModelTree
     >>> inspect_model(Path("model.pt")).names()[:2]          # doctest: +SKIP
     ['inner', 'inner.linear']
     """
-    sniffed = sniff(path)
+    sniffed = sniff(path, options.limits)
     if sniffed.kind in (FileKind.TORCH_ZIP, FileKind.LEGACY_PICKLE, FileKind.TORCHSCRIPT):
         loaded = _read_inert(sniffed)
         if inert.is_module_stub(loaded.obj) and not options.arch:
@@ -193,21 +194,25 @@ def inspect_model(path: Path, options: LoadOptions = LoadOptions()) -> ModelTree
                 if sniffed.kind is FileKind.TORCHSCRIPT
                 else ("pickled module (read without running it)")
             )
-            return ModelTree.of(tree, note)
+            return ModelTree.of(tree, note, kind=sniffed.kind.value)
         metas = _metas_from_inert(sniffed, loaded.obj)
     elif sniffed.kind is FileKind.SAFETENSORS:
         metas = _metas_from_safetensors(path)
     else:
         metas = _metas_from_export(sniffed)
         if not options.arch:
-            return ModelTree.of(_tree_from_export(sniffed, metas), "torch.export program")
+            return ModelTree.of(
+                _tree_from_export(sniffed, metas), "torch.export program", kind=sniffed.kind.value
+            )
     state, notes = unwrap_state_dict(metas)
     if options.arch:
         model = build_arch(options.arch, options.arch_kwargs, device="meta")
         check_state_dict(path, _metas_of_module(model), state, options.strict)
-        return ModelTree.of(node_from_module(model), "; ".join(notes))
+        return ModelTree.of(node_from_module(model), "; ".join(notes), kind=sniffed.kind.value)
     note = "state dict only: parameter-free modules (ReLU, pooling) are not visible"
-    return ModelTree.of(node_from_state_dict(state), "; ".join([*notes, note]))
+    return ModelTree.of(
+        node_from_state_dict(state), "; ".join([*notes, note]), kind=sniffed.kind.value
+    )
 
 
 def _read_inert(sniffed: Sniffed) -> inert.InertLoad:
@@ -454,7 +459,7 @@ def load_model(path: Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
     >>> load_model(Path("outer.state_dict.pt"), LoadOptions(arch="sample_models.zoo:OuterModel"))
     ... # doctest: +SKIP
     """
-    sniffed = sniff(path)
+    sniffed = sniff(path, options.limits)
     digest = sha256_of(path)
     _check_trust_binding(path, digest, options.trust)
     loaders = {
