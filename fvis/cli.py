@@ -85,6 +85,14 @@ TrustOpt = Annotated[
         show_default=False,
     ),
 ]
+MaxBytesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-model-bytes",
+        help="Refuse zip checkpoints that declare more content than this many bytes.",
+        show_default=False,
+    ),
+]
 InputOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -208,8 +216,13 @@ def root(
 
 
 def _load_options(
-    arch: str | None, arch_kwargs: str | None, allow_module: list[str] | None, trust: str | None
+    arch: str | None,
+    arch_kwargs: str | None,
+    allow_module: list[str] | None,
+    trust: str | None,
+    max_model_bytes: int | None = None,
 ) -> Any:
+    from fvis.formats import Limits
     from fvis.loading import LoadOptions, Trust
 
     kwargs: dict[str, Any] = {}
@@ -220,11 +233,14 @@ def _load_options(
             raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from None
         if not isinstance(kwargs, dict):
             raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    if max_model_bytes is not None and max_model_bytes < 1:
+        raise UsageError("--max-model-bytes must be positive")
     return LoadOptions(
         arch=arch,
         arch_kwargs=kwargs,
         allow_modules=tuple(allow_module or ()),
         trust=Trust.parse(trust),
+        limits=Limits(max_model_bytes=max_model_bytes),
     )
 
 
@@ -283,6 +299,7 @@ def layers(
     arch_kwargs: ArchKwargsOpt = None,
     allow_module: AllowModuleOpt = None,
     trust: TrustOpt = None,
+    max_model_bytes: MaxBytesOpt = None,
     input: InputOpt = None,
     shape: ShapeOpt = None,
     seed: SeedOpt = 0,
@@ -306,7 +323,9 @@ def layers(
     from fvis.api import list_layers
     from fvis.listing import to_json, to_rich
 
-    ref, config = _resolve(model, _load_options(arch, arch_kwargs, allow_module, trust))
+    ref, config = _resolve(
+        model, _load_options(arch, arch_kwargs, allow_module, trust, max_model_bytes)
+    )
     wants_run = bool(
         input or shape or (config and (config.inputs or config.shape) and model is None)
     )
@@ -456,6 +475,7 @@ def dump(
     arch_kwargs: ArchKwargsOpt = None,
     allow_module: AllowModuleOpt = None,
     trust: TrustOpt = None,
+    max_model_bytes: MaxBytesOpt = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")
     ] = False,
@@ -466,7 +486,9 @@ def dump(
     from fvis.api import DumpOptions
     from fvis.api import dump as run_dump
 
-    ref, config = _resolve(model, _load_options(arch, arch_kwargs, allow_module, trust))
+    ref, config = _resolve(
+        model, _load_options(arch, arch_kwargs, allow_module, trust, max_model_bytes)
+    )
     inputs = _input_options(
         input, shape, seed, size, norm, channels, config if model is None else None
     )
@@ -637,6 +659,7 @@ def check(
     arch_kwargs: ArchKwargsOpt = None,
     allow_module: AllowModuleOpt = None,
     trust: TrustOpt = None,
+    max_model_bytes: MaxBytesOpt = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the report and the failures as JSON to stdout.")
     ] = False,
@@ -647,7 +670,9 @@ def check(
     from fvis.api import check as run_check
     from fvis.gates import DEFAULT_GATES, parse_expectations, parse_gates
 
-    ref, config = _resolve(model, _load_options(arch, arch_kwargs, allow_module, trust))
+    ref, config = _resolve(
+        model, _load_options(arch, arch_kwargs, allow_module, trust, max_model_bytes)
+    )
     own = config if model is None else None
     inputs = _input_options(input, shape, seed, size, norm, channels, own)
     gates = CheckOptions(
