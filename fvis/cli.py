@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -74,14 +75,19 @@ AllowModuleOpt = Annotated[
     ),
 ]
 TrustOpt = Annotated[
-    str | None,
+    bool,
     typer.Option(
         "--trust",
-        flag_value="any",
-        is_flag=False,
-        metavar="[sha256:HEX]",
-        help="Run code from the checkpoint (full unpickling). Bind it to one file "
-        "with --trust sha256:<hex>.",
+        help="Run code from the checkpoint (full unpickling): only for files you trust.",
+    ),
+]
+TrustShaOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--trust-sha256",
+        metavar="HEX",
+        help="Trust only the file with this SHA-256 (implies --trust); any other content is "
+        "refused.",
         show_default=False,
     ),
 ]
@@ -155,7 +161,9 @@ def boundary(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx = kwargs.get("ctx")  # every command takes the typer context first
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return func(*args, **kwargs)
         except FvisError as exc:
             if _debug(ctx):
                 traceback.print_exc()
@@ -181,6 +189,16 @@ def boundary(func: F) -> F:
             raise typer.Exit(int(ExitStatus.INTERNAL)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _show_warning(message: Any, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:
+    """fvis's own warnings (``--trust``) as one line; others as Python prints them."""
+    from fvis.loading import TrustWarning
+
+    if issubclass(category, TrustWarning):
+        _note(f"warning: {message}")
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, *_args[:2]))
 
 
 def _error(message: str, hint: str | None = None) -> None:
@@ -219,7 +237,8 @@ def _load_options(
     arch: str | None,
     arch_kwargs: str | None,
     allow_module: list[str] | None,
-    trust: str | None,
+    trust: bool,
+    trust_sha256: str | None,
     max_model_bytes: int | None = None,
 ) -> Any:
     from fvis.formats import Limits
@@ -239,7 +258,7 @@ def _load_options(
         arch=arch,
         arch_kwargs=kwargs,
         allow_modules=tuple(allow_module or ()),
-        trust=Trust.parse(trust),
+        trust=Trust.from_flags(trust, trust_sha256),
         limits=Limits(max_model_bytes=max_model_bytes),
     )
 
@@ -298,7 +317,8 @@ def layers(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     allow_module: AllowModuleOpt = None,
-    trust: TrustOpt = None,
+    trust: TrustOpt = False,
+    trust_sha256: TrustShaOpt = None,
     max_model_bytes: MaxBytesOpt = None,
     input: InputOpt = None,
     shape: ShapeOpt = None,
@@ -324,7 +344,7 @@ def layers(
     from fvis.listing import to_json, to_rich
 
     ref, config = _resolve(
-        model, _load_options(arch, arch_kwargs, allow_module, trust, max_model_bytes)
+        model, _load_options(arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes)
     )
     wants_run = bool(
         input or shape or (config and (config.inputs or config.shape) and model is None)
@@ -474,7 +494,8 @@ def dump(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     allow_module: AllowModuleOpt = None,
-    trust: TrustOpt = None,
+    trust: TrustOpt = False,
+    trust_sha256: TrustShaOpt = None,
     max_model_bytes: MaxBytesOpt = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")
@@ -487,7 +508,7 @@ def dump(
     from fvis.api import dump as run_dump
 
     ref, config = _resolve(
-        model, _load_options(arch, arch_kwargs, allow_module, trust, max_model_bytes)
+        model, _load_options(arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes)
     )
     inputs = _input_options(
         input, shape, seed, size, norm, channels, config if model is None else None
@@ -658,7 +679,8 @@ def check(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     allow_module: AllowModuleOpt = None,
-    trust: TrustOpt = None,
+    trust: TrustOpt = False,
+    trust_sha256: TrustShaOpt = None,
     max_model_bytes: MaxBytesOpt = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the report and the failures as JSON to stdout.")
@@ -671,7 +693,7 @@ def check(
     from fvis.gates import DEFAULT_GATES, parse_expectations, parse_gates
 
     ref, config = _resolve(
-        model, _load_options(arch, arch_kwargs, allow_module, trust, max_model_bytes)
+        model, _load_options(arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes)
     )
     own = config if model is None else None
     inputs = _input_options(input, shape, seed, size, norm, channels, own)

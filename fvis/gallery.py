@@ -7,9 +7,10 @@ known once every call has happened.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from fvis.report import ImageRef
 from fvis.text import unique_filenames
@@ -117,9 +118,11 @@ class Gallery:
 
     def write(self, folder: OutputDir) -> None:
         for name, image in self._files:
-            folder.write(
-                name, lambda fh, image=image: image.save(fh, format="PNG", compress_level=1)
-            )
+            folder.write(name, functools.partial(_save_png, image))
+
+
+def _save_png(image: Image.Image, fh: IO[bytes]) -> None:
+    image.save(fh, format="PNG", compress_level=1)
 
 
 def tensors_file(captures: Sequence[Capture]) -> bytes:

@@ -57,10 +57,10 @@ def _to_float(image: object, notes: list[str]) -> np.ndarray:
     assert isinstance(image, Image.Image)
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        wide = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
         notes.append(f"{'16' if peak > 255 else '8'}-bit values scaled to [0, 1]")
-        return (np.clip(array, 0, peak) / peak).astype(np.float32)[..., None]
+        return (np.clip(wide, 0, peak) / peak).astype(np.float32)[..., None]
     if mode == "F":
         array = np.asarray(image, dtype=np.float32)
         lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
@@ -70,7 +70,7 @@ def _to_float(image: object, notes: list[str]) -> np.ndarray:
         notes.append("alpha composited on black")
         image = image.convert("RGBA")
         rgba = np.asarray(image, dtype=np.float32) / 255.0
-        return rgba[..., :3] * rgba[..., 3:4]
+        return np.asarray(rgba[..., :3] * rgba[..., 3:4], dtype=np.float32)
     if mode not in ("L", "RGB"):
         notes.append(f"{mode} converted to RGB")
         image = image.convert("RGB")

@@ -183,7 +183,7 @@ def read_zip_pickle(path: Path, prefix: str) -> InertLoad:
 def read_legacy_pickle(path: Path) -> InertLoad:
     """Read a legacy (pre-zip) torch file: magic number, protocol, sys info, then the object."""
     with path.open("rb") as fh:
-        stream = io.BufferedReader(fh)  # type: ignore[arg-type]
+        stream = io.BufferedReader(fh)
         header = [_unpickle(path, stream).obj for _ in range(3)]
         if header[0] != 0x1950A86A20F9469CFC6C:
             raise BadFileError(
@@ -265,7 +265,7 @@ def _clean_class_name(qualname: str) -> str:
 
 
 def fake_tensors(obj: Any) -> dict[str, FakeTensor] | None:
-    """The ``name -> FakeTensor`` items of a state-dict-like mapping, or ``None`` if it is not one."""
+    """The ``name -> FakeTensor`` items of a state-dict-like mapping, else ``None``."""
     if not isinstance(obj, dict) or not obj:
         return None
     if not all(isinstance(k, str) for k in obj):

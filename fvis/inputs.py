@@ -16,8 +16,8 @@ from torch import nn
 
 from fvis.errors import BadFileError, ModelInputError, UsageError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 # A sane cap on decoded pixels (Pillow's own bomb limit stays on as well).
 MAX_IMAGE_PIXELS = 64_000_000
@@ -292,7 +292,7 @@ def _normalise(tensor: torch.Tensor, norm: str) -> tuple[torch.Tensor, str]:
             if norm == "imagenet":
                 raise UsageError(f"--norm imagenet needs 3 channels; the input has {channels}")
             return tensor, "scaled to [0, 1]"
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        mean, std = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
         label = "ImageNet mean/std"
     else:
         mean, std = _parse_norm(norm, channels)

@@ -141,7 +141,7 @@ def _nearest_shown_parent(name: str, branches: Mapping[str, Any]) -> str:
 def _label(listing: Listing, info: LayerInfo, root: bool = False) -> str:
     name = for_terminal(info.name.rpartition(".")[2] if not root else listing.file)
     cls = for_terminal(info.short_class)
-    parts = [f"[bold]{name}[/bold]" if not root else f"[bold]{name}[/bold]", f"[cyan]{cls}[/cyan]"]
+    parts = [f"[bold]{name}[/bold]", f"[cyan]{cls}[/cyan]"]
     if info.is_nested_model:
         parts.append("[magenta]nested model[/magenta]")
     parts.append(_params_text(info))

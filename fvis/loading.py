@@ -120,18 +120,24 @@ class Trust:
 
     @classmethod
     def parse(cls, value: str | None) -> Trust | None:
-        """``None`` -> no trust; ``"any"`` (bare ``--trust``) or ``"sha256:<hex>"``."""
+        """``None`` -> no trust; ``"any"`` (bare ``--trust``); ``"sha256:<hex>"`` or
+        ``"<hex>"`` (``--trust-sha256``) -> trust bound to one exact file."""
         if value is None:
             return None
         if value == "any":
             return cls()
-        match = re.fullmatch(r"sha256:([0-9a-fA-F]{64})", value)
+        match = re.fullmatch(r"(?:sha256:)?([0-9a-fA-F]{64})", value.strip())
         if not match:
             raise UsageError(
-                f"--trust takes no value or 'sha256:<64 hex digits>', not {value!r}",
-                hint="put --trust after the model path, or bind it: --trust sha256:<hash>",
+                f"--trust-sha256 takes the file's SHA-256 (64 hex digits), not {value!r}",
+                hint="compute it with: sha256sum MODEL",
             )
         return cls(match.group(1).lower())
+
+    @classmethod
+    def from_flags(cls, trust: bool, sha256: str | None) -> Trust | None:
+        """``--trust`` and ``--trust-sha256 HEX`` (which implies ``--trust``)."""
+        return cls.parse(sha256) if sha256 is not None else (cls() if trust else None)
 
 
 @dataclass(frozen=True)
@@ -248,7 +254,7 @@ def _find_state_dict(obj: dict[Any, Any]) -> dict[str, TensorMeta] | None:
         value = obj.get(key)
         if isinstance(value, dict) and (found := _find_state_dict(value)) is not None:
             return {f"{key}.{k}": v for k, v in found.items()}
-        if inert.is_module_stub(value):
+        if isinstance(value, inert.Stub) and inert.is_module_stub(value):
             flat = _flatten_tree_metas(inert.tree_from_stub(value))
             return {f"{key}.{k}": v for k, v in flat.items()}
     return None
@@ -424,7 +430,7 @@ def _import_callable(spec: str) -> Callable[..., Any]:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(f"--arch {spec}: {target} has no callable {attr!r}")
-    return factory  # type: ignore[no-any-return]
+    return factory
 
 
 def import_user(module_name: str) -> Any:
@@ -476,7 +482,7 @@ def load_model(path: Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
 def _check_trust_binding(path: Path, digest: str, trust: Trust | None) -> None:
     if trust is not None and trust.sha256 is not None and trust.sha256 != digest:
         raise RefusedError(
-            f"{path} has SHA-256 {digest}, not the {trust.sha256} that --trust names",
+            f"{path} has SHA-256 {digest}, not the {trust.sha256} that --trust-sha256 names",
             hint="the file changed since you trusted it; check where it came from",
         )
 
@@ -515,8 +521,8 @@ def _load_pickle_checkpoint(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.
             sniffed.path, peek.globals_seen, options.allow_modules, what="checkpoint"
         )
     if is_module and options.arch and sniffed.kind is FileKind.TORCH_ZIP:
-        state = read_tensors_as_data(sniffed)
-        return _with_arch(sniffed, options, state, ["read the pickled module's weights as data"])
+        tensors = read_tensors_as_data(sniffed)
+        return _with_arch(sniffed, options, tensors, ["read the pickled module's weights as data"])
     if is_module:
         model = _load_pickled_module(sniffed, peek, options)
         if not options.arch:

@@ -72,7 +72,7 @@ def build_report(data: ReportInput, backward: Any = None) -> dict[str, Any]:
 
     from fvis import __version__
 
-    report = {
+    report: dict[str, Any] = {
         "schema": SCHEMA,
         "fvis_version": __version__,
         "torch_version": torch.__version__,
