@@ -187,6 +187,15 @@ def choose_layers(
     return list(dict.fromkeys(chosen)), notes, missing
 
 
+@dataclass(frozen=True)
+class _DumpRun:
+    report: dict[str, Any]
+    gallery: Any  # fvis.gallery.Gallery
+    captures: tuple[Any, ...]
+    notes: tuple[str, ...]
+    missing: tuple[str, ...]
+
+
 def dump(
     ref: ModelRef,
     inputs: InputOptions,
@@ -202,18 +211,27 @@ def dump(
              InputOptions(sources=("cat.png",)), DumpOptions(layers=("inner.relu",)),
              Path("fvis-out"))
     """
+    from fvis.output import OutputDir
+
+    folder = OutputDir.open(out, overwrite) if out is not None else None  # fail before work
+    run = _run_dump(ref, inputs, options)
+    files = _write_outputs(folder, run, options) if folder is not None else []
+    return DumpResult(run.report, tuple(files), out, run.notes, run.missing)
+
+
+def _run_dump(ref: ModelRef, inputs: InputOptions, options: DumpOptions) -> _DumpRun:
     from fvis.capture import Mode, capture
     from fvis.gallery import Gallery
     from fvis.grads import diagnose, verdict_dicts
-    from fvis.output import OutputDir
     from fvis.report import build_report
 
-    folder = OutputDir.open(out, overwrite) if out is not None else None  # fail before work
     loaded = open_model(ref)
     prepared = prepare_inputs(loaded, inputs)
     tree = ModelTree.of(node_from_module(loaded.module))
     layers, notes, missing = choose_layers(tree, options, ref.label)
     gallery = Gallery.from_options(options, prepared.labels)
+    if options.images and prepared.display is not None:
+        gallery.add_input(prepared.display)
     if options.input_requires_grad:
         _require_grad(prepared)
     result = capture(
@@ -232,11 +250,8 @@ def dump(
         gallery.add_gradcams(result.captures, flow.grads, prepared.display)
     images = gallery.name_files(result.captures)
     data = _report_input(loaded, prepared, tree, options, result, images, verdicts)
-    report = build_report(data, flow)
-    if folder is None:
-        return DumpResult(report, (), None, tuple(notes), tuple(missing))
-    files = _write_outputs(folder, report, gallery, result.captures, options)
-    return DumpResult(report, tuple(files), out, tuple(notes), tuple(missing))
+    report = build_report(data, flow, tree, gallery.input_file)
+    return _DumpRun(report, gallery, result.captures, tuple(notes), tuple(missing))
 
 
 def _require_grad(prepared: Prepared) -> None:
@@ -302,24 +317,25 @@ def _report_input(
     )
 
 
-def _write_outputs(
-    folder: Any, report: dict[str, Any], gallery: Any, captures: Any, options: DumpOptions
-) -> list[str]:
+def _write_outputs(folder: Any, run: _DumpRun, options: DumpOptions) -> list[str]:
     import json
 
+    from fvis.html import to_html
     from fvis.report import to_markdown
 
-    names = [*gallery.file_names(), "report.json", "report.md"]
+    report = run.report
+    names = [*run.gallery.file_names(), "report.json", "report.md", "report.html"]
     if options.save_tensors:
         names.append("activations.safetensors")
     folder.check_names(names)
-    gallery.write(folder)
+    run.gallery.write(folder)
     if options.save_tensors:
         from fvis.gallery import tensors_file
 
-        folder.write_bytes("activations.safetensors", tensors_file(captures))
+        folder.write_bytes("activations.safetensors", tensors_file(run.captures))
     folder.write_text("report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     folder.write_text("report.md", to_markdown(report))
+    folder.write_text("report.html", to_html(report, folder.root))
     folder.finish({"report": "report.json"})
     return folder.written
 
@@ -369,12 +385,13 @@ def check(
     >>> result.passed
     True
     """
+    import dataclasses
     import json
     from dataclasses import replace
 
     from fvis.baseline import compare, make_baseline, read_baseline
     from fvis.gates import evaluate
-    from fvis.output import write_file_atomic
+    from fvis.output import OutputDir, write_file_atomic
 
     names = {g.name for g in gates.gates}
     # Unknown layers fail the `missing` gate (exit 1) when it is on, else are a usage error.
@@ -382,11 +399,20 @@ def check(
         options, missing_ok="missing" in names, backward=options.backward or "no-grad-flow" in names
     )
     baseline = read_baseline(gates.baseline) if gates.baseline else None  # fail before work
-    result = dump(ref, inputs, options, out, overwrite)
-    outcome = evaluate(result.report, gates.gates, gates.expectations, result.missing)
-    current = make_baseline(result.report)
+    folder = OutputDir.open(out, overwrite) if out is not None else None
+    run = _run_dump(ref, inputs, options)
+    outcome = evaluate(run.report, gates.gates, gates.expectations, run.missing)
+    current = make_baseline(run.report)
     regressions = tuple(compare(baseline, current, gates.rtol, gates.atol)) if baseline else ()
+    failures = [*outcome.failures, *regressions]
+    run.report["check"] = {
+        "passed": not failures,
+        "checks": len(outcome.checks),
+        "failures": [dataclasses.asdict(f) for f in failures],
+    }
     if gates.write_baseline is not None:
         text = json.dumps(current, indent=2, allow_nan=False) + "\n"
         write_file_atomic(gates.write_baseline, text.encode())
+    files = _write_outputs(folder, run, options) if folder is not None else []
+    result = DumpResult(run.report, tuple(files), out, run.notes, run.missing)
     return CheckResult(result, outcome, regressions)

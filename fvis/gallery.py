@@ -33,6 +33,11 @@ class Gallery:
     )
     _files: list[tuple[str, Image.Image]] = field(default_factory=list)
     _cams: list[tuple[str, Image.Image]] = field(default_factory=list)
+    _ranges: dict[int, tuple[tuple[int, float | None, float | None], ...]] = field(
+        default_factory=dict
+    )  # id(image) -> per shown channel (index, min, max)
+    _input: Image.Image | None = None
+    input_file: str | None = None
 
     @classmethod
     def from_options(cls, options: Any, sample_labels: tuple[str, ...]) -> Gallery:
@@ -57,10 +62,26 @@ class Gallery:
         if self.all_samples and len(capture.shape) >= 2:
             for index in range(values.shape[0]):
                 image, info = render(values[index], f"{title} @{self._sample(index)}", self.options)
+                self._remember_ranges(image, values[index], info)
                 self._pictures.setdefault(key, []).append((index, image, info))
         else:
             image, info = render(values, title, self.options)
+            self._remember_ranges(image, values, info)
             self._pictures.setdefault(key, []).append((None, image, info))
+
+    def add_input(self, display: Any) -> None:
+        """The input image as the model saw it (after resize; normalisation undone)."""
+        from PIL import Image
+
+        array = display if display.shape[2] in (1, 3) else display[..., :3]
+        mode = "L" if array.shape[2] == 1 else "RGB"
+        self._input = Image.fromarray(array[..., 0] if mode == "L" else array, mode=mode)
+        self.input_file = "input.png"
+
+    def _remember_ranges(self, image: Image.Image, values: Any, info: RenderInfo) -> None:
+        if str(info.layout) != "grid" or getattr(values, "ndim", 0) != 3:
+            return
+        self._ranges[id(image)] = tuple(_channel_range(values, c) for c in info.shown_channels)
 
     def add_gradcams(
         self, captures: Sequence[Capture], grads: Mapping[str, Any], display: Any
@@ -93,7 +114,8 @@ class Gallery:
                 )
                 entries.append((capture.label, stem, sample, image, info))
         stems = [stem for _, stem, *_ in entries] + [f"gradcam_{label}" for label, _ in self._cams]
-        names = unique_filenames(stems, ".png")
+        reserved = ["input"] if self._input is not None else []  # input.png is taken
+        names = unique_filenames([*reserved, *stems], ".png")[len(reserved) :]
         refs: dict[str, list[ImageRef]] = {}
         self._files = []
         for (label, _, sample, image, info), name in zip(entries, names, strict=False):
@@ -105,6 +127,7 @@ class Gallery:
                     len(info.shown_channels),
                     info.total_channels,
                     info.note,
+                    self._ranges.get(id(image), ()),
                 )
             )
             self._files.append((name, image))
@@ -114,11 +137,23 @@ class Gallery:
         return refs
 
     def file_names(self) -> list[str]:
-        return [name for name, _ in self._files]
+        return [name for name, _ in self._files] + (["input.png"] if self._input else [])
 
     def write(self, folder: OutputDir) -> None:
         for name, image in self._files:
             folder.write(name, functools.partial(_save_png, image))
+        if self._input is not None:
+            folder.write("input.png", functools.partial(_save_png, self._input))
+
+
+def _channel_range(values: Any, channel: int) -> tuple[int, float | None, float | None]:
+    import numpy as np
+
+    plane = values[channel]
+    finite = plane[np.isfinite(plane)]
+    if finite.size == 0:
+        return (channel, None, None)
+    return (channel, float(finite.min()), float(finite.max()))
 
 
 def _save_png(image: Image.Image, fh: IO[bytes]) -> None:

@@ -5,7 +5,7 @@ Schema ``fvis.report/1`` (fields are only ever added)::
 
     {"schema", "fvis_version", "torch_version",
      "model": {"file", "format", "sha256", "class", "params", "trainable", "frozen", "notes"},
-     "input": {"description", "shapes", "dtypes"},
+     "input": {"description", "shapes", "dtypes", "samples", "image"},
      "mode": "grad" | "no-grad" | "inference", "train": bool,
      "captures": [{"label", "layer", "call", "calls", "path", "shape", "dtype", "device",
                    "grad": {"grad_enabled", "inference_mode", "requires_grad", "grad_fn",
@@ -15,8 +15,9 @@ Schema ``fvis.report/1`` (fields are only ever added)::
                              "posinf", "neginf", "channels", "dead_channels"},
                    "verdict": {...} | null,
                    "images": [{"file", "sample", "layout", "shown_channels", "total_channels",
-                               "note"}]}],
+                               "note", "channels": [[index, min, max], ...]}]}],
      "never_ran": [layer, ...], "warnings": [str, ...],
+     "layers": [{"name", "class", "depth", "leaf", "nested_model", "params", "shared_with"}],
      "backward": null | {"target", "error", "params": [{"layer", "trainable", "received",
                                                         "starved"}]}}
 
@@ -46,6 +47,7 @@ class ImageRef:
     shown_channels: int
     total_channels: int
     note: str = ""
+    channels: tuple[tuple[int, float | None, float | None], ...] = ()  # (index, min, max)
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,13 @@ class ReportInput:
     warnings: Sequence[str] = ()
 
 
-def build_report(data: ReportInput, backward: Any = None) -> dict[str, Any]:
+def build_report(
+    data: ReportInput, backward: Any = None, tree: Any = None, input_image: str | None = None
+) -> dict[str, Any]:
     """The report as a JSON-ready dict (schema ``fvis.report/1``); pure.
 
-    ``backward`` is a ``fvis.backward.BackwardResult`` when ``--backward`` ran.
+    ``backward`` is a ``fvis.backward.BackwardResult`` when ``--backward`` ran; ``tree`` the
+    ``ModelTree`` (listed under ``"layers"``); ``input_image`` the file showing the input.
     """
     import torch
 
@@ -84,12 +89,31 @@ def build_report(data: ReportInput, backward: Any = None) -> dict[str, Any]:
         "never_ran": list(data.never_ran),
         "warnings": list(data.warnings),
         "backward": _backward_json(backward),
+        "layers": _layers_json(tree),
     }
+    report["input"]["image"] = input_image
     if backward is not None:
         for capture in report["captures"]:
             flow = backward.captures.get(capture["label"])
             capture["gradient"] = {"reached": flow.reached, "norm": flow.norm} if flow else None
     return report
+
+
+def _layers_json(tree: Any) -> list[dict[str, Any]]:
+    if tree is None:
+        return []
+    return [
+        {
+            "name": i.name,
+            "class": i.class_name,
+            "depth": i.depth,
+            "leaf": i.is_leaf,
+            "nested_model": i.is_nested_model,
+            "params": i.params,
+            "shared_with": list(i.aliases),
+        }
+        for i in tree.layers
+    ]
 
 
 def _backward_json(backward: Any) -> dict[str, Any] | None:

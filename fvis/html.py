@@ -1,0 +1,121 @@
+"""``report.html``: one self-contained page from the same report dict as ``report.json``.
+
+No server, no network: CSS and a small script are inline; pictures are embedded as data URIs
+when they total at most ``EMBED_LIMIT`` bytes (the page then works on its own, e.g. as a CI
+artifact), and referenced relative to the page otherwise (it then needs its folder). Every
+name from the model goes through Jinja2's autoescaping: names are data, not HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+EMBED_LIMIT = 8 << 20  # bytes of PNG embedded before switching to relative links
+
+
+def to_html(report: Mapping[str, Any], folder: Path | None = None) -> str:
+    """Render the page; ``folder`` holds the pictures named in the report (read to embed them).
+
+    >>> page = to_html(report)                        # doctest: +SKIP
+    >>> page.startswith("<!DOCTYPE html>")
+    True
+    """
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("fvis", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = _num
+    env.filters["shape"] = lambda s: "(" + ", ".join(str(d) for d in s) + ")"
+    sources = _image_sources(report, folder)
+    return env.get_template("report.html.j2").render(
+        report=report,
+        src=lambda name: sources.get(name, name),
+        badge=badge,
+        tree=_tree_rows(report),
+        grad_bars=_grad_bars(report),
+        embedded=bool(sources),
+        data_json=_script_json({"captures": [c["label"] for c in report["captures"]]}),
+        index_of={c["label"]: i for i, c in enumerate(report["captures"])},
+    )
+
+
+def _script_json(value: Any) -> Any:
+    """JSON safe inside ``<script>``: no ``</script>`` or ``<!--`` can be formed."""
+    from markupsafe import Markup
+
+    text = json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e")
+    return Markup(text.replace("&", "\\u0026"))
+
+
+def badge(capture: Mapping[str, Any]) -> tuple[str, str]:
+    """``(css class, text)`` of the verdict badge for one capture."""
+    verdict = capture.get("verdict") or {}
+    stats = capture["stats"]
+    if stats["nan"] or stats["posinf"] or stats["neginf"]:
+        return "bad", "non-finite"
+    if capture["grad"]["modified_in_place"]:
+        return "warn", "in place"
+    if verdict.get("connected"):
+        return "ok", "connected"
+    cause = verdict.get("cause", "disconnected")
+    return "cut", cause.replace("-", " ")
+
+
+def _image_sources(report: Mapping[str, Any], folder: Path | None) -> dict[str, str]:
+    if folder is None:
+        return {}
+    names = [i["file"] for c in report["captures"] for i in c["images"]]
+    if report["input"].get("image"):
+        names.append(report["input"]["image"])
+    paths = [folder / n for n in names if (folder / n).is_file()]
+    if sum(p.stat().st_size for p in paths) > EMBED_LIMIT:
+        return {}
+    return {
+        p.name: "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() for p in paths
+    }
+
+
+def _tree_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The module tree with each layer's badges (from its captures), depth-first."""
+    by_layer: dict[str, list[tuple[str, str, str]]] = {}
+    for c in report["captures"]:
+        css, text = badge(c)
+        by_layer.setdefault(c["layer"], []).append((css, text, c["label"]))
+    never = set(report["never_ran"])
+    rows = []
+    for layer in report.get("layers", []):
+        badges = by_layer.get(layer["name"], [])
+        if layer["name"] in never:
+            badges = [("bad", "never ran", layer["name"])]
+        rows.append({**layer, "badges": badges})
+    return rows
+
+
+def _grad_bars(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    norms = [
+        (c["label"], (c.get("gradient") or {}).get("norm"))
+        for c in report["captures"]
+        if "gradient" in c
+    ]
+    peak = max((n for _, n in norms if n), default=0.0)
+    return [
+        {
+            "label": label,
+            "norm": norm,
+            "width": 0 if not norm or not peak else max(1, round(100 * norm / peak)),
+        }
+        for label, norm in norms
+    ]
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
