@@ -242,7 +242,7 @@ def _load_options(
     max_model_bytes: int | None = None,
 ) -> Any:
     from fvis.formats import Limits
-    from fvis.loading import LoadOptions, Trust
+    from fvis.loading import LoadOptions, Trust, check_allow_modules
 
     kwargs: dict[str, Any] = {}
     if arch_kwargs:
@@ -252,6 +252,7 @@ def _load_options(
             raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from None
         if not isinstance(kwargs, dict):
             raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    check_allow_modules(tuple(allow_module or ()))
     if max_model_bytes is not None and max_model_bytes < 1:
         raise UsageError("--max-model-bytes must be positive")
     return LoadOptions(

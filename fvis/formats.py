@@ -122,7 +122,7 @@ def _describe_other(head: bytes) -> str:
         return "an ONNX model"
     if _is_text(head):
         return "a text file"
-    return "not a format fvis knows (unknown bytes)"
+    return "of a format fvis does not know"
 
 
 def _wrong_file_hint(head: bytes) -> str | None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,9 @@ class _StubUnpickler(pickle.Unpickler):
         return self._classes[qualname]
 
     def persistent_load(self, pid: Any) -> Any:
+        # Legacy files record each module class as ('module', cls, source_file, source).
+        if isinstance(pid, tuple) and pid and pid[0] == "module" and len(pid) >= 2:
+            return pid[1] if isinstance(pid[1], type) and issubclass(pid[1], Stub) else Stub
         # ('storage', storage_type, key, location, numel[, view_metadata])
         if isinstance(pid, tuple) and len(pid) >= 5 and isinstance(pid[1], FakeStorage):
             return FakeStorage(pid[1].dtype, int(pid[4]) if isinstance(pid[4], int) else 0)
@@ -213,13 +218,44 @@ def is_module_stub(obj: Any) -> bool:
     return isinstance(state, dict) and ("_modules" in state or "training" in state)
 
 
-def tree_from_stub(root: Stub) -> ModuleNode:
-    """The module tree of a pickled module (``nn.Module`` state or TorchScript attributes)."""
+def tree_from_stub(root: Stub, buffers: Mapping[str, frozenset[str]] | None = None) -> ModuleNode:
+    """The module tree of a pickled module (``nn.Module`` state or TorchScript attributes).
+
+    ``buffers`` maps TorchScript class names to their ``__buffers__`` (see
+    ``torchscript_buffers``); without it buffers are told from parameters by name and dtype.
+    """
     memo: dict[int, ModuleNode] = {}
-    return _node(root, memo)
+    return _node(root, memo, buffers or {})
 
 
-def _node(stub: Stub, memo: dict[int, ModuleNode]) -> ModuleNode:
+_CLASS_RE = re.compile(r"^class (\w+)\(", re.M)
+_BUFFERS_RE = re.compile(r"^\s+__buffers__ = \[([^\]]*)\]", re.M)
+
+
+def torchscript_buffers(path: Path, prefix: str) -> dict[str, frozenset[str]]:
+    """``{"__torch__.pkg.Cls": {"running_mean", ...}}`` from the archive's generated code.
+
+    The code is read as text and matched with regular expressions; it is never compiled.
+    """
+    out: dict[str, frozenset[str]] = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if not (name.startswith(f"{prefix}code/") and name.endswith(".py")):
+                continue
+            module = name[len(f"{prefix}code/") : -3].replace("/", ".")
+            text = archive.read(name).decode("utf-8", "replace")
+            starts = [(m.start(), m.group(1)) for m in _CLASS_RE.finditer(text)]
+            ends = [start for start, _ in starts[1:]] + [len(text)] * bool(starts)
+            for (start, cls), end in zip(starts, ends, strict=True):
+                found = _BUFFERS_RE.search(text, start, end)
+                names = re.findall(r'"([^"]+)"', found.group(1)) if found else []
+                out[f"{module}.{cls}"] = frozenset(names)
+    return out
+
+
+def _node(
+    stub: Stub, memo: dict[int, ModuleNode], buffers: Mapping[str, frozenset[str]]
+) -> ModuleNode:
     if id(stub) in memo:
         return memo[id(stub)]
     state = stub.state if isinstance(stub.state, dict) else {}
@@ -230,14 +266,17 @@ def _node(stub: Stub, memo: dict[int, ModuleNode]) -> ModuleNode:
     else:  # TorchScript: attributes directly, submodules and tensors mixed
         children_src = {k: v for k, v in state.items() if is_module_stub(v)}
         attributes = {k: v for k, v in state.items() if isinstance(v, FakeTensor)}
-        tensors = _metas(
-            {k: v for k, v in attributes.items() if not looks_like_buffer(k, v.dtype)}, buffer=False
-        )
-        tensors += _metas(
-            {k: v for k, v in attributes.items() if looks_like_buffer(k, v.dtype)}, buffer=True
-        )
+        declared = buffers.get(stub.qualname)
+
+        def is_buffer(name: str, tensor: FakeTensor) -> bool:
+            return (
+                name in declared if declared is not None else looks_like_buffer(name, tensor.dtype)
+            )
+
+        tensors = _metas({k: v for k, v in attributes.items() if not is_buffer(k, v)}, buffer=False)
+        tensors += _metas({k: v for k, v in attributes.items() if is_buffer(k, v)}, buffer=True)
     children = tuple(
-        (str(name), _node(child, memo))
+        (str(name), _node(child, memo, buffers))
         for name, child in children_src.items()
         if isinstance(child, Stub)
     )

@@ -18,7 +18,7 @@ import re
 import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +58,13 @@ _DANGEROUS_ROOTS = frozenset(
     {
         "builtins",
         "__builtin__",
+        "commands",  # Python 2 names that pickle protocol 2 still writes
+        "copy_reg",
+        "thread",
+        "_thread",
+        "popen2",
+        "posixpath",
+        "ntpath",
         "os",
         "posix",
         "nt",
@@ -194,7 +201,12 @@ def inspect_model(path: Path, options: LoadOptions = LoadOptions()) -> ModelTree
     if sniffed.kind in (FileKind.TORCH_ZIP, FileKind.LEGACY_PICKLE, FileKind.TORCHSCRIPT):
         loaded = _read_inert(sniffed)
         if inert.is_module_stub(loaded.obj) and not options.arch:
-            tree = inert.tree_from_stub(loaded.obj)
+            buffers = (
+                inert.torchscript_buffers(path, sniffed.prefix)
+                if sniffed.kind is FileKind.TORCHSCRIPT
+                else None
+            )
+            tree = inert.tree_from_stub(loaded.obj, buffers)
             note = (
                 "TorchScript archive"
                 if sniffed.kind is FileKind.TORCHSCRIPT
@@ -230,10 +242,14 @@ def _read_inert(sniffed: Sniffed) -> inert.InertLoad:
 def _metas_from_inert(sniffed: Sniffed, obj: Any) -> dict[str, TensorMeta]:
     if inert.is_module_stub(obj):  # a pickled module used as weights for --arch
         return _flatten_tree_metas(inert.tree_from_stub(obj))
-    if not isinstance(obj, dict):
+    if isinstance(obj, inert.FakeTensor):
         raise BadFileError(
-            f"{sniffed.path} holds a {type(obj).__name__}, not a model or state dict"
+            f"{sniffed.path} holds a single tensor {list(obj.shape)}, not a model or state dict",
+            hint="is it an input? pass it with --input",
         )
+    if not isinstance(obj, dict):
+        what = getattr(obj, "qualname", type(obj).__name__)
+        raise BadFileError(f"{sniffed.path} holds a {what}, not a model or state dict")
     found = _find_state_dict(obj)
     if found is None:
         raise BadFileError(
@@ -296,21 +312,35 @@ def _tree_from_export(sniffed: Sniffed, metas: Mapping[str, TensorMeta]) -> Modu
     try:
         with zipfile.ZipFile(sniffed.path) as archive:
             program = json.loads(archive.read(sniffed.prefix + "models/model.json"))
-        nodes = program["graph_module"]["graph"]["nodes"]
+        graph = program["graph_module"]
     except (KeyError, TypeError, ValueError, zipfile.BadZipFile, OSError) as exc:
         raise BadFileError(f"{sniffed.path} is a damaged torch.export archive ({exc})") from None
     classes: dict[str, str] = {}
-    for node in nodes:
-        stack = (
-            (node.get("metadata") or {}).get("nn_module_stack", "")
-            if isinstance(node, dict)
-            else ""
-        )
-        for entry in str(stack).split(";"):
+    # Nested graphs (a no_grad region becomes a wrap_with_set_grad_enabled subgraph) carry
+    # their own nodes: visit every node's metadata wherever it sits in the JSON.
+    for stack in _module_stacks(graph):
+        for entry in stack.split(";"):
             parts = entry.split(",")
             if len(parts) >= 3:
                 classes.setdefault(parts[1], parts[-1])
     return node_from_paths(classes, metas)
+
+
+def _module_stacks(value: Any) -> Iterator[str]:
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            stack = (
+                (item.get("metadata") or {}).get("nn_module_stack")
+                if isinstance(item.get("metadata"), dict)
+                else None
+            )
+            if isinstance(stack, str):
+                yield stack
+            pending.extend(reversed(list(item.values())))
+        elif isinstance(item, list):
+            pending.extend(reversed(item))
 
 
 def _export_config(sniffed: Sniffed, member: str) -> dict[str, Any]:
@@ -370,17 +400,25 @@ def check_state_dict(
         for k in expected
         if k in found and tuple(_shape_of(found[k])) != tuple(expected[k].shape)
     ]
-    problems = [f"{len(mismatched)} shape mismatches: {_preview(mismatched)}"] if mismatched else []
+    problems = (
+        [f"{_count(mismatched, 'shape mismatch', 'es')}: {_preview(mismatched)}"]
+        if (mismatched)
+        else []
+    )
     if strict:
         if missing:
-            problems.append(f"{len(missing)} missing keys: {_preview(missing)}")
+            problems.append(f"{_count(missing, 'missing key')}: {_preview(missing)}")
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys: {_preview(unexpected)}")
+            problems.append(f"{_count(unexpected, 'unexpected key')}: {_preview(unexpected)}")
     if problems:
         raise ModelInputError(
             f"{path} does not fit the architecture: " + "; ".join(problems),
             hint="check --arch and --arch-kwargs (checkpoint shape vs model shape)",
         )
+
+
+def _count(items: list[Any], noun: str, plural: str = "s") -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else plural}"
 
 
 def _shape_of(value: Any) -> tuple[int, ...]:
@@ -441,6 +479,11 @@ def import_user(module_name: str) -> Any:
         return importlib.import_module(module_name)
     except ImportError as exc:
         raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the user's module raised while importing: their bug, not ours
+        raise UsageError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}",
+            hint="run --debug to see the traceback",
+        ) from None
 
 
 def _import_user_file(path: Path) -> Any:
@@ -452,7 +495,14 @@ def _import_user_file(path: Path) -> Any:
         raise UsageError(f"--arch: cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's file raised while importing
+        del sys.modules[name]
+        raise UsageError(
+            f"--arch: importing {path} failed: {type(exc).__name__}: {exc}",
+            hint="run --debug to see the traceback",
+        ) from None
     return module
 
 
@@ -465,6 +515,7 @@ def load_model(path: Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
     >>> load_model(Path("outer.state_dict.pt"), LoadOptions(arch="sample_models.zoo:OuterModel"))
     ... # doctest: +SKIP
     """
+    check_allow_modules(options.allow_modules)
     sniffed = sniff(path, options.limits)
     digest = sha256_of(path)
     _check_trust_binding(path, digest, options.trust)
@@ -476,6 +527,7 @@ def load_model(path: Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
         FileKind.EXPORT_PROGRAM: _load_export,
     }
     module, notes = loaders[sniffed.kind](sniffed, options)
+    module.eval()  # as a pickled module comes back; BatchNorm must not use batch statistics
     return LoadedModel(module, ModelSource(path, sniffed.kind.value, digest, tuple(notes)))
 
 
@@ -570,12 +622,17 @@ def _torch_load(
     import torch
 
     mmap = sniffed.kind is FileKind.TORCH_ZIP
+    # torch.load picks the safetensors reader by extension alone: hand it an open file when
+    # the name says ".safetensors" but the content is torch's (we classified it by content).
+    source: Any = sniffed.path
+    if sniffed.path.suffix == ".safetensors":
+        source, mmap = sniffed.path.open("rb"), False
     try:
         if options.trust is not None:
             _warn_trusted(sniffed.path, sha256_of(sniffed.path))
-            return torch.load(sniffed.path, weights_only=False, map_location="cpu", mmap=mmap)
+            return torch.load(source, weights_only=False, map_location="cpu", mmap=mmap)
         with torch.serialization.safe_globals(extra_globals or []):
-            return torch.load(sniffed.path, weights_only=True, map_location="cpu", mmap=mmap)
+            return torch.load(source, weights_only=True, map_location="cpu", mmap=mmap)
     except Exception as exc:
         if isinstance(exc, RefusedError):
             raise
@@ -586,6 +643,9 @@ def _torch_load(
                 hint=_ways_forward(sniffed.path),
             ) from None
         raise BadFileError(f"{sniffed.path} could not be read: {first[:300]}") from None
+    finally:
+        if source is not sniffed.path:
+            source.close()
 
 
 def _load_pickled_module(
@@ -683,10 +743,32 @@ def _ways_forward(path: Path, blocked: list[str] | None = None) -> str:
         }
     )
     allow = f"--allow-module {modules[0]}" if modules else None
-    if blocked and not modules:
-        return "the file names dangerous globals; do not trust it unless you made it"
+    if blocked and any(_is_dangerous(g) for g in blocked):
+        return "the file names dangerous globals that run commands or code; do not trust it"
     options = ["save a state dict and pass --arch", allow, f"--trust if you trust {path.name}"]
     return "; ".join(o for o in options if o)
+
+
+def _is_dangerous(qualname: str) -> bool:
+    return qualname.split(".")[0] in _DANGEROUS_ROOTS
+
+
+def check_allow_modules(modules: tuple[str, ...]) -> None:
+    """``--allow-module`` takes a user's own module; system modules and wildcards are refused."""
+    for name in modules:
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name):
+            raise UsageError(
+                f"--allow-module {name!r} must be a dotted module name such as "
+                "mypkg.models (no wildcards)"
+            )
+        if name.split(".")[0] in _DANGEROUS_ROOTS or name == "torch" or name.startswith("torch."):
+            raise UsageError(
+                f"--allow-module {name}: refusing to allowlist a module that can "
+                "run commands or code"
+                if name.split(".")[0] in _DANGEROUS_ROOTS
+                else f"--allow-module {name}: torch.nn classes are allowed "
+                "already; other torch globals are not allowlisted"
+            )
 
 
 def _load_safetensors(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, list[str]]:

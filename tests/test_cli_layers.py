@@ -234,11 +234,6 @@ def test_fvis_debug_env_shows_traceback(cli: RunCli, files: dict[str, str]) -> N
     assert "Traceback" in err and "BadFileError" in err
 
 
-@pytest.mark.xfail(
-    reason="BUG: --allow-module accepts dangerous roots and '*' silently (no effect); "
-    "bad-input.md says an allowlist request for a dangerous global is a usage error",
-    strict=True,
-)
 @pytest.mark.parametrize("module", ["os", "builtins", "*"])
 def test_dangerous_allow_module_is_a_usage_error(cli: RunCli, zoo: Path, module: str) -> None:
     code, _, err = cli(

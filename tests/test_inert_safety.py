@@ -128,16 +128,6 @@ DANGEROUS_HINT_CASES = [
         payload,
         layout,
         id=f"{payload}-{layout}",
-        marks=[
-            pytest.mark.xfail(
-                reason="BUG: pickle protocol 2 writes subprocess.call as 'commands.call' "
-                "(fix_imports), and 'commands' is not in loading._DANGEROUS_ROOTS, so the "
-                "hint suggests --allow-module commands and --trust",
-                strict=True,
-            )
-        ]
-        if payload == "subprocess.call"
-        else [],
     )
     for payload in PAYLOADS
     for layout in LAYOUTS
@@ -350,11 +340,6 @@ def test_legacy_pickled_user_module_never_runs(user_module: UserModule) -> None:
     assert user_module.markers() == []
 
 
-@pytest.mark.xfail(
-    reason="BUG: inert._StubUnpickler.persistent_load ignores the legacy ('module', cls, file, "
-    "source) record, so NEWOBJ fails and a legacy pickled nn.Module is reported as corrupt",
-    strict=True,
-)
 def test_legacy_pickled_user_module_is_listed(user_module: UserModule) -> None:
     tree = inspect_model(user_module.legacy_path)
     assert tree.names() == ["fc", "act"]
@@ -405,11 +390,6 @@ def test_mixed_module_is_listed_and_refused(mixed_module: Evil) -> None:
     assert not mixed_module.marker.exists()
 
 
-@pytest.mark.xfail(
-    reason="BUG: loading._ways_forward only drops --trust when *every* blocked global is "
-    "dangerous; a user class next to posix.system still gets '--trust if you trust ...'",
-    strict=True,
-)
 def test_mixed_module_refusal_never_suggests_trust(mixed_module: Evil) -> None:
     with pytest.raises(RefusedError) as info:
         load_model(mixed_module.path)

@@ -27,16 +27,8 @@ STATE_FORMATS = ("state_dict.pt", "training.pt", "safetensors")
 ALLOW = ("sample_models.zoo", "fvis.sample")  # inner_outer's classes live in fvis.sample
 ARCH_FORMATS = ("state_dict.pt", "training.pt", "safetensors", "torchscript.pt", "module.pt")
 
-# Known bugs, keyed by (sample, format): see the xfail reasons.
-EXPORT_NO_GRAD_BUG = pytest.mark.xfail(
-    reason="BUG: loading._tree_from_export reads nn_module_stack of top-level graph nodes only; "
-    "modules inside a higher-order-op subgraph (torch.no_grad -> wrap_with_set_grad_enabled) "
-    "are missing (backbone.relu) or have class '?'",
-    strict=True,
-)
-INSPECT_XFAILS = {
-    ("frozen_nograd", "pt2"): EXPORT_NO_GRAD_BUG,
-}
+# Known bugs, keyed by (sample, format): see the xfail reasons. None open at present.
+INSPECT_XFAILS: dict[tuple[str, str], Any] = {}
 
 
 def arch_of(name: str) -> str:
@@ -148,12 +140,6 @@ def test_torchscript_batchnorm_buffers_are_not_parameters(zoo: Path) -> None:
     assert (bn.params, bn.buffers) == (8 + 8, 8 + 8 + 1)
 
 
-@pytest.mark.xfail(
-    reason="BUG: inert._node (TorchScript branch) tells buffers from parameters by name/dtype "
-    "only (layers.looks_like_buffer); a float buffer named 'scale' is counted as a frozen "
-    "parameter although the archive's code/ declares __buffers__ = ['scale']",
-    strict=True,
-)
 def test_torchscript_custom_float_buffer_is_a_buffer(
     scripted_with_buffer: tuple[Path, Path],
 ) -> None:
@@ -246,12 +232,6 @@ def test_pickled_module_loads_with_allowlist(zoo: Path, name: str) -> None:
         assert torch.equal(got[key], expected[key]), key
 
 
-@pytest.mark.xfail(
-    reason="BUG: load_model returns --arch models and unflattened .pt2 programs in training "
-    "mode (build_arch/_load_export never call .eval()), while pickled modules keep eval mode; "
-    "a notebook user's forward then uses BatchNorm batch statistics and updates running stats",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("fmt", "options"),
     [
@@ -289,12 +269,6 @@ def test_safetensors_named_pt_loads(zoo: Path, tmp_path: Path) -> None:
     assert torch.equal(run(loaded, "nested_cnn")[""], run(build("nested_cnn"), "nested_cnn")[""])
 
 
-@pytest.mark.xfail(
-    reason="BUG: loading._torch_load passes the path to torch.load, which sends any path "
-    "ending in .safetensors to the safetensors package by extension: a torch zip named "
-    "x.safetensors fails with 'header too large' although sniff() classified it torch-zip",
-    strict=True,
-)
 def test_torch_checkpoint_named_safetensors_loads(zoo: Path, tmp_path: Path) -> None:
     path = tmp_path / "weights.safetensors"
     shutil.copy(zoo / "nested_cnn.state_dict.pt", path)
@@ -411,12 +385,6 @@ def test_arch_from_a_file_path(zoo: Path, tmp_path: Path) -> None:
     assert "--arch-kwargs" in (info.value.hint or "")
 
 
-@pytest.mark.xfail(
-    reason="BUG: loading._import_user_file / import_user let SyntaxError or any exception "
-    "raised while importing the --arch module escape, so the CLI prints a traceback and "
-    "'internal error: this is a bug in fvis' (exit 70) for a bug in the user's file",
-    strict=True,
-)
 @pytest.mark.parametrize("body", ["def build(:\n", "raise RuntimeError('boom')\n"])
 def test_arch_file_that_fails_to_import_is_an_fvis_error(
     zoo: Path, tmp_path: Path, body: str
@@ -520,11 +488,6 @@ def test_lone_tensor_is_not_a_model(zoo: Path) -> None:
     assert "not a model or state dict" in info.value.message
 
 
-@pytest.mark.xfail(
-    reason="BUG: loading._metas_from_inert names fvis's internal stand-in: 'x.input.pt holds "
-    "a FakeTensor, not a model or state dict' (load_model says 'a Tensor')",
-    strict=True,
-)
 def test_lone_tensor_message_does_not_leak_stand_in_names(zoo: Path) -> None:
     with pytest.raises(BadFileError) as info:
         inspect_model(zoo / "inner_outer.input.pt")
