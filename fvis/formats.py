@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -50,6 +51,19 @@ _MAX_PICKLE_BYTES = 1 << 30  # data.pkl holds the object tree, never the tensor 
 _MAX_DEFLATED_BYTES = 64 << 20  # TorchScript deflates only its code and debug tables
 _MAX_DEFLATE_RATIO = 200
 
+
+# What reading a damaged zip can raise: bad structure, bad deflate data, encrypted or
+# unsupported entries (RuntimeError / NotImplementedError), short reads, missing members.
+ZIP_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile,
+    zlib.error,
+    OSError,
+    ValueError,
+    EOFError,
+    KeyError,
+    RuntimeError,
+    NotImplementedError,
+)
 
 # Magic numbers of files people pass by mistake, and what to call them.
 _WRONG_FILES: tuple[tuple[bytes, str], ...] = (
@@ -148,7 +162,7 @@ def _sniff_zip(path: Path, limits: Limits = Limits()) -> Sniffed:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             preflight_zip(path, archive, limits)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except ZIP_ERRORS as exc:
         raise BadFileError(
             f"{path} is a corrupt or truncated zip archive ({exc})",
             hint="copy or download the checkpoint again",

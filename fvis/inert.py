@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fvis.errors import BadFileError
+from fvis.formats import ZIP_ERRORS
 from fvis.layers import ModuleNode, TensorMeta, looks_like_buffer
 
 # Containers that are safe to build for real: they run no code from the file.
@@ -180,7 +181,7 @@ def read_zip_pickle(path: Path, prefix: str) -> InertLoad:
     try:
         with zipfile.ZipFile(path) as archive:
             data = archive.read(f"{prefix}data.pkl")
-    except (zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
+    except ZIP_ERRORS as exc:
         raise BadFileError(f"{path} is a corrupt checkpoint archive ({exc})") from None
     return _unpickle(path, io.BytesIO(data))
 
@@ -238,18 +239,21 @@ def torchscript_buffers(path: Path, prefix: str) -> dict[str, frozenset[str]]:
     The code is read as text and matched with regular expressions; it is never compiled.
     """
     out: dict[str, frozenset[str]] = {}
-    with zipfile.ZipFile(path) as archive:
-        for name in archive.namelist():
-            if not (name.startswith(f"{prefix}code/") and name.endswith(".py")):
-                continue
-            module = name[len(f"{prefix}code/") : -3].replace("/", ".")
-            text = archive.read(name).decode("utf-8", "replace")
-            starts = [(m.start(), m.group(1)) for m in _CLASS_RE.finditer(text)]
-            ends = [start for start, _ in starts[1:]] + [len(text)] * bool(starts)
-            for (start, cls), end in zip(starts, ends, strict=True):
-                found = _BUFFERS_RE.search(text, start, end)
-                names = re.findall(r'"([^"]+)"', found.group(1)) if found else []
-                out[f"{module}.{cls}"] = frozenset(names)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if not (name.startswith(f"{prefix}code/") and name.endswith(".py")):
+                    continue
+                module = name[len(f"{prefix}code/") : -3].replace("/", ".")
+                text = archive.read(name).decode("utf-8", "replace")
+                starts = [(m.start(), m.group(1)) for m in _CLASS_RE.finditer(text)]
+                ends = [start for start, _ in starts[1:]] + [len(text)] * bool(starts)
+                for (start, cls), end in zip(starts, ends, strict=True):
+                    found = _BUFFERS_RE.search(text, start, end)
+                    names = re.findall(r'"([^"]+)"', found.group(1)) if found else []
+                    out[f"{module}.{cls}"] = frozenset(names)
+    except ZIP_ERRORS as exc:
+        raise BadFileError(f"{path} is a damaged TorchScript archive ({exc})") from None
     return out
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from fvis import inert
 from fvis.errors import BadFileError, ModelInputError, RefusedError, UsageError
-from fvis.formats import FileKind, Limits, Sniffed, read_safetensors_header, sniff
+from fvis.formats import ZIP_ERRORS, FileKind, Limits, Sniffed, read_safetensors_header, sniff
 from fvis.layers import (
     ModelTree,
     ModuleNode,
@@ -313,7 +313,7 @@ def _tree_from_export(sniffed: Sniffed, metas: Mapping[str, TensorMeta]) -> Modu
         with zipfile.ZipFile(sniffed.path) as archive:
             program = json.loads(archive.read(sniffed.prefix + "models/model.json"))
         graph = program["graph_module"]
-    except (KeyError, TypeError, ValueError, zipfile.BadZipFile, OSError) as exc:
+    except (*ZIP_ERRORS, TypeError) as exc:
         raise BadFileError(f"{sniffed.path} is a damaged torch.export archive ({exc})") from None
     classes: dict[str, str] = {}
     # Nested graphs (a no_grad region becomes a wrap_with_set_grad_enabled subgraph) carry
@@ -349,7 +349,7 @@ def _export_config(sniffed: Sniffed, member: str) -> dict[str, Any]:
             raw = json.loads(archive.read(sniffed.prefix + member))
     except KeyError:
         return {}
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except ZIP_ERRORS as exc:
         raise BadFileError(f"{sniffed.path} is a damaged torch.export archive ({exc})") from None
     config = raw.get("config", {}) if isinstance(raw, dict) else {}
     return config if isinstance(config, dict) else {}
