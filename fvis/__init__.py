@@ -29,7 +29,12 @@ _EXPORTS = {
     "Mode": "fvis.capture",
     "Capture": "fvis.capture",
     "capture": "fvis.capture",
-    "render": "fvis.render",
+    "render": "fvis.gallery",
+    "render_array": "fvis.render",
+    "build_report": "fvis.report",
+    "check": "fvis.api",
+    "CheckOptions": "fvis.api",
+    "run_backward": "fvis.backward",
     "RenderOptions": "fvis.render",
     "InputOptions": "fvis.inputs",
     "list_layers": "fvis.api",
@@ -43,9 +48,13 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+# Public names that differ from the name inside their module.
+_RENAMED = {"render": "render_capture", "render_array": "render"}
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), _RENAMED.get(name, name))
         globals()[name] = value
         return value
     raise AttributeError(f"module 'fvis' has no attribute {name!r}")

@@ -5,6 +5,7 @@ The CLI maps options to these calls and nothing else; a notebook can call them d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,6 +203,7 @@ def dump(
     options: DumpOptions,
     out: Path | None,
     overwrite: bool = False,
+    progress: Callable[[Any], None] | None = None,
 ) -> DumpResult:
     """Run the model once with hooks on the chosen layers; write pictures and reports.
 
@@ -214,12 +216,17 @@ def dump(
     from fvis.output import OutputDir
 
     folder = OutputDir.open(out, overwrite) if out is not None else None  # fail before work
-    run = _run_dump(ref, inputs, options)
+    run = _run_dump(ref, inputs, options, progress)
     files = _write_outputs(folder, run, options) if folder is not None else []
     return DumpResult(run.report, tuple(files), out, run.notes, run.missing)
 
 
-def _run_dump(ref: ModelRef, inputs: InputOptions, options: DumpOptions) -> _DumpRun:
+def _run_dump(
+    ref: ModelRef,
+    inputs: InputOptions,
+    options: DumpOptions,
+    progress: Callable[[Any], None] | None = None,
+) -> _DumpRun:
     from fvis.capture import Mode, capture
     from fvis.gallery import Gallery
     from fvis.grads import diagnose, verdict_dicts
@@ -242,7 +249,7 @@ def _run_dump(ref: ModelRef, inputs: InputOptions, options: DumpOptions) -> _Dum
         train=options.train,
         sample=options.sample,
         keep_values=options.save_tensors or options.gradcam,
-        on_capture=gallery.add if options.images else None,
+        on_capture=_each_capture(gallery.add if options.images else None, progress),
     )
     verdicts = verdict_dicts(diagnose(result))
     flow = _backward(loaded, result, options)
@@ -252,6 +259,18 @@ def _run_dump(ref: ModelRef, inputs: InputOptions, options: DumpOptions) -> _Dum
     data = _report_input(loaded, prepared, tree, options, result, images, verdicts)
     report = build_report(data, flow, tree, gallery.input_file)
     return _DumpRun(report, gallery, result.captures, tuple(notes), tuple(missing))
+
+
+def _each_capture(*consumers: Callable[[Any], None] | None) -> Callable[[Any], None] | None:
+    active = [c for c in consumers if c is not None]
+    if not active:
+        return None
+
+    def call_all(capture: Any) -> None:
+        for consumer in active:
+            consumer(capture)
+
+    return call_all
 
 
 def _require_grad(prepared: Prepared) -> None:
@@ -377,6 +396,7 @@ def check(
     gates: CheckOptions,
     out: Path | None = None,
     overwrite: bool = False,
+    progress: Callable[[Any], None] | None = None,
 ) -> CheckResult:
     """``dump`` plus gates, expectations and a baseline; nothing is written unless ``out``.
 
@@ -400,7 +420,7 @@ def check(
     )
     baseline = read_baseline(gates.baseline) if gates.baseline else None  # fail before work
     folder = OutputDir.open(out, overwrite) if out is not None else None
-    run = _run_dump(ref, inputs, options)
+    run = _run_dump(ref, inputs, options, progress)
     outcome = evaluate(run.report, gates.gates, gates.expectations, run.missing)
     current = make_baseline(run.report)
     regressions = tuple(compare(baseline, current, gates.rtol, gates.atol)) if baseline else ()

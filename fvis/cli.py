@@ -534,8 +534,8 @@ def dump(
         gradcam=gradcam,
         input_requires_grad=input_requires_grad,
     )
-    with _terminate_as_interrupt():
-        result = run_dump(ref, inputs, options, out, overwrite)
+    with _terminate_as_interrupt(), _progress(enabled=not (quiet or json_out)) as tick:
+        result = run_dump(ref, inputs, options, out, overwrite, progress=tick)
     for note in result.notes:
         _note(note)
     if json_out:
@@ -570,6 +570,30 @@ def _print_dump(result: Any) -> None:
         f"wrote {len(result.files)} files to {for_terminal(str(result.out))}/ "
         f"(report.json, report.md, {len(result.files) - 2} pictures)"
     )
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Any:
+    """A transient progress line on stderr while layers fire, only on a terminal."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not (enabled and console.is_terminal):
+        yield None
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("capturing", total=None)
+        count = 0
+
+        def tick(capture: Any) -> None:
+            nonlocal count
+            count += 1
+            bar.update(task, description=f"captured {count} tensors")
+
+        yield tick
 
 
 class Terminated(KeyboardInterrupt):
@@ -717,8 +741,8 @@ def check(
     )
     if images and out is None:
         out = Path("fvis-out")
-    with _terminate_as_interrupt():
-        result = run_check(ref, inputs, options, gates, out, overwrite)
+    with _terminate_as_interrupt(), _progress(enabled=not (quiet or json_out)) as tick:
+        result = run_check(ref, inputs, options, gates, out, overwrite, progress=tick)
     _report_check(result, junit, json_out, quiet)
     if not result.passed:
         raise typer.Exit(int(ExitStatus.CHECKS_FAILED))

@@ -146,6 +146,21 @@ class Gallery:
             folder.write("input.png", functools.partial(_save_png, self._input))
 
 
+def render_capture(capture: Capture, options: RenderOptions | None = None) -> Image.Image:
+    """The picture of one capture, titled with its label (``fvis.render``).
+
+    >>> image = render_capture(result.captures[0])        # doctest: +SKIP
+    >>> image.mode
+    'P'
+    """
+    from fvis.render import RenderOptions, render
+
+    if capture.values is None:
+        raise ValueError(f"{capture.label}: no values kept (capture with keep_values=True)")
+    image, _ = render(capture.values, capture.label, options or RenderOptions())
+    return image
+
+
 def _channel_range(values: Any, channel: int) -> tuple[int, float | None, float | None]:
     import numpy as np
 

@@ -313,7 +313,7 @@ def _tree_from_export(sniffed: Sniffed, metas: Mapping[str, TensorMeta]) -> Modu
         with zipfile.ZipFile(sniffed.path) as archive:
             program = json.loads(archive.read(sniffed.prefix + "models/model.json"))
         graph = program["graph_module"]
-    except (*ZIP_ERRORS, TypeError) as exc:
+    except (*ZIP_ERRORS, TypeError) as exc:  # type: ignore[misc]  # a tuple, mypy can't tell
         raise BadFileError(f"{sniffed.path} is a damaged torch.export archive ({exc})") from None
     classes: dict[str, str] = {}
     # Nested graphs (a no_grad region becomes a wrap_with_set_grad_enabled subgraph) carry
