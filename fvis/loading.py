@@ -307,13 +307,16 @@ def _metas_from_export(sniffed: Sniffed) -> dict[str, TensorMeta]:
     return metas
 
 
+_EXPORT_JSON_ERRORS: tuple[type[BaseException], ...] = (*ZIP_ERRORS, TypeError)
+
+
 def _tree_from_export(sniffed: Sniffed, metas: Mapping[str, TensorMeta]) -> ModuleNode:
     """Rebuild the module tree from the ``nn_module_stack`` each graph node records."""
     try:
         with zipfile.ZipFile(sniffed.path) as archive:
             program = json.loads(archive.read(sniffed.prefix + "models/model.json"))
         graph = program["graph_module"]
-    except (*ZIP_ERRORS, TypeError) as exc:  # type: ignore[misc]  # a tuple, mypy can't tell
+    except _EXPORT_JSON_ERRORS as exc:
         raise BadFileError(f"{sniffed.path} is a damaged torch.export archive ({exc})") from None
     classes: dict[str, str] = {}
     # Nested graphs (a no_grad region becomes a wrap_with_set_grad_enabled subgraph) carry
