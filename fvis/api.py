@@ -131,7 +131,7 @@ class DumpOptions:
     depth: int | None = None
     mode: str = "grad"
     train: bool = False
-    sample: int | None = 0  # None: every sample of the batch
+    sample: int | str | None = "auto"  # index; None: every sample; "auto": all if several files
     images: bool = True
     save_tensors: bool = False
     cmap: str = "viridis"
@@ -142,6 +142,7 @@ class DumpOptions:
     gradcam: bool = False
     input_requires_grad: bool = False
     missing_ok: bool = False  # unknown --layer names are returned (for the `missing` gate)
+    batch_size: int | None = None  # split the inputs into forward passes of at most this many
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,9 @@ def _run_dump(
     options: DumpOptions,
     progress: Callable[[Any], None] | None = None,
 ) -> _DumpRun:
+    from dataclasses import replace
+
+    from fvis.backward import merge_flows
     from fvis.capture import Mode, capture
     from fvis.gallery import Gallery
     from fvis.grads import diagnose, verdict_dicts
@@ -234,6 +238,8 @@ def _run_dump(
 
     loaded = open_model(ref)
     prepared = prepare_inputs(loaded, inputs)
+    sample = _which_sample(options.sample, prepared)
+    options = replace(options, sample=sample)
     tree = ModelTree.of(node_from_module(loaded.module))
     layers, notes, missing = choose_layers(tree, options, ref.label)
     gallery = Gallery.from_options(options, prepared.labels)
@@ -241,24 +247,61 @@ def _run_dump(
         gallery.add_input(prepared.display)
     if options.input_requires_grad:
         _require_grad(prepared)
-    result = capture(
-        loaded.module,
-        _call_args(prepared),
-        layers,
-        mode=Mode(options.mode),
-        train=options.train,
-        sample=options.sample,
-        keep_values=options.save_tensors or options.gradcam,
-        on_capture=_each_capture(gallery.add if options.images else None, progress),
-    )
-    verdicts = verdict_dicts(diagnose(result))
-    flow = _backward(loaded, result, options)
+    results = []
+    chunks = _batches(prepared, options.batch_size)
+    for index, args in enumerate(chunks):
+        results.append(
+            capture(
+                loaded.module,
+                args,
+                layers,
+                mode=Mode(options.mode),
+                train=options.train,
+                sample=sample,
+                keep_values=options.save_tensors or options.gradcam,
+                on_capture=_each_capture(gallery.add if options.images else None, progress),
+                batch=index if len(chunks) > 1 else None,
+            )
+        )
+    captures = tuple(c for r in results for c in r.captures)
+    never_ran = tuple(n for n in results[0].never_ran if all(n in r.never_ran for r in results))
+    verdicts = {k: v for r in results for k, v in verdict_dicts(diagnose(r)).items()}
+    flow = merge_flows([_backward(loaded, r, options) for r in results])
     if flow is not None and options.gradcam:
-        gallery.add_gradcams(result.captures, flow.grads, prepared.display)
-    images = gallery.name_files(result.captures)
-    data = _report_input(loaded, prepared, tree, options, result, images, verdicts)
+        gallery.add_gradcams(captures, flow.grads, prepared.display)
+    images = gallery.name_files(captures)
+    data = _report_input(loaded, prepared, tree, options, captures, never_ran, images, verdicts)
+    if len(chunks) > 1:
+        notes.append(
+            f"ran {prepared.batch_size} samples in {len(chunks)} batches of at most "
+            f"{options.batch_size}"
+        )
     report = build_report(data, flow, tree, gallery.input_file)
-    return _DumpRun(report, gallery, result.captures, tuple(notes), tuple(missing))
+    return _DumpRun(report, gallery, captures, tuple(notes), tuple(missing))
+
+
+def _which_sample(sample: int | str | None, prepared: Prepared) -> int | None:
+    if isinstance(sample, str):  # "auto": every sample when several files were given
+        return None if len(prepared.labels) > 1 else 0
+    return sample
+
+
+def _batches(prepared: Prepared, size: int | None) -> list[Any]:
+    """The call arguments split along the batch dimension into passes of at most ``size``."""
+    import torch
+
+    whole = _call_args(prepared)
+    total = prepared.batch_size
+    if size is None or total <= size:
+        return [whole]
+
+    def part(value: Any, start: int) -> Any:
+        is_batched = isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == total
+        return value[start : start + size] if is_batched else value
+
+    if isinstance(whole, dict):
+        return [{k: part(v, s) for k, v in whole.items()} for s in range(0, total, size)]
+    return [tuple(part(v, s) for v in whole) for s in range(0, total, size)]
 
 
 def _each_capture(*consumers: Callable[[Any], None] | None) -> Callable[[Any], None] | None:
@@ -294,7 +337,8 @@ def _backward(loaded: LoadedModel, result: Any, options: DumpOptions) -> Any:
             (),
             {},
         )
-    return run_backward(loaded.module, result, options.target, options.sample)
+    sample = options.sample if not isinstance(options.sample, str) else 0
+    return run_backward(loaded.module, result, options.target, sample)
 
 
 def _report_input(
@@ -302,7 +346,8 @@ def _report_input(
     prepared: Prepared,
     tree: ModelTree,
     options: DumpOptions,
-    result: Any,
+    captures: Any,
+    never_ran: Any,
     images: Any,
     verdicts: Any,
 ) -> Any:
@@ -329,8 +374,8 @@ def _report_input(
         },
         mode=options.mode,
         train=options.train,
-        captures=result.captures,
-        never_ran=result.never_ran,
+        captures=captures,
+        never_ran=never_ran,
         images=images,
         verdicts=verdicts,
     )

@@ -147,3 +147,26 @@ def gradcam(activation: np.ndarray, gradient: np.ndarray) -> np.ndarray | None:
     cam = np.maximum(np.tensordot(weights, activation, axes=1), 0.0)
     peak = float(cam.max()) if cam.size else 0.0
     return (cam / peak).astype(np.float32) if peak > 0 else np.zeros_like(cam, np.float32)
+
+
+def merge_flows(flows: Sequence[BackwardResult | None]) -> BackwardResult | None:
+    """One result for several forward passes (``--batch-size``): captures are per batch
+    already; a layer's parameters count as fed when any pass fed them."""
+    present = [f for f in flows if f is not None]
+    if not present:
+        return None
+    if len(present) == 1:
+        return present[0]
+    received: dict[str, ParamFlow] = {}
+    for flow in present:
+        for param in flow.params:
+            best = received.get(param.layer)
+            if best is None or param.received > best.received:
+                received[param.layer] = param
+    return BackwardResult(
+        target=present[0].target,
+        error=next((f.error for f in present if f.error), None),
+        captures={k: v for f in present for k, v in f.captures.items()},
+        params=tuple(received.values()),
+        grads={k: v for f in present for k, v in f.grads.items()},
+    )

@@ -79,12 +79,15 @@ class Capture:
     stats: Stats
     values: np.ndarray | None = field(default=None, repr=False, compare=False)
     calls_total: int = 1
+    batch: int | None = None  # which forward pass, when inputs ran in several batches
 
     @property
     def label(self) -> str:
-        """``inner.relu``, ``relu#2`` for the second call of a shared module, plus the path."""
+        """``inner.relu``, ``relu#2`` for the second call of a shared module, plus the path;
+        ``@batch1`` when the inputs ran in several batches."""
         call = f"#{self.call}" if self.calls_total > 1 else ""
-        return f"{self.layer}{call}{self.path}"
+        batch = f"@batch{self.batch}" if self.batch is not None else ""
+        return f"{self.layer}{call}{self.path}{batch}"
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,7 @@ def capture(
     sample: int | None = 0,
     keep_values: bool = True,
     on_capture: Callable[[Capture], None] | None = None,
+    batch: int | None = None,
 ) -> CaptureResult:
     """Run ``model`` once and capture the outputs of the dotted ``layers``.
 
@@ -152,7 +156,7 @@ def capture(
     """
     names = _module_names(model)
     targets = _targets(model, names, layers)
-    session = _Session(names, targets, sample, keep_values, on_capture)
+    session = _Session(names, targets, sample, keep_values, on_capture, batch)
     was_training = model.training
     model.train(train)
     try:
@@ -239,7 +243,9 @@ class _Session:
         sample: int | None,
         keep_values: bool,
         on_capture: Callable[[Capture], None] | None,
+        batch: int | None = None,
     ) -> None:
+        self.batch = batch
         self.names = names
         self.targets = targets
         self.sample = sample
@@ -293,6 +299,7 @@ class _Session:
             facts,
             tensor_stats(tensor),
             values,
+            batch=self.batch,
         )
         if tensor.requires_grad:
             edge = torch.autograd.graph.get_gradient_edge(tensor)

@@ -440,8 +440,21 @@ def dump(
         ),
     ] = False,
     sample: Annotated[
-        str, typer.Option("--sample", help="Which sample of the batch to draw: an index, or 'all'.")
-    ] = "0",
+        str,
+        typer.Option(
+            "--sample",
+            help="Which sample of the batch to draw: an index, or 'all' (the default with "
+            "several input files).",
+        ),
+    ] = "auto",
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Run the inputs in forward passes of at most this many samples.",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("fvis-out"),
     overwrite: Annotated[
         bool,
@@ -533,6 +546,7 @@ def dump(
         target=target,
         gradcam=gradcam,
         input_requires_grad=input_requires_grad,
+        batch_size=_positive(batch_size, "--batch-size"),
     )
     with _terminate_as_interrupt(), _progress(enabled=not (quiet or json_out)) as tick:
         result = run_dump(ref, inputs, options, out, overwrite, progress=tick)
@@ -544,9 +558,17 @@ def dump(
         _print_dump(result)
 
 
-def _parse_sample(text: str) -> int | None:
+def _positive(value: int | None, flag: str) -> int | None:
+    if value is not None and value < 1:
+        raise UsageError(f"{flag} must be at least 1")
+    return value
+
+
+def _parse_sample(text: str) -> int | str | None:
     if text == "all":
         return None
+    if text == "auto":
+        return "auto"
     if not text.isdigit():
         raise UsageError(f"--sample {text!r} must be a batch index or 'all'")
     return int(text)
@@ -568,7 +590,8 @@ def _print_dump(result: Any) -> None:
         console.print(for_terminal(line))
     console.print(
         f"wrote {len(result.files)} files to {for_terminal(str(result.out))}/ "
-        f"(report.json, report.md, {len(result.files) - 2} pictures)"
+        f"({sum(n.endswith('.png') for n in result.files)} pictures, report.html, report.json, "
+        "report.md)"
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from fvis.report import ImageRef
@@ -28,9 +29,10 @@ class Gallery:
     options: RenderOptions
     sample_labels: tuple[str, ...] = ()
     all_samples: bool = False
-    _pictures: dict[tuple[str, int, str], list[tuple[int | None, Image.Image, RenderInfo]]] = field(
-        default_factory=dict
-    )
+    batch_size: int = 0  # samples per forward pass when inputs ran in several batches
+    _pictures: dict[
+        tuple[int | None, str, int, str], list[tuple[int | None, Image.Image, RenderInfo]]
+    ] = field(default_factory=dict)
     _files: list[tuple[str, Image.Image]] = field(default_factory=list)
     _cams: list[tuple[str, Image.Image]] = field(default_factory=list)
     _ranges: dict[int, tuple[tuple[int, float | None, float | None], ...]] = field(
@@ -46,7 +48,7 @@ class Gallery:
         render_options = RenderOptions(
             cmap=options.cmap, norm_scope=options.norm_scope, max_channels=options.max_channels
         )
-        return cls(render_options, sample_labels, options.sample is None)
+        return cls(render_options, sample_labels, options.sample is None, options.batch_size or 0)
 
     def add(self, capture: Capture) -> None:
         """Render one capture now (called from the forward hook)."""
@@ -55,15 +57,17 @@ class Gallery:
         values = capture.values
         if values is None:
             return
-        key = (capture.layer, capture.call, capture.path)
+        key = _key(capture)
+        offset = (capture.batch or 0) * self.batch_size  # sample index across batches
         title = (
             f"{capture.layer}{'#' + str(capture.call) if capture.call > 1 else ''}{capture.path}"
         )
         if self.all_samples and len(capture.shape) >= 2:
             for index in range(values.shape[0]):
-                image, info = render(values[index], f"{title} @{self._sample(index)}", self.options)
+                label = self._sample(offset + index)
+                image, info = render(values[index], f"{title} @{label}", self.options)
                 self._remember_ranges(image, values[index], info)
-                self._pictures.setdefault(key, []).append((index, image, info))
+                self._pictures.setdefault(key, []).append((offset + index, image, info))
         else:
             image, info = render(values, title, self.options)
             self._remember_ranges(image, values, info)
@@ -106,11 +110,11 @@ class Gallery:
         """Give every picture a safe, unique file name; returns refs by capture label."""
         entries = []
         for capture in captures:
-            for sample, image, info in self._pictures.get(
-                (capture.layer, capture.call, capture.path), []
-            ):
+            for sample, image, info in self._pictures.get(_key(capture), []):
                 stem = (
-                    capture.label if sample is None else f"{capture.label}@{self._sample(sample)}"
+                    capture.label
+                    if sample is None
+                    else (f"{capture.label}@{Path(self._sample(sample)).stem}")
                 )
                 entries.append((capture.label, stem, sample, image, info))
         stems = [stem for _, stem, *_ in entries] + [f"gradcam_{label}" for label, _ in self._cams]
@@ -144,6 +148,10 @@ class Gallery:
             folder.write(name, functools.partial(_save_png, image))
         if self._input is not None:
             folder.write("input.png", functools.partial(_save_png, self._input))
+
+
+def _key(capture: Capture) -> tuple[int | None, str, int, str]:
+    return (capture.batch, capture.layer, capture.call, capture.path)
 
 
 def render_capture(capture: Capture, options: RenderOptions | None = None) -> Image.Image:

@@ -10,7 +10,7 @@ import hashlib
 import re
 import unicodedata
 
-_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._#\-\[\]]+")
+_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._#@\-\[\]]+")
 MAX_FILENAME_STEM = 120
 
 
