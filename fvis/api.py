@@ -392,15 +392,16 @@ def _write_outputs(folder: Any, run: _DumpRun, options: DumpOptions) -> list[str
     if options.save_tensors:
         names.append("activations.safetensors")
     folder.check_names(names)
-    run.gallery.write(folder)
-    if options.save_tensors:
-        from fvis.gallery import tensors_file
+    with folder:  # an exception or Ctrl-C here deletes what was staged
+        run.gallery.write(folder)
+        if options.save_tensors:
+            from fvis.gallery import tensors_file
 
-        folder.write_bytes("activations.safetensors", tensors_file(run.captures))
-    folder.write_text("report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-    folder.write_text("report.md", to_markdown(report))
-    folder.write_text("report.html", to_html(report, folder.root))
-    folder.finish({"report": "report.json"})
+            folder.write_bytes("activations.safetensors", tensors_file(run.captures))
+        folder.write_text("report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+        folder.write_text("report.md", to_markdown(report))
+        folder.write_text("report.html", to_html(report, run.gallery.encoded))
+        folder.commit({"report": "report.json"})
     return folder.written
 
 

@@ -7,11 +7,11 @@ known once every call has happened.
 
 from __future__ import annotations
 
-import functools
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from fvis.report import ImageRef
 from fvis.text import unique_filenames
@@ -40,6 +40,7 @@ class Gallery:
     )  # id(image) -> per shown channel (index, min, max)
     _input: Image.Image | None = None
     input_file: str | None = None
+    encoded: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG bytes
 
     @classmethod
     def from_options(cls, options: Any, sample_labels: tuple[str, ...]) -> Gallery:
@@ -144,10 +145,11 @@ class Gallery:
         return [name for name, _ in self._files] + (["input.png"] if self._input else [])
 
     def write(self, folder: OutputDir) -> None:
-        for name, image in self._files:
-            folder.write(name, functools.partial(_save_png, image))
-        if self._input is not None:
-            folder.write("input.png", functools.partial(_save_png, self._input))
+        """Encode every picture (kept in ``encoded`` for the HTML page) and stage it."""
+        pictures = [*self._files, *([("input.png", self._input)] if self._input else [])]
+        for name, image in pictures:
+            self.encoded[name] = encode_png(image)
+            folder.write_bytes(name, self.encoded[name])
 
 
 def _key(capture: Capture) -> tuple[int | None, str, int, str]:
@@ -179,8 +181,12 @@ def _channel_range(values: Any, channel: int) -> tuple[int, float | None, float 
     return (channel, float(finite.min()), float(finite.max()))
 
 
-def _save_png(image: Image.Image, fh: IO[bytes]) -> None:
-    image.save(fh, format="PNG", compress_level=1)
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes; ``compress_level=1`` is several times faster than the default for files only
+    a little larger."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def tensors_file(captures: Sequence[Capture]) -> bytes:

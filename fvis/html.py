@@ -11,14 +11,14 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 EMBED_LIMIT = 8 << 20  # bytes of PNG embedded before switching to relative links
 
 
-def to_html(report: Mapping[str, Any], folder: Path | None = None) -> str:
-    """Render the page; ``folder`` holds the pictures named in the report (read to embed them).
+def to_html(report: Mapping[str, Any], pngs: Mapping[str, bytes] | None = None) -> str:
+    """Render the page; ``pngs`` maps the pictures named in the report to their bytes (they
+    are embedded when small enough, else linked by name).
 
     >>> page = to_html(report)                        # doctest: +SKIP
     >>> page.startswith("<!DOCTYPE html>")
@@ -35,7 +35,7 @@ def to_html(report: Mapping[str, Any], folder: Path | None = None) -> str:
     )
     env.filters["num"] = _num
     env.filters["shape"] = lambda s: "(" + ", ".join(str(d) for d in s) + ")"
-    sources = _image_sources(report, folder)
+    sources = _image_sources(pngs or {})
     return env.get_template("report.html.j2").render(
         report=report,
         src=lambda name: sources.get(name, name),
@@ -70,17 +70,12 @@ def badge(capture: Mapping[str, Any]) -> tuple[str, str]:
     return "cut", cause.replace("-", " ")
 
 
-def _image_sources(report: Mapping[str, Any], folder: Path | None) -> dict[str, str]:
-    if folder is None:
-        return {}
-    names = [i["file"] for c in report["captures"] for i in c["images"]]
-    if report["input"].get("image"):
-        names.append(report["input"]["image"])
-    paths = [folder / n for n in names if (folder / n).is_file()]
-    if sum(p.stat().st_size for p in paths) > EMBED_LIMIT:
+def _image_sources(pngs: Mapping[str, bytes]) -> dict[str, str]:
+    if sum(len(data) for data in pngs.values()) > EMBED_LIMIT:
         return {}
     return {
-        p.name: "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() for p in paths
+        name: "data:image/png;base64," + base64.b64encode(data).decode()
+        for name, data in pngs.items()
     }
 
 

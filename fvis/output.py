@@ -2,9 +2,10 @@
 
 Rules (documented in the README):
 
-- every file is written to a hidden temporary name in the same folder, then renamed into place,
-  so a reader never sees half a file; temporaries are removed on any failure or interrupt;
-- ``.fvis-manifest.json`` lists the files fvis wrote; it is written last;
+- every file is first written completely to a hidden temporary in the same folder; only when
+  all are complete are they renamed into place, and ``.fvis-manifest.json`` (the list of what
+  fvis wrote) comes last. Any failure or interrupt before that deletes the temporaries, so the
+  folder holds exactly what it held before: no partial file, no new file;
 - a folder holding files fvis did not write is refused unless ``overwrite``; even then only
   files in fvis's own manifest are replaced, and a name clash with a foreign file is refused;
 - a rerun into a folder fvis wrote replaces its files and removes the ones it no longer writes.
@@ -16,7 +17,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -33,11 +34,18 @@ def _umask() -> int:
 
 
 class OutputDir:
-    """A folder fvis writes into. Create with ``OutputDir.open(path, overwrite)``."""
+    """A folder fvis writes into, in two phases so a failure leaves nothing new behind.
+
+    ``write`` stages each file completely as a hidden temporary in the folder; ``commit``
+    renames them all into place and writes the manifest last; ``abort`` (or leaving a ``with``
+    block by an exception, Ctrl-C included) deletes the temporaries, so the folder holds
+    exactly what it held before. Create with ``OutputDir.open(path, overwrite)``.
+    """
 
     def __init__(self, root: Path, previous: set[str]) -> None:
         self.root = root
         self._previous = previous  # files listed in the old manifest
+        self._staged: dict[str, Path] = {}  # final name -> complete temporary
         self._written: list[str] = []
         self._mode = 0o666 & ~_umask()
 
@@ -67,6 +75,13 @@ class OutputDir:
             )
         return cls(root, previous)
 
+    def __enter__(self) -> OutputDir:
+        return self
+
+    def __exit__(self, exc_type: object, *_rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
     def check_names(self, names: list[str]) -> None:
         """Refuse before writing anything if a new file would replace a file fvis did not write."""
         clashes = [n for n in names if (self.root / n).exists() and n not in self._previous]
@@ -77,57 +92,69 @@ class OutputDir:
                 hint="choose another --out folder",
             )
 
-    def write_bytes(self, name: str, data: bytes) -> Path:
-        return self.write(name, lambda fh: fh.write(data))
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.write(name, lambda fh: fh.write(data))
 
-    def write_text(self, name: str, text: str) -> Path:
-        return self.write_bytes(name, text.encode("utf-8"))
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode("utf-8"))
 
-    def write(self, name: str, writer: Callable[[IO[bytes]], object]) -> Path:
-        """Write ``name`` through ``writer(file)`` atomically; return the final path."""
+    def write(self, name: str, writer: Callable[[IO[bytes]], object]) -> None:
+        """Stage ``name``: ``writer(file)`` writes it completely to a temporary."""
         if "/" in name or "\\" in name or name in ("", ".", "..") or name == MANIFEST:
             raise OutputError(f"refusing to write {name!r}: not a plain file name")
-        target = self.root / name
-        with self._temporary(name) as (tmp, fh):
-            writer(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-            fh.close()
-            os.chmod(tmp, self._mode)
-            os.replace(tmp, target)
-        self._written.append(name)
-        return target
+        self._staged[name] = self._complete_temporary(name, writer)
 
-    @contextlib.contextmanager
-    def _temporary(self, name: str) -> Iterator[tuple[Path, IO[bytes]]]:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{name[:40]}.", suffix=".fvis-tmp", dir=self.root)
-        tmp = Path(tmp_name)
-        fh = os.fdopen(fd, "wb")
+    def _complete_temporary(self, name: str, writer: Callable[[IO[bytes]], object]) -> Path:
         try:
-            yield tmp, fh
+            fd, tmp_name = tempfile.mkstemp(
+                prefix=f".{name[:40]}.", suffix=".fvis-tmp", dir=self.root
+            )
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.root / name}: {exc.strerror or exc}") from None
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                writer(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, self._mode)
         except BaseException as exc:
-            fh.close()
-            tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)  # closing may fail again (a full disk): unlink anyway
             if isinstance(exc, OSError):
                 raise OutputError(
-                    f"cannot write {self.root / name}: {exc.strerror or exc}"
+                    f"cannot write {self.root / name}: {exc.strerror or exc}",
+                    hint="check free space and permissions of the output folder",
                 ) from None
             raise
+        return tmp
 
-    def finish(self, extra: dict[str, object] | None = None) -> Path:
-        """Write the manifest last, then remove files the previous run wrote and this one did
-        not (they were fvis's own)."""
-        manifest = {"schema": MANIFEST_SCHEMA, "files": sorted(self._written), **(extra or {})}
+    def commit(self, extra: dict[str, object] | None = None) -> Path:
+        """Rename every staged file into place, write the manifest last, then remove files
+        the previous run wrote and this one did not (they were fvis's own)."""
+        names = sorted(self._staged)
+        manifest = {"schema": MANIFEST_SCHEMA, "files": names, **(extra or {})}
         data = (json.dumps(manifest, indent=2) + "\n").encode()
-        with self._temporary(MANIFEST) as (tmp, fh):
-            fh.write(data)
-            fh.close()
-            os.chmod(tmp, self._mode)
-            os.replace(tmp, self.root / MANIFEST)
+        manifest_tmp = self._complete_temporary(MANIFEST, lambda fh: fh.write(data))
+        try:
+            for name in names:
+                os.replace(self._staged.pop(name), self.root / name)
+                self._written.append(name)
+            os.replace(manifest_tmp, self.root / MANIFEST)
+        except OSError as exc:
+            manifest_tmp.unlink(missing_ok=True)
+            self.abort()
+            raise OutputError(f"cannot finish {self.root}: {exc.strerror or exc}") from None
         for stale in sorted(self._previous - set(self._written)):
             with contextlib.suppress(OSError):
                 (self.root / stale).unlink()
         return self.root / MANIFEST
+
+    def abort(self) -> None:
+        """Delete every staged temporary: the folder is left as it was."""
+        for tmp in self._staged.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self._staged.clear()
 
     @property
     def written(self) -> list[str]:

@@ -130,7 +130,7 @@ def test_stale_entry_naming_a_foreign_path_is_not_deleted(tmp_path: Path) -> Non
     (out / "old.png").write_bytes(b"old")
     folder = OutputDir.open(out)
     folder.write_bytes("new.png", b"new")
-    folder.finish()
+    folder.commit()
     assert (tmp_path / "outside.txt").read_bytes() == b"precious"
     assert not (out / "old.png").exists()
     assert _manifest(out)["files"] == ["new.png"]
@@ -143,7 +143,7 @@ def test_writer_that_raises_leaves_no_temp_and_no_partial_target(tmp_path: Path)
     out = tmp_path / "out"
     folder = OutputDir.open(out)
     folder.write_bytes("a.png", b"complete old picture")
-    folder.finish()
+    folder.commit()
 
     def half_then_fail(fh: IO[bytes]) -> None:
         fh.write(b"partial")
@@ -192,8 +192,9 @@ def test_permissions_follow_the_umask(tmp_path: Path, umask: int, mode: int) -> 
     previous = os.umask(umask)
     try:
         folder = OutputDir.open(tmp_path / "out")
-        path = folder.write_bytes("a.png", b"x")
-        manifest = folder.finish()
+        folder.write_bytes("a.png", b"x")
+        manifest = folder.commit()
+        path = folder.root / "a.png"
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == mode
@@ -258,13 +259,6 @@ def test_disk_full_while_writing_is_exit_6_without_temp_or_partial_files(
     assert not (out / "report.md").exists() and not (out / MANIFEST).exists()
 
 
-@pytest.mark.xfail(
-    reason="BUG: api._write_outputs renames each picture and report.json into place before the "
-    "manifest; when a later write fails (disk full) they stay behind, unlisted, and the next "
-    "run into the same --out is refused as 'holds N files fvis did not write' (bad-input.md "
-    "contract 3: nothing new is left in the output folder)",
-    strict=True,
-)
 def test_disk_full_while_writing_leaves_nothing_new(
     cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -285,12 +279,6 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-@pytest.mark.xfail(
-    reason="BUG: output.OutputDir._temporary calls fh.close() first in its except branch; with "
-    "EFBIG/ENOSPC the close re-flushes the buffer and raises again, so tmp.unlink never runs "
-    "(a .fvis-tmp file stays) and the raw OSError escapes as exit 70 'internal error' + traceback",
-    strict=True,
-)
 def test_full_disk_in_subprocess_exits_6_and_leaves_no_temp(tmp_path: Path) -> None:
     def limit_file_size() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
