@@ -80,6 +80,7 @@ class Capture:
     values: np.ndarray | None = field(default=None, repr=False, compare=False)
     calls_total: int = 1
     batch: int | None = None  # which forward pass, when inputs ran in several batches
+    call_id: int = -1  # links to the CallRecord of the call that produced it
 
     @property
     def label(self) -> str:
@@ -104,6 +105,19 @@ class CallRecord:
     outputs_require_grad: bool
     has_float_output: bool
     output_shapes: tuple[tuple[int, ...], ...]
+    call_id: int = -1  # order in which calls started
+    parent_id: int | None = None  # the call this one ran inside (None for the outermost)
+
+    @property
+    def is_cut(self) -> bool:
+        """Grad on, inputs or parameters required grad, floating outputs did not."""
+        return (
+            self.grad_enabled
+            and not self.inference_mode
+            and self.has_float_output
+            and (self.inputs_require_grad or self.params_require_grad)
+            and not self.outputs_require_grad
+        )
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,11 @@ class CaptureResult:
         default_factory=dict, repr=False, compare=False
     )  # capture key -> (grad node, output_nr)
     mode: Mode = Mode.GRAD
+    cut_inputs: Mapping[int, tuple[tuple[Any, int], ...]] = field(
+        default_factory=dict, repr=False, compare=False
+    )  # call_id of a cut -> gradient edges of its inputs that required grad
+    fed_by_cut: Mapping[int, int] = field(default_factory=dict, repr=False, compare=False)
+    # call_id -> call_id of the cut whose (detached) output reached this call's inputs
 
 
 @dataclass
@@ -222,7 +241,7 @@ def _run(model: nn.Module, inputs: Sequence[Any] | Mapping[str, Any], session: _
         return model(*inputs)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        failed_in = session.stack[-1] if session.stack else ""  # innermost unfinished call
+        failed_in = session.stack[-1].name if session.stack else ""  # innermost unfinished
         where = f" in {failed_in!r}" if failed_in else " in the model's own forward"
         ran = session.ran_summary()
         raise ModelInputError(
@@ -256,8 +275,12 @@ class _Session:
         self.live: list[_Live] = []
         self.done: list[_Live] = []
         self.edges: dict[tuple[str, int, str], tuple[Any, int]] = {}
-        self.stack: list[str] = []  # names of the calls under way, outermost first
+        self.stack: list[_Frame] = []  # calls under way, outermost first
         self.params_grad: dict[int, bool] = {}  # module -> any parameter in it requires grad
+        self.next_call_id = 0
+        self.cut_inputs: dict[int, tuple[tuple[Any, int], ...]] = {}
+        self.cut_outputs: dict[int, int] = {}  # storage pointer -> call_id of the cut
+        self.fed_by_cut: dict[int, int] = {}
 
     def install(self, model: nn.Module, stack: ExitStack) -> None:
         for module in model.modules():
@@ -265,26 +288,59 @@ class _Session:
             stack.enter_context(module.register_forward_hook(self._post))
 
     def _pre(self, module: nn.Module, _args: Any) -> None:
-        self.stack.append(self.names[id(module)][0])
+        parent = self.stack[-1].call_id if self.stack else None
+        self.stack.append(_Frame(id(module), self.names[id(module)][0], self.next_call_id, parent))
+        self.next_call_id += 1
+
+    def _pop(self, module: nn.Module) -> _Frame:
+        # Frames above ours belong to calls that raised and were caught by their parent.
+        while self.stack and self.stack[-1].module_id != id(module):
+            self.stack.pop()
+        if self.stack:
+            return self.stack.pop()
+        return _Frame(id(module), self.names[id(module)][0], -1, None)
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        name = self.stack.pop() if self.stack else self.names[id(module)][0]
+        frame = self._pop(module)
         call = self.calls.get(id(module), 0) + 1
         self.calls[id(module)] = call
         if id(module) not in self.params_grad:
             self.params_grad[id(module)] = any(p.requires_grad for p in module.parameters())
-        self.trace.append(
-            _call_record(
-                name, type(module).__qualname__, call, self.params_grad[id(module)], args, output
-            )
+        record = _call_record(
+            frame, type(module).__qualname__, call, self.params_grad[id(module)], args, output
         )
+        self.trace.append(record)
+        self._follow_cuts(record, args, output)
         self._check_versions()
         if id(module) in self.targets:
             layer = self.targets[id(module)][0]
             for path, tensor in flatten_tensors(output):
-                self._snapshot(id(module), layer, call, path, tensor)
+                self._snapshot(id(module), layer, call, path, tensor, frame.call_id)
 
-    def _snapshot(self, key: int, layer: str, call: int, path: str, tensor: torch.Tensor) -> None:
+    def _follow_cuts(self, record: CallRecord, args: Any, output: Any) -> None:
+        """Remember where detached values came from, so a later layer fed by one is blamed on
+        the cut and not called frozen. Only module boundaries are seen: a functional op between
+        a cut and a layer hides the link."""
+        if record.is_cut:
+            self.cut_inputs[record.call_id] = tuple(
+                _edge(t) for _, t in flatten_tensors(args) if t.requires_grad
+            )
+            origin = record.call_id
+        elif self.cut_outputs and not record.outputs_require_grad:
+            origin = next(
+                (self.cut_outputs[p] for p in _storages(args) if p in self.cut_outputs), -1
+            )
+            if origin < 0:
+                return
+            self.fed_by_cut[record.call_id] = origin
+        else:
+            return
+        for pointer in _storages(output):
+            self.cut_outputs[pointer] = origin
+
+    def _snapshot(
+        self, key: int, layer: str, call: int, path: str, tensor: torch.Tensor, call_id: int
+    ) -> None:
         facts = _grad_facts(tensor)
         values = (
             _sample_values(tensor, self.sample) if self.keep_values or self.on_capture else None
@@ -300,10 +356,10 @@ class _Session:
             tensor_stats(tensor),
             values,
             batch=self.batch,
+            call_id=call_id,
         )
         if tensor.requires_grad:
-            edge = torch.autograd.graph.get_gradient_edge(tensor)
-            self.edges[(layer, call, path)] = (edge.node, edge.output_nr)
+            self.edges[(layer, call, path)] = _edge(tensor)
         if self.on_capture is not None:
             self.on_capture(record)
         if not self.keep_values:
@@ -350,16 +406,35 @@ class _Session:
                 )
             )
         never = tuple(name for key, (name, _) in self.targets.items() if key not in self.calls)
-        return CaptureResult(tuple(captures), tuple(self.trace), never, output, self.edges, mode)
+        return CaptureResult(
+            tuple(captures),
+            tuple(self.trace),
+            never,
+            output,
+            self.edges,
+            mode,
+            self.cut_inputs,
+            self.fed_by_cut,
+        )
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """A module call under way."""
+
+    module_id: int
+    name: str
+    call_id: int
+    parent_id: int | None
 
 
 def _call_record(
-    name: str, class_name: str, call: int, params_grad: bool, args: Any, output: Any
+    frame: _Frame, class_name: str, call: int, params_grad: bool, args: Any, output: Any
 ) -> CallRecord:
     outputs = [t for _, t in flatten_tensors(output)]
     floats = [t for t in outputs if t.is_floating_point() or t.is_complex()]
     return CallRecord(
-        name=name,
+        name=frame.name,
         class_name=class_name,
         call=call,
         grad_enabled=torch.is_grad_enabled(),
@@ -369,7 +444,25 @@ def _call_record(
         outputs_require_grad=any(t.requires_grad for t in floats),
         has_float_output=bool(floats),
         output_shapes=tuple(tuple(t.shape) for t in outputs),
+        call_id=frame.call_id,
+        parent_id=frame.parent_id,
     )
+
+
+def _edge(tensor: torch.Tensor) -> tuple[Any, int]:
+    edge = torch.autograd.graph.get_gradient_edge(tensor)
+    return (edge.node, edge.output_nr)
+
+
+def _storages(value: Any) -> list[int]:
+    """Storage addresses of the floating tensors in ``value`` (views share their base's)."""
+    pointers = []
+    for _, tensor in flatten_tensors(value):
+        if tensor.is_floating_point() and tensor.device.type != "meta":
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer:
+                pointers.append(pointer)
+    return pointers
 
 
 def flatten_tensors(

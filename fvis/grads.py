@@ -21,7 +21,7 @@ Why an activation is cut comes from the trace of every module call (``CallRecord
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -69,12 +69,17 @@ def reachable_edges(output: Any) -> set[tuple[int, int]]:
     """Every ``(id(node), output_nr)`` gradient edge reachable back from the model's output."""
     import torch
 
+    starts = [
+        torch.autograd.graph.get_gradient_edge(t)
+        for _, t in flatten_tensors(output)
+        if t.requires_grad
+    ]
+    return _walk([(e.node, e.output_nr) for e in starts])
+
+
+def _walk(starts: Iterable[tuple[Any, int]]) -> set[tuple[int, int]]:
     seen: set[tuple[int, int]] = set()
-    stack: list[tuple[Any, int]] = []
-    for _, tensor in flatten_tensors(output):
-        if tensor.requires_grad:
-            edge = torch.autograd.graph.get_gradient_edge(tensor)
-            stack.append((edge.node, edge.output_nr))
+    stack = list(starts)
     visited_nodes: set[int] = set()
     while stack:
         node, nr = stack.pop()
@@ -86,6 +91,35 @@ def reachable_edges(output: Any) -> set[tuple[int, int]]:
     return seen
 
 
+class _Calls:
+    """The trace as a tree of calls: who ran inside whom, and which calls cut the graph."""
+
+    def __init__(self, result: CaptureResult) -> None:
+        self.result = result
+        self.by_id = {r.call_id: r for r in result.trace}
+        self.cuts = [r for r in result.trace if r.is_cut]
+        self._reach: dict[int, set[tuple[int, int]]] = {}
+
+    def ancestors(self, call_id: int) -> list[CallRecord]:
+        """Enclosing calls, innermost first."""
+        out = []
+        record = self.by_id.get(call_id)
+        while record is not None and record.parent_id is not None:
+            record = self.by_id.get(record.parent_id)
+            if record is not None:
+                out.append(record)
+        return out
+
+    def is_within(self, call_id: int, outer_id: int) -> bool:
+        return call_id == outer_id or any(a.call_id == outer_id for a in self.ancestors(call_id))
+
+    def reached_from_inputs(self, cut: CallRecord) -> set[tuple[int, int]]:
+        """Edges upstream of what a cut module was given (so: what it cut off)."""
+        if cut.call_id not in self._reach:
+            self._reach[cut.call_id] = _walk(self.result.cut_inputs.get(cut.call_id, ()))
+        return self._reach[cut.call_id]
+
+
 def diagnose(result: CaptureResult) -> dict[str, Verdict]:
     """A verdict per capture label, and per never-ran layer name.
 
@@ -94,12 +128,12 @@ def diagnose(result: CaptureResult) -> dict[str, Verdict]:
     'connected to the output'
     """
     edges = reachable_edges(result.output) if result.mode is Mode.GRAD else set()
-    cuts = _cut_modules(result.trace)
+    calls = _Calls(result)
     verdicts = {}
     for capture in result.captures:
         edge = result.edges.get((capture.layer, capture.call, capture.path))
         connected = edge is not None and (id(edge[0]), edge[1]) in edges
-        verdict = _verdict(capture, connected, result, cuts)
+        verdict = _verdict(capture, connected, edge, calls)
         verdicts[capture.label] = _with_in_place(verdict, capture)
     for name in result.never_ran:
         verdicts[name] = Verdict(
@@ -114,7 +148,7 @@ def diagnose(result: CaptureResult) -> dict[str, Verdict]:
 
 
 def _verdict(
-    capture: Capture, connected: bool, result: CaptureResult, cuts: Sequence[CallRecord]
+    capture: Capture, connected: bool, edge: tuple[Any, int] | None, calls: _Calls
 ) -> Verdict:
     grad = capture.grad
     if connected:
@@ -134,16 +168,16 @@ def _verdict(
             "only floating-point activations can be on the autograd graph",
         )
     if grad.inference_mode or grad.is_inference:
-        return _inference_verdict(capture, result)
+        return _inference_verdict(capture, calls)
     if not grad.grad_enabled:
-        return _grad_off_verdict(capture, result)
+        return _grad_off_verdict(capture, calls)
     if not grad.requires_grad:
-        return _no_grad_verdict(capture, result, cuts)
-    return _unreachable_verdict(capture, cuts)
+        return _no_grad_verdict(capture, calls)
+    return _unreachable_verdict(capture, edge, calls)
 
 
-def _inference_verdict(capture: Capture, result: CaptureResult) -> Verdict:
-    if result.mode is Mode.INFERENCE:
+def _inference_verdict(capture: Capture, calls: _Calls) -> Verdict:
+    if calls.result.mode is Mode.INFERENCE:
         return Verdict(
             False,
             Cause.INFERENCE,
@@ -151,7 +185,7 @@ def _inference_verdict(capture: Capture, result: CaptureResult) -> Verdict:
             "inference mode (--mode inference): not on any autograd graph",
             "inference tensors can never join a later graph; run with --mode grad",
         )
-    parent = _enclosing(capture.layer, result.trace, lambda r: not r.inference_mode)
+    parent = _enclosing(capture, calls, lambda r: not r.inference_mode)
     where = _describe(parent)
     return Verdict(
         False,
@@ -162,8 +196,8 @@ def _inference_verdict(capture: Capture, result: CaptureResult) -> Verdict:
     )
 
 
-def _grad_off_verdict(capture: Capture, result: CaptureResult) -> Verdict:
-    if result.mode is Mode.NO_GRAD:
+def _grad_off_verdict(capture: Capture, calls: _Calls) -> Verdict:
+    if calls.result.mode is Mode.NO_GRAD:
         return Verdict(
             False,
             Cause.GRAD_OFF,
@@ -171,7 +205,7 @@ def _grad_off_verdict(capture: Capture, result: CaptureResult) -> Verdict:
             "grad mode off: ran under no_grad (--mode no-grad)",
             "run with --mode grad to see whether it is connected",
         )
-    parent = _enclosing(capture.layer, result.trace, lambda r: r.grad_enabled)
+    parent = _enclosing(capture, calls, lambda r: r.grad_enabled)
     where = _describe(parent)
     return Verdict(
         False,
@@ -184,10 +218,8 @@ def _grad_off_verdict(capture: Capture, result: CaptureResult) -> Verdict:
     )
 
 
-def _no_grad_verdict(
-    capture: Capture, result: CaptureResult, cuts: Sequence[CallRecord]
-) -> Verdict:
-    inside = _innermost_cut(capture.layer, cuts)
+def _no_grad_verdict(capture: Capture, calls: _Calls) -> Verdict:
+    inside = _innermost_cut(capture, calls)
     if inside is not None:
         where = _describe(inside)
         return Verdict(
@@ -197,7 +229,8 @@ def _no_grad_verdict(
             f"graph cut inside {where}: its inputs or parameters require grad, its output does not",
             f"remove the .detach() / .data / no_grad in {where}",
         )
-    before = _last_cut_before(capture, result.trace, cuts)
+    origin = calls.result.fed_by_cut.get(capture.call_id)
+    before = calls.by_id.get(origin) if origin is not None else None
     if before is not None:
         where = _describe(before)
         return Verdict(
@@ -218,8 +251,10 @@ def _no_grad_verdict(
     )
 
 
-def _unreachable_verdict(capture: Capture, cuts: Sequence[CallRecord]) -> Verdict:
-    downstream = next((c for c in reversed(cuts) if _is_ancestor(c.name, capture.layer)), None)
+def _unreachable_verdict(capture: Capture, edge: tuple[Any, int] | None, calls: _Calls) -> Verdict:
+    downstream = _cut_fed_by(edge, calls) or next(
+        (a for a in calls.ancestors(capture.call_id) if a.is_cut), None
+    )
     if downstream is not None:
         where = _describe(downstream)
         return Verdict(
@@ -259,46 +294,23 @@ def _with_in_place(verdict: Verdict, capture: Capture) -> Verdict:
     )
 
 
-def _cut_modules(trace: Sequence[CallRecord]) -> list[CallRecord]:
-    """Calls that ran with grad on, whose inputs or parameters required grad and whose
-    floating outputs did not, in call order."""
-    return [
-        r
-        for r in trace
-        if r.grad_enabled
-        and not r.inference_mode
-        and r.has_float_output
-        and (r.inputs_require_grad or r.params_require_grad)
-        and not r.outputs_require_grad
-    ]
+def _cut_fed_by(edge: tuple[Any, int] | None, calls: _Calls) -> CallRecord | None:
+    """The first cut module whose inputs lead back to this tensor (a ``.detach()`` after it)."""
+    if edge is None:
+        return None
+    key = (id(edge[0]), edge[1])
+    return next((cut for cut in calls.cuts if key in calls.reached_from_inputs(cut)), None)
 
 
-def _innermost_cut(layer: str, cuts: Sequence[CallRecord]) -> CallRecord | None:
-    # The capture's own module or a module inside it: the deepest one is the culprit.
-    inside = [c for c in cuts if c.name == layer or _is_ancestor(layer, c.name)]
-    return max(inside, key=lambda c: c.name.count(".") + bool(c.name), default=None)
+def _innermost_cut(capture: Capture, calls: _Calls) -> CallRecord | None:
+    # The capture's own call or a call inside it: the deepest one is the culprit.
+    inside = [c for c in calls.cuts if calls.is_within(c.call_id, capture.call_id)]
+    return max(inside, key=lambda c: len(calls.ancestors(c.call_id)), default=None)
 
 
-def _last_cut_before(
-    capture: Capture, trace: Sequence[CallRecord], cuts: Sequence[CallRecord]
-) -> CallRecord | None:
-    position = next(
-        (i for i, r in enumerate(trace) if r.name == capture.layer and r.call == capture.call),
-        len(trace),
-    )
-    cut_ids = {id(c) for c in cuts}
-    earlier = [r for r in trace[:position] if id(r) in cut_ids]
-    return earlier[-1] if earlier else None
-
-
-def _enclosing(layer: str, trace: Iterable[CallRecord], ok: Any) -> CallRecord | None:
-    """The nearest ancestor call of ``layer`` for which ``ok(record)`` holds."""
-    ancestors = [r for r in trace if _is_ancestor(r.name, layer) and ok(r)]
-    return max(ancestors, key=lambda r: len(r.name) + bool(r.name), default=None)
-
-
-def _is_ancestor(parent: str, child: str) -> bool:
-    return parent != child and (parent == "" or child.startswith(parent + "."))
+def _enclosing(capture: Capture, calls: _Calls, ok: Any) -> CallRecord | None:
+    """The nearest call enclosing the capture's call for which ``ok(record)`` holds."""
+    return next((a for a in calls.ancestors(capture.call_id) if ok(a)), None)
 
 
 def _describe(record: CallRecord | None) -> str:

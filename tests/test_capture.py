@@ -436,12 +436,6 @@ class _Tolerant(nn.Module):
             return self.safe(x)
 
 
-@pytest.mark.xfail(
-    reason="BUG: capture._Session._post names each call by popping _Session.stack; a submodule "
-    "whose call raised and was caught by its parent never pops its name, so later calls are "
-    "recorded under the wrong name (the root call is recorded as 'fast')",
-    strict=True,
-)
 def test_trace_names_stay_right_after_a_caught_submodule_error() -> None:
     result = capture(_Tolerant(), [torch.randn(1, 10)], ["safe"])
     assert [(r.name, r.class_name) for r in result.trace] == [

@@ -91,12 +91,6 @@ def test_shared_mixed_first_call_connected_second_grad_off() -> None:
     assert verdicts["stem"].connected and verdicts["head"].connected
 
 
-@pytest.mark.xfail(
-    reason="BUG: grads._enclosing picks any trace record of an ancestor name with grad on, "
-    "whatever its call; shared.linear#2 runs inside shared's 2nd call (grad off) but the 1st "
-    "call (grad on) is chosen: where='shared', 'inside shared (SharedBlock.forward)'",
-    strict=True,
-)
 def test_shared_mixed_children_of_second_call_point_at_outer_forward() -> None:
     verdicts = _verdicts("shared_mixed", ["shared.linear", "shared.act"])
     for label in ("shared.linear#2", "shared.act#2"):
@@ -185,12 +179,6 @@ def test_detach_inside_leaf_module_is_cut_inside_that_module() -> None:
     assert verdicts["post"].connected
 
 
-@pytest.mark.xfail(
-    reason="BUG: grads._unreachable_verdict only blames an enclosing module; 'pre' feeds the "
-    "sibling 'cut' that detaches, yet it is reported UNUSED ('computed but not used by the "
-    "output (a dead branch ...)') with where=None",
-    strict=True,
-)
 def test_layer_before_a_detaching_sibling_is_not_called_unused() -> None:
     pre = _diagnose(_Chain(), torch.randn(1, 4), ["pre"])["pre"]
     assert pre.cause is not Cause.UNUSED
@@ -212,12 +200,6 @@ class _SideAndFrozen(nn.Module):
         return self.head(self.frozen(x)), side
 
 
-@pytest.mark.xfail(
-    reason="BUG: grads._last_cut_before blames any earlier cut in the trace; 'frozen' (frozen "
-    "params, input without grad) is reported CUT_INSIDE 'graph cut upstream, inside side' "
-    "although 'side' is a parallel branch that never feeds it",
-    strict=True,
-)
 def test_frozen_layer_not_blamed_on_an_unrelated_earlier_cut() -> None:
     frozen = _diagnose(_SideAndFrozen(), torch.randn(1, 4), ["frozen"])["frozen"]
     assert frozen.cause is Cause.FROZEN, frozen.summary

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from fvis.sample import SAMPLE_INPUT_SHAPE, OuterModel, build_sample
-from sample_models.zoo import SAMPLES, build, example_input
 from sample_models.build import build_all, main
+from sample_models.zoo import SAMPLES, build, example_input
 
 EXPECTED_OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "inner_outer": (1, 2),
