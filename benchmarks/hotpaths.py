@@ -144,10 +144,11 @@ def fixed_costs(reps: int) -> str:
 
     lines = []
     tiny, tx = build("inner_outer"), example_input("inner_outer")
+    tiny_layers = leaves(tiny)
     t = interleaved(
         {
             "bare": lambda: tiny(tx),
-            "capture": lambda: capture(tiny, [tx], leaves(tiny), mode=Mode.GRAD, keep_values=False),
+            "capture": lambda: capture(tiny, [tx], tiny_layers, mode=Mode.GRAD, keep_values=False),
         },
         reps,
     )
@@ -155,7 +156,7 @@ def fixed_costs(reps: int) -> str:
         f"  inner_outer (5 modules): bare {fmt_s(t['bare'].median)}, capture "
         f"{fmt_s(t['capture'].median)}: fixed cost ~{fmt_s(t['capture'].median - t['bare'].median)} per call"
     )
-    lines.append(profile_top(lambda: capture(tiny, [tx], leaves(tiny), mode=Mode.GRAD, keep_values=False), 300, n=10))
+    lines.append(profile_top(lambda: capture(tiny, [tx], tiny_layers, mode=Mode.GRAD, keep_values=False), 300, n=12))
     for depth in (50, 100, 200, 400):
         model, x = models.deep_narrow(depth), torch.randn(models.DEEP_INPUT)
         layers = leaves(model)

@@ -99,7 +99,7 @@ def prepare_inputs(loaded: LoadedModel, inputs: InputOptions) -> Prepared:
         from dataclasses import replace
 
         inputs = replace(inputs, shape=SAMPLE_INPUT_SHAPE)
-    return prepare(loaded.module, inputs)
+    return prepare(loaded.module, inputs, loaded.source.example_inputs)
 
 
 def trace_runs(loaded: LoadedModel, prepared: Prepared) -> dict[str, LayerRuns]:

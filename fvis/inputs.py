@@ -67,7 +67,9 @@ def parse_size(text: str) -> tuple[int, int]:
     return (int(parts[0]), int(parts[-1]))
 
 
-def prepare(model: nn.Module, options: InputOptions) -> Prepared:
+def prepare(
+    model: nn.Module, options: InputOptions, examples: Sequence[tuple[tuple[int, ...], str]] = ()
+) -> Prepared:
     """Build the inputs for one forward pass of ``model``.
 
     >>> prepare(model, InputOptions(shape=(1, 10))).description        # doctest: +SKIP
@@ -77,6 +79,8 @@ def prepare(model: nn.Module, options: InputOptions) -> Prepared:
         raise UsageError("give either --input or --shape, not both")
     if options.shape:
         return _random(options.shape, options.seed, "random normal")
+    if not options.sources and examples:
+        return _from_examples(examples, options.seed)
     if not options.sources:
         shape, dtype_note = synth_shape(model)
         prepared = _random(shape, options.seed, f"synthesized from the first layer{dtype_note}:")
@@ -114,6 +118,22 @@ def _gen(seed: int) -> torch.Generator:
 def _random(shape: tuple[int, ...], seed: int, what: str) -> Prepared:
     tensor = torch.randn(shape, generator=_gen(seed))
     return Prepared((tensor,), description=f"{what} {shape}, seed {seed}")
+
+
+def _from_examples(examples: Sequence[tuple[tuple[int, ...], str]], seed: int) -> Prepared:
+    """Random inputs shaped like a torch.export program's example inputs (it is traced for
+    exactly those shapes); integer inputs become zeros."""
+    generator = _gen(seed)
+    tensors = tuple(
+        torch.randn(shape, generator=generator)
+        if dtype.startswith(("float", "bfloat"))
+        else torch.zeros(shape, dtype=getattr(torch, dtype, torch.int64))
+        for shape, dtype in examples
+    )
+    shapes = ", ".join(str(shape) for shape, _ in examples)
+    return Prepared(
+        tensors, description=f"synthesized from the program's example inputs: {shapes}, seed {seed}"
+    )
 
 
 def first_layer(model: nn.Module) -> nn.Module | None:

@@ -167,6 +167,8 @@ class ModelSource:
     kind: str
     sha256: str = ""
     notes: tuple[str, ...] = ()
+    # (shape, dtype) of the example inputs a torch.export program was traced with
+    example_inputs: tuple[tuple[tuple[int, ...], str], ...] = ()
 
     @property
     def label(self) -> str:
@@ -531,7 +533,9 @@ def load_model(path: Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
     }
     module, notes = loaders[sniffed.kind](sniffed, options)
     module.eval()  # as a pickled module comes back; BatchNorm must not use batch statistics
-    return LoadedModel(module, ModelSource(path, sniffed.kind.value, digest, tuple(notes)))
+    examples = export_example_inputs(sniffed) if sniffed.kind is FileKind.EXPORT_PROGRAM else ()
+    source = ModelSource(path, sniffed.kind.value, digest, tuple(notes), examples)
+    return LoadedModel(module, source)
 
 
 def _check_trust_binding(path: Path, digest: str, trust: Trust | None) -> None:
@@ -839,3 +843,41 @@ def _load_export(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, lis
     if options.arch:
         return _with_arch(sniffed, options, module.state_dict(), notes)
     return module, notes
+
+
+# torch.export's serialized ScalarType numbers (torch/_export/serde/schema.py).
+_EXPORT_DTYPES = {
+    4: "int32",
+    5: "int64",
+    6: "float16",
+    7: "float32",
+    8: "float64",
+    12: "bool",
+    13: "bfloat16",
+}
+
+
+def export_example_inputs(sniffed: Sniffed) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """(shape, dtype) of each user input a ``.pt2`` program was traced with, from its JSON.
+
+    A program is specialised to these shapes, so they are the input to synthesize.
+    """
+    try:
+        with zipfile.ZipFile(sniffed.path) as archive:
+            graph = json.loads(archive.read(sniffed.prefix + "models/model.json"))["graph_module"]
+        specs = graph["signature"]["input_specs"]
+        values = graph["graph"]["tensor_values"]
+        names = [
+            s["user_input"]["arg"]["as_tensor"]["name"]
+            for s in specs
+            if "as_tensor" in s.get("user_input", {}).get("arg", {})
+        ]
+        return tuple(
+            (
+                tuple(int(d.get("as_int", 2)) for d in values[n]["sizes"]),
+                _EXPORT_DTYPES.get(values[n].get("dtype"), "float32"),
+            )
+            for n in names
+        )
+    except (*_EXPORT_JSON_ERRORS, AttributeError):  # type: ignore[misc]
+        return ()

@@ -173,13 +173,6 @@ def test_every_runnable_format(
     assert "connected to the output" in stdout
 
 
-@pytest.mark.xfail(
-    reason="BUG: inputs.synth_shape looks for nn.Linear/Conv/Embedding; a .pt2 program loads as "
-    "an UnflattenedModule of InterpreterModules, so 'fvis dump model.pt2' without --input/--shape "
-    "exits 2 'cannot guess an input for this model (no conv, linear or embedding layer)' although "
-    "the program records its example input's shape",
-    strict=True,
-)
 def test_pt2_without_input_synthesizes_one(cli: Any, tmp_path: Path, inner_outer_zoo: Path) -> None:
     code, _, stderr = cli(
         "dump", inner_outer_zoo / "inner_outer.pt2", "--layer", "inner.relu", "-o", tmp_path / "o"
