@@ -564,6 +564,10 @@ def _positive(value: int | None, flag: str) -> int | None:
     return value
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _parse_sample(text: str) -> int | str | None:
     if text == "all":
         return None
@@ -590,8 +594,8 @@ def _print_dump(result: Any) -> None:
         console.print(for_terminal(line))
     console.print(
         f"wrote {len(result.files)} files to {for_terminal(str(result.out))}/ "
-        f"({sum(n.endswith('.png') for n in result.files)} pictures, report.html, report.json, "
-        "report.md)"
+        f"({_plural(sum(n.endswith('.png') for n in result.files), 'picture')}, report.html, "
+        "report.json, report.md)"
     )
 
 
