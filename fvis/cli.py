@@ -141,6 +141,40 @@ DepthOpt = Annotated[
         "--depth", help="Show modules down to this depth (root is 0).", show_default=False
     ),
 ]
+LayerOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--layer",
+        "-l",
+        help="Dotted layer name or glob (repeatable), as listed by 'fvis layers'.",
+        show_default=False,
+    ),
+]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every leaf module.")]
+BackwardOpt = Annotated[
+    bool,
+    typer.Option(
+        "--backward",
+        help="Run one backward pass from the output and report the gradient reaching each "
+        "capture and each layer's parameters (needed by the no-grad-flow gate).",
+    ),
+]
+TargetOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--target",
+        help="With --backward: backpropagate from this logit (last dim) instead of the sum of "
+        "the output.",
+        show_default=False,
+    ),
+]
+InputGradOpt = Annotated[
+    bool,
+    typer.Option(
+        "--input-requires-grad",
+        help="Make the input require grad, to check gradient flow through frozen layers.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead.")]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -384,6 +418,16 @@ class ModeChoice(StrEnum):
     INFERENCE = "inference"
 
 
+ModeOpt = Annotated[
+    ModeChoice,
+    typer.Option(
+        "--mode",
+        help="grad: forward with grad enabled (the grad report is meaningful); "
+        "no-grad / inference: as your inference code runs.",
+    ),
+]
+
+
 class CmapChoice(StrEnum):
     GRAY = "gray"
     VIRIDIS = "viridis"
@@ -401,16 +445,8 @@ class ScopeChoice(StrEnum):
 def dump(
     ctx: typer.Context,
     model: ModelArg = None,
-    layer: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--layer",
-            "-l",
-            help="Dotted layer name or glob (repeatable), as listed by 'fvis layers'.",
-            show_default=False,
-        ),
-    ] = None,
-    all_leaves: Annotated[bool, typer.Option("--all", help="Every leaf module.")] = False,
+    layer: LayerOpt = None,
+    all_leaves: AllOpt = False,
     depth: Annotated[
         int | None,
         typer.Option(
@@ -425,14 +461,7 @@ def dump(
     size: SizeOpt = None,
     norm: NormOpt = "auto",
     channels: ChannelsOpt = None,
-    mode: Annotated[
-        ModeChoice,
-        typer.Option(
-            "--mode",
-            help="grad: forward with grad enabled (the grad report is meaningful); "
-            "no-grad / inference: as your inference code runs.",
-        ),
-    ] = ModeChoice.GRAD,
+    mode: ModeOpt = ModeChoice.GRAD,
     train: Annotated[
         bool,
         typer.Option(
@@ -474,23 +503,8 @@ def dump(
     max_channels: Annotated[
         int, typer.Option("--max-channels", help="Show at most this many channels (top by energy).")
     ] = 64,
-    backward: Annotated[
-        bool,
-        typer.Option(
-            "--backward",
-            help="Run one backward pass from the output and report the gradient "
-            "reaching each capture and each layer's parameters.",
-        ),
-    ] = False,
-    target: Annotated[
-        int | None,
-        typer.Option(
-            "--target",
-            help="With --backward: backpropagate from this logit (last dim) instead of "
-            "the sum of the output.",
-            show_default=False,
-        ),
-    ] = None,
+    backward: BackwardOpt = False,
+    target: TargetOpt = None,
     gradcam: Annotated[
         bool,
         typer.Option(
@@ -498,13 +512,7 @@ def dump(
             help="Also write a Grad-CAM overlay for each (N,C,H,W) capture (implies --backward).",
         ),
     ] = False,
-    input_requires_grad: Annotated[
-        bool,
-        typer.Option(
-            "--input-requires-grad",
-            help="Make the input require grad, to check gradient flow through frozen layers.",
-        ),
-    ] = False,
+    input_requires_grad: InputGradOpt = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     allow_module: AllowModuleOpt = None,
@@ -650,13 +658,8 @@ def _terminate_as_interrupt() -> Any:
 def check(
     ctx: typer.Context,
     model: ModelArg = None,
-    layer: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--layer", "-l", help="Dotted layer name or glob (repeatable).", show_default=False
-        ),
-    ] = None,
-    all_leaves: Annotated[bool, typer.Option("--all", help="Every leaf module.")] = False,
+    layer: LayerOpt = None,
+    all_leaves: AllOpt = False,
     fail_on: Annotated[
         str | None,
         typer.Option(
@@ -708,13 +711,10 @@ def check(
     size: SizeOpt = None,
     norm: NormOpt = "auto",
     channels: ChannelsOpt = None,
-    mode: Annotated[ModeChoice, typer.Option("--mode")] = ModeChoice.GRAD,
-    backward: Annotated[
-        bool,
-        typer.Option("--backward", help="Also run one backward pass (needed by no-grad-flow)."),
-    ] = False,
-    target: Annotated[int | None, typer.Option("--target", show_default=False)] = None,
-    input_requires_grad: Annotated[bool, typer.Option("--input-requires-grad")] = False,
+    mode: ModeOpt = ModeChoice.GRAD,
+    backward: BackwardOpt = False,
+    target: TargetOpt = None,
+    input_requires_grad: InputGradOpt = False,
     images: Annotated[
         bool, typer.Option("--images", help="Also write pictures and reports to --out.")
     ] = False,
