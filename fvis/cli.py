@@ -69,6 +69,7 @@ AllowModuleOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--allow-module",
+        metavar="MODULE",
         help="Allow classes from this module when loading a pickled "
         "model (your code, your decision). Repeatable.",
         show_default=False,
@@ -104,6 +105,7 @@ InputOpt = Annotated[
     typer.Option(
         "--input",
         "-i",
+        metavar="FILE",
         help="Image, tensor file (.pt/.npy/.safetensors) or folder; "
         "name=FILE for keyword inputs. Repeatable.",
         show_default=False,
@@ -146,6 +148,7 @@ LayerOpt = Annotated[
     typer.Option(
         "--layer",
         "-l",
+        metavar="NAME",
         help="Dotted layer name or glob (repeatable), as listed by 'fvis layers'.",
         show_default=False,
     ),
@@ -664,6 +667,7 @@ def check(
         str | None,
         typer.Option(
             "--fail-on",
+            metavar="GATES",
             help="Comma-separated gates: missing, not-run, disconnected, grad-off, "
             "inplace, nonfinite, dead:FRACTION, no-grad-flow. Default: "
             "missing,not-run,disconnected,nonfinite.",
@@ -674,6 +678,7 @@ def check(
         list[str] | None,
         typer.Option(
             "--expect",
+            metavar="PATTERN=STATE",
             help="PATTERN=STATE for layers where a state is intended, e.g. "
             "'backbone.*=disconnected' (connected, disconnected, grad-off, not-run). Repeatable.",
             show_default=False,
