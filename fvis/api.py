@@ -177,7 +177,8 @@ def choose_layers(
         except UsageError:
             if not options.missing_ok:
                 raise
-            missing.append(pattern)
+            if pattern not in missing:
+                missing.append(pattern)
     if options.all_leaves:
         chosen += leaves
     if options.depth is not None:
@@ -434,6 +435,16 @@ class CheckResult:
     def passed(self) -> bool:
         return not self.failures
 
+    @property
+    def checks(self) -> int:
+        """Gate checks plus one baseline comparison per compared capture."""
+        return int(self.dump.report.get("check", {}).get("checks", len(self.outcome.checks)))
+
+
+def _baseline_checks(baseline: Any, current: Any) -> int:
+    labels = set(baseline["captures"]) | set(current["captures"])
+    return len(labels) + len(set(current.get("never_ran", [])))
+
 
 def check(
     ref: ModelRef,
@@ -473,7 +484,7 @@ def check(
     failures = [*outcome.failures, *regressions]
     run.report["check"] = {
         "passed": not failures,
-        "checks": len(outcome.checks),
+        "checks": len(outcome.checks) + (_baseline_checks(baseline, current) if baseline else 0),
         "failures": [dataclasses.asdict(f) for f in failures],
     }
     if gates.write_baseline is not None:

@@ -53,13 +53,13 @@ def junit_xml(
 
 def step_summary(report: Mapping[str, Any], failures: Sequence[Failure]) -> str:
     """Markdown for ``$GITHUB_STEP_SUMMARY``: the verdict per capture, then the failures."""
-    from fvis.report import _md
+    from fvis.report import _code, _md
 
     status = "passed" if not failures else f"failed ({len(failures)})"
     lines = [
         f"### fvis check: {status}",
         "",
-        f"Model `{_md(report['model']['file'])}`, "
+        f"Model `{_code(report['model']['file'])}`, "
         f"input {_md(report['input']['description'])}, mode `{report['mode']}`",
         "",
         "| capture | shape | verdict |",
@@ -67,13 +67,13 @@ def step_summary(report: Mapping[str, Any], failures: Sequence[Failure]) -> str:
     ]
     for c in report["captures"]:
         verdict = (c.get("verdict") or {}).get("summary", "")
-        lines.append(f"| `{_md(c['label'])}` | {tuple(c['shape'])} | {_md(verdict)} |")
+        lines.append(f"| `{_code(c['label'])}` | {tuple(c['shape'])} | {_md(verdict)} |")
     for name in report["never_ran"]:
-        lines.append(f"| `{_md(name)}` | - | never ran |")
+        lines.append(f"| `{_code(name)}` | - | never ran |")
     if failures:
         lines += ["", "| layer | gate | cause | hint |", "|---|---|---|---|"]
         lines += [
-            f"| `{_md(f.layer)}` | {_md(f.gate)} | {_md(f.cause)} | {_md(f.hint)} |"
+            f"| `{_code(f.layer)}` | {_md(f.gate)} | {_md(f.cause)} | {_md(f.hint)} |"
             for f in failures
         ]
     return "\n".join(lines) + "\n"

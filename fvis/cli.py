@@ -805,7 +805,7 @@ def _report_check(result: Any, junit: Path | None, json_out: bool, quiet: bool) 
     for failure in failures:
         sys.stdout.write(f"FAIL {for_terminal_plain(failure.line())}\n")
     if not quiet:
-        checks = len(result.outcome.checks)
+        checks = result.checks
         status = "passed" if result.passed else f"failed: {len(failures)} of {checks} checks"
         sys.stdout.write(f"fvis check {status} ({len(result.dump.report['captures'])} captures)\n")
 

@@ -69,19 +69,34 @@ def _parse(path: Path, table: dict[str, Any]) -> Config:
     return Config(
         file=path,
         model=base / _str(path, "model", model) if model is not None else None,
-        arch=_opt_str(path, "arch", table.get("arch")),
+        arch=_arch(base, _opt_str(path, "arch", table.get("arch"))),
         arch_kwargs=_dict(path, "arch-kwargs", table.get("arch-kwargs", {})),
         allow_modules=_strs(path, "allow-modules", table.get("allow-modules", [])),
-        inputs=tuple(
-            str(base / s) if "=" not in s else s
-            for s in _strs(path, "input", table.get("input", []))
-        ),
+        inputs=tuple(_input(base, s) for s in _strs(path, "input", table.get("input", []))),
         shape=_opt_str(path, "shape", table.get("shape")),
         layers=_strs(path, "layers", table.get("layers", [])),
         fail_on=_opt_str(path, "fail-on", table.get("fail-on")),
         expect=_strs(path, "expect", table.get("expect", [])),
         baseline=base / _str(path, "baseline", table["baseline"]) if "baseline" in table else None,
     )
+
+
+def _arch(base: Path, spec: str | None) -> str | None:
+    """``path/file.py:callable`` is relative to the pyproject; ``pkg.module:callable`` is not."""
+    if spec is None:
+        return None
+    target, sep, attr = spec.rpartition(":")
+    if sep and target.endswith(".py") and not Path(target).is_absolute():
+        return f"{base / target}:{attr}"
+    return spec
+
+
+def _input(base: Path, source: str) -> str:
+    """A file or folder relative to the pyproject; ``name=FILE`` keeps its name."""
+    name, sep, file_name = source.partition("=")
+    if sep and name.isidentifier():
+        return f"{name}={base / file_name}"
+    return str(base / source)
 
 
 def _str(path: Path, key: str, value: Any) -> str:

@@ -168,7 +168,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         f"# fvis report: {_md(model.get('file', ''))}",
         "",
-        f"- model: `{_md(model.get('class', ''))}` ({_md(model.get('format', ''))}), "
+        f"- model: `{_code(model.get('class', ''))}` ({_md(model.get('format', ''))}), "
         f"{model.get('params', 0):,} parameters, sha256 `{model.get('sha256', '') or '-'}`",
         f"- input: {_md(inp.get('description', ''))}",
         f"- mode: `{report['mode']}`{' (train)' if report['train'] else ' (eval)'}; "
@@ -180,7 +180,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     ]
     lines += [_md_row(c) for c in report["captures"]]
     if report["never_ran"]:
-        lines += ["", "**Never ran:** " + ", ".join(f"`{_md(n)}`" for n in report["never_ran"])]
+        lines += ["", "**Never ran:** " + ", ".join(f"`{_code(n)}`" for n in report["never_ran"])]
     for warning in report["warnings"]:
         lines.append(f"\n> warning: {_md(warning)}")
     lines += ["", "## Pictures", ""]
@@ -188,7 +188,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         for image in c["images"]:
             note = f" ({_md(image['note'])})" if image["note"] else ""
             lines.append(
-                f"### `{_md(c['label'])}`{note}\n\n![{_md(c['label'])}](<{image['file']}>)\n"
+                f"### `{_code(c['label'])}`{note}\n\n![{_md(c['label'])}](<{image['file']}>)\n"
             )
     return "\n".join(lines) + "\n"
 
@@ -197,7 +197,7 @@ def _md_row(c: Mapping[str, Any]) -> str:
     s, g = c["stats"], c["grad"]
     verdict = (c.get("verdict") or {}).get("summary", "")
     cells = [
-        f"`{_md(c['label'])}`",
+        f"`{_code(c['label'])}`",
         _shape(c["shape"]),
         f"`{g['grad_fn'] or '-'}`",
         str(g["requires_grad"]),
@@ -217,6 +217,12 @@ def _md(text: str) -> str:
     for ch in "\\`*_{}[]<>()#+!|":
         out = out.replace(ch, "\\" + ch)
     return out
+
+
+def _code(text: str) -> str:
+    """Text for inside a Markdown code span: backslash escapes are literal there, so only
+    backticks (which would end the span) and pipes (which would end a table cell) change."""
+    return for_terminal_plain_md(str(text)).replace("`", "'").replace("|", "\\|")
 
 
 def for_terminal_plain_md(text: str) -> str:
