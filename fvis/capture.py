@@ -362,7 +362,7 @@ class _Session:
             self.edges[(layer, call, path)] = _edge(tensor)
         if self.on_capture is not None:
             self.on_capture(record)
-        if not self.keep_values:
+        if values is not None and not self.keep_values:
             record = dataclasses.replace(record, values=None)
         ref = None if tensor.is_inference() else weakref.ref(tensor)
         seq = len(self.live) + len(self.done)
@@ -377,8 +377,10 @@ class _Session:
             if tensor is None:
                 self.done.append(item)
                 continue
-            item.last_version = tensor._version
-            item.last_grad_fn = _grad_fn_name(tensor)
+            version = tensor._version
+            if version != item.last_version:  # the rare case: only then name the new grad_fn
+                item.last_version = version
+                item.last_grad_fn = _grad_fn_name(tensor)
             still.append(item)
         self.live = still
 
@@ -431,7 +433,7 @@ class _Frame:
 def _call_record(
     frame: _Frame, class_name: str, call: int, params_grad: bool, args: Any, output: Any
 ) -> CallRecord:
-    outputs = [t for _, t in flatten_tensors(output)]
+    outputs = _tensors(output)
     floats = [t for t in outputs if t.is_floating_point() or t.is_complex()]
     return CallRecord(
         name=frame.name,
@@ -439,7 +441,7 @@ def _call_record(
         call=call,
         grad_enabled=torch.is_grad_enabled(),
         inference_mode=torch.is_inference_mode_enabled(),
-        inputs_require_grad=any(t.requires_grad for _, t in flatten_tensors(args)),
+        inputs_require_grad=any(t.requires_grad for t in _tensors(args)),
         params_require_grad=params_grad,
         outputs_require_grad=any(t.requires_grad for t in floats),
         has_float_output=bool(floats),
@@ -447,6 +449,15 @@ def _call_record(
         call_id=frame.call_id,
         parent_id=frame.parent_id,
     )
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a call's arguments or output, without building path names (hot path)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if type(value) is tuple and all(isinstance(v, torch.Tensor) for v in value):
+        return list(value)
+    return [t for _, t in flatten_tensors(value)]
 
 
 def _edge(tensor: torch.Tensor) -> tuple[Any, int]:
@@ -476,6 +487,9 @@ def flatten_tensors(
         yield path, value
     elif depth > 8:
         return
+    elif type(value) is tuple or type(value) is list:  # the hot path: plain args tuples
+        for i, item in enumerate(value):
+            yield from flatten_tensors(item, f"{path}[{i}]", depth + 1)
     elif isinstance(value, Mapping):
         for key, item in value.items():
             yield from flatten_tensors(item, f"{path}.{key}", depth + 1)

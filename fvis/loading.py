@@ -10,6 +10,7 @@ Two entry points:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -199,7 +200,12 @@ def inspect_model(path: Path, options: LoadOptions = LoadOptions()) -> ModelTree
     >>> inspect_model(Path("model.pt")).names()[:2]          # doctest: +SKIP
     ['inner', 'inner.linear']
     """
-    sniffed = sniff(path, options.limits)
+    # Listing reads data.pkl only (zipfile checks that member's CRC as it reads it); verifying
+    # every CRC would read all the tensor data, which listing promises not to do.
+    limits = options.limits
+    if limits.verify_crc is None:
+        limits = dataclasses.replace(limits, verify_crc=False)
+    sniffed = sniff(path, limits)
     if sniffed.kind in (FileKind.TORCH_ZIP, FileKind.LEGACY_PICKLE, FileKind.TORCHSCRIPT):
         loaded = _read_inert(sniffed)
         if inert.is_module_stub(loaded.obj) and not options.arch:
