@@ -5,6 +5,7 @@ The CLI maps options to these calls and nothing else; a notebook can call them d
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,8 +219,9 @@ def dump(
     from fvis.output import OutputDir
 
     folder = OutputDir.open(out, overwrite) if out is not None else None  # fail before work
-    run = _run_dump(ref, inputs, options, progress)
-    files = _write_outputs(folder, run, options) if folder is not None else []
+    with folder or contextlib.nullcontext():  # any failure: nothing new is left behind
+        run = _run_dump(ref, inputs, options, progress)
+        files = _write_outputs(folder, run, options) if folder is not None else []
     return DumpResult(run.report, tuple(files), out, run.notes, run.missing)
 
 
@@ -393,16 +395,15 @@ def _write_outputs(folder: Any, run: _DumpRun, options: DumpOptions) -> list[str
     if options.save_tensors:
         names.append("activations.safetensors")
     folder.check_names(names)
-    with folder:  # an exception or Ctrl-C here deletes what was staged
-        run.gallery.write(folder)
-        if options.save_tensors:
-            from fvis.gallery import tensors_file
+    run.gallery.write(folder)
+    if options.save_tensors:
+        from fvis.gallery import tensors_file
 
-            folder.write_bytes("activations.safetensors", tensors_file(run.captures))
-        folder.write_text("report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-        folder.write_text("report.md", to_markdown(report))
-        folder.write_text("report.html", to_html(report, run.gallery.encoded))
-        folder.commit({"report": "report.json"})
+        folder.write_bytes("activations.safetensors", tensors_file(run.captures))
+    folder.write_text("report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    folder.write_text("report.md", to_markdown(report))
+    folder.write_text("report.html", to_html(report, run.gallery.encoded))
+    folder.commit({"report": "report.json"})
     return folder.written
 
 
@@ -477,19 +478,21 @@ def check(
     )
     baseline = read_baseline(gates.baseline) if gates.baseline else None  # fail before work
     folder = OutputDir.open(out, overwrite) if out is not None else None
-    run = _run_dump(ref, inputs, options, progress)
-    outcome = evaluate(run.report, gates.gates, gates.expectations, run.missing)
-    current = make_baseline(run.report)
-    regressions = tuple(compare(baseline, current, gates.rtol, gates.atol)) if baseline else ()
-    failures = [*outcome.failures, *regressions]
-    run.report["check"] = {
-        "passed": not failures,
-        "checks": len(outcome.checks) + (_baseline_checks(baseline, current) if baseline else 0),
-        "failures": [dataclasses.asdict(f) for f in failures],
-    }
-    if gates.write_baseline is not None:
-        text = json.dumps(current, indent=2, allow_nan=False) + "\n"
-        write_file_atomic(gates.write_baseline, text.encode())
-    files = _write_outputs(folder, run, options) if folder is not None else []
+    with folder or contextlib.nullcontext():  # any failure: nothing new is left behind
+        run = _run_dump(ref, inputs, options, progress)
+        outcome = evaluate(run.report, gates.gates, gates.expectations, run.missing)
+        current = make_baseline(run.report)
+        regressions = tuple(compare(baseline, current, gates.rtol, gates.atol)) if baseline else ()
+        failures = [*outcome.failures, *regressions]
+        run.report["check"] = {
+            "passed": not failures,
+            "checks": len(outcome.checks)
+            + (_baseline_checks(baseline, current) if baseline else 0),
+            "failures": [dataclasses.asdict(f) for f in failures],
+        }
+        if gates.write_baseline is not None:
+            text = json.dumps(current, indent=2, allow_nan=False) + "\n"
+            write_file_atomic(gates.write_baseline, text.encode())
+        files = _write_outputs(folder, run, options) if folder is not None else []
     result = DumpResult(run.report, tuple(files), out, run.notes, run.missing)
     return CheckResult(result, outcome, regressions)

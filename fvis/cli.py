@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from fvis.errors import ExitStatus, FvisError, UsageError
+from fvis.errors import ExitStatus, FvisError, OutputError, UsageError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 checks failed; 2 usage error (bad option, missing file, unknown "
@@ -47,6 +47,8 @@ ModelArg = Annotated[
         help="Checkpoint file. Default: [tool.fvis] model in ./pyproject.toml, "
         "else the bundled sample.",
         show_default=False,
+        readable=False,  # fvis reports unreadable files itself, in one line (exit 3)
+        metavar="MODEL",
     ),
 ]
 ArchOpt = Annotated[
@@ -792,8 +794,13 @@ def _report_check(result: Any, junit: Path | None, json_out: bool, quiet: bool) 
         write_file_atomic(junit, junit_xml(result.outcome, result.baseline_failures))
     summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary_path:
-        with open(summary_path, "a", encoding="utf-8") as fh:
-            fh.write(step_summary(result.dump.report, failures))
+        try:
+            with open(summary_path, "a", encoding="utf-8") as fh:
+                fh.write(step_summary(result.dump.report, failures))
+        except OSError as exc:
+            raise OutputError(
+                f"cannot append to GITHUB_STEP_SUMMARY {summary_path}: {exc.strerror or exc}"
+            ) from None
     if json_out:
         payload = {
             "passed": result.passed,

@@ -93,11 +93,14 @@ def sniff(path: Path, limits: Limits = Limits()) -> Sniffed:
     the file looks like instead) for anything that is not a checkpoint.
     """
     _require_file(path)
-    size = path.stat().st_size
-    if size == 0:
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        raise BadFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if size == 0 and not head:
         raise BadFileError(f"{path} is empty (0 bytes), not a PyTorch checkpoint")
-    with path.open("rb") as fh:
-        head = fh.read(4096)
     if _looks_like_safetensors(head, size):
         return Sniffed(path, FileKind.SAFETENSORS)
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
@@ -114,6 +117,8 @@ def _require_file(path: Path) -> None:
         raise UsageError(f"{path}: no such file")
     if path.is_dir():
         raise UsageError(f"{path} is a folder, not a checkpoint file")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise BadFileError(f"{path} is not a regular file")
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:

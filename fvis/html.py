@@ -13,6 +13,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from fvis.text import for_terminal_plain
+
 EMBED_LIMIT = 8 << 20  # bytes of PNG embedded before switching to relative links
 
 
@@ -32,6 +34,9 @@ def to_html(report: Mapping[str, Any], pngs: Mapping[str, bytes] | None = None) 
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        # Every printed value: control characters from layer names become visible \xNN text
+        # (autoescaping then handles <, >, & and quotes).
+        finalize=_visible,
     )
     env.filters["num"] = _num
     env.filters["shape"] = lambda s: "(" + ", ".join(str(d) for d in s) + ")"
@@ -54,6 +59,14 @@ def _script_json(value: Any) -> Any:
 
     text = json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e")
     return Markup(text.replace("&", "\\u0026"))
+
+
+def _visible(value: Any) -> Any:
+    from markupsafe import Markup
+
+    if isinstance(value, str) and not isinstance(value, Markup):  # Markup is ours, already safe
+        return for_terminal_plain(value)
+    return value
 
 
 def badge(capture: Mapping[str, Any]) -> tuple[str, str]:

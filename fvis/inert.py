@@ -186,16 +186,36 @@ def read_zip_pickle(path: Path, prefix: str) -> InertLoad:
     return _unpickle(path, io.BytesIO(data))
 
 
+def globals_in_bytes(data: bytes, label: Path) -> tuple[str, ...]:
+    """Every global a pickled blob names: a torch zip (its ``data.pkl``) or a bare pickle.
+
+    Read with stand-ins, so nothing in it runs; used for the members of a ``.pt2`` archive
+    that torch would unpickle.
+    """
+    if data.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as inner:
+                pickles = [n for n in inner.namelist() if n.endswith("data.pkl")]
+                data = inner.read(pickles[0]) if pickles else b""
+        except ZIP_ERRORS as exc:
+            raise BadFileError(f"{label} holds a damaged nested archive ({exc})") from None
+    if not data:
+        return ()
+    return _unpickle(label, io.BytesIO(data)).globals_seen
+
+
 def read_legacy_pickle(path: Path) -> InertLoad:
     """Read a legacy (pre-zip) torch file: magic number, protocol, sys info, then the object."""
     with path.open("rb") as fh:
         stream = io.BufferedReader(fh)
-        header = [_unpickle(path, stream).obj for _ in range(3)]
-        if header[0] != 0x1950A86A20F9469CFC6C:
+        magic = _unpickle(path, stream).obj
+        if magic != 0x1950A86A20F9469CFC6C:
             raise BadFileError(
-                f"{path} is a Python pickle, not a PyTorch checkpoint",
+                f"{path} is a plain Python pickle, not a PyTorch checkpoint",
                 hint="fvis only reads files written by torch.save",
             )
+        for _ in range(2):  # protocol version, then sys info
+            _unpickle(path, stream)
         return _unpickle(path, stream)
 
 

@@ -183,6 +183,8 @@ def _expand(sources: Sequence[str]) -> list[Path]:
             paths.extend(found)
         elif path.is_file():
             paths.append(path)
+        elif path.exists():
+            raise BadFileError(f"--input {path} is not a regular file")
         else:
             raise UsageError(f"--input {path}: no such file")
     return paths
@@ -223,21 +225,30 @@ def load_input_file(
     path: Path, options: InputOptions, channels: int | None
 ) -> tuple[torch.Tensor, str, np.ndarray | None]:
     """One file -> a batched tensor (leading dim 1 for images), a note, and the display image."""
-    with path.open("rb") as fh:
-        head = fh.read(16)
+    from fvis.formats import _looks_like_safetensors
+
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(16)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise BadFileError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not head:
         raise BadFileError(f"{path} is empty (0 bytes)")
     if head.startswith(b"\x93NUMPY"):
         return _load_npy(path), f"{path.name} (npy)", None
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return _load_torch_tensor(path), f"{path.name} (torch tensor)", None
-    from fvis.formats import _looks_like_safetensors
-
-    if _looks_like_safetensors(head + b"x" * 0, path.stat().st_size) or path.suffix == (
-        ".safetensors"
-    ):
+    if _looks_like_safetensors(head, size) or path.suffix == ".safetensors":
         return _load_safetensors_tensor(path), f"{path.name} (safetensors)", None
     return _load_image(path, options, channels)
+
+
+def _model_as_input(path: Path, what: str) -> ModelInputError:
+    return ModelInputError(
+        f"{path} is a model checkpoint ({what}), not an input",
+        hint="the model comes first: fvis dump MODEL --input INPUT",
+    )
 
 
 def _load_npy(path: Path) -> torch.Tensor:
@@ -255,25 +266,43 @@ def _load_npy(path: Path) -> torch.Tensor:
 
 
 def _load_torch_tensor(path: Path) -> torch.Tensor:
+    """A file written by ``torch.save(tensor)`` (or a one-entry dict of one). It is read with
+    stand-ins first: a checkpoint gets the swapped-arguments hint, and a file naming any
+    global a tensor does not need is refused before torch sees it."""
+    from fvis import inert
+    from fvis.errors import RefusedError
+    from fvis.formats import FileKind, sniff
+    from fvis.loading import untrusted_globals
+
+    sniffed = sniff(path)
+    if sniffed.kind in (FileKind.TORCHSCRIPT, FileKind.EXPORT_PROGRAM):
+        raise _model_as_input(path, sniffed.kind.value)
+    peek = (
+        inert.read_legacy_pickle(path)
+        if sniffed.kind is FileKind.LEGACY_PICKLE
+        else inert.read_zip_pickle(path, sniffed.prefix)
+    )
+    obj = peek.obj
+    if inert.is_module_stub(obj):
+        raise _model_as_input(path, "a pickled module")
+    blocked = untrusted_globals(peek.globals_seen)
+    if blocked:
+        raise RefusedError(
+            f"{path} names globals a tensor file never needs: {', '.join(blocked[:5])}",
+            hint="an input file must hold plain tensors (torch.save(tensor))",
+        )
+    tensors = inert.fake_tensors(obj) if isinstance(obj, dict) else None
+    if not isinstance(obj, inert.FakeTensor) and not (tensors and len(tensors) == len(obj) == 1):
+        what = f"{len(tensors)} tensors" if tensors else f"a {type(obj).__name__}"
+        kind = "a state dict of " if tensors and len(tensors) >= len(obj) / 2 else "a dict of "
+        raise _model_as_input(path, kind + what if isinstance(obj, dict) else what)
     try:
         value = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BadFileError(f"{path} is not a readable tensor file ({first[:200]})") from None
-    if isinstance(value, torch.Tensor):
-        return value
-    if (
-        isinstance(value, dict)
-        and value
-        and all(isinstance(v, torch.Tensor) for v in value.values())
-    ):
-        if len(value) == 1:
-            return next(iter(value.values()))
-        raise ModelInputError(
-            f"{path} holds {len(value)} tensors (a state dict?), not one input",
-            hint="the model comes first: fvis dump MODEL --input INPUT",
-        )
-    raise BadFileError(f"{path} holds a {type(value).__name__}, not a tensor")
+    except Exception as exc:  # torch's text would suggest weights_only=False: do not relay it
+        raise BadFileError(
+            f"{path} could not be read as a tensor file ({type(exc).__name__})"
+        ) from None
+    return value if isinstance(value, torch.Tensor) else next(iter(value.values()))
 
 
 def _load_safetensors_tensor(path: Path) -> torch.Tensor:
@@ -284,10 +313,7 @@ def _load_safetensors_tensor(path: Path) -> torch.Tensor:
     except Exception as exc:
         raise BadFileError(f"{path} is a damaged safetensors file: {exc}") from None
     if len(tensors) != 1:
-        raise ModelInputError(
-            f"{path} holds {len(tensors)} tensors, not one input",
-            hint="use --input name=FILE per keyword, one tensor per file",
-        )
+        raise _model_as_input(path, f"safetensors with {len(tensors)} tensors")
     return next(iter(tensors.values()))
 
 

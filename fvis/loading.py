@@ -10,11 +10,15 @@ Two entry points:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import io
 import json
+import logging
+import os
 import re
 import sys
 import warnings
@@ -316,6 +320,8 @@ def _metas_from_export(sniffed: Sniffed) -> dict[str, TensorMeta]:
 
 
 _EXPORT_JSON_ERRORS: tuple[type[BaseException], ...] = (*ZIP_ERRORS, TypeError)
+_EXAMPLE_ERRORS: tuple[type[BaseException], ...] = (*_EXPORT_JSON_ERRORS, AttributeError)
+_MEMBER_ERRORS: tuple[type[BaseException], ...] = (BadFileError, *ZIP_ERRORS)
 
 
 def _tree_from_export(sniffed: Sniffed, metas: Mapping[str, TensorMeta]) -> ModuleNode:
@@ -552,6 +558,16 @@ def _check_trust_binding(path: Path, digest: str, trust: Trust | None) -> None:
         )
 
 
+def _trusted_bytes(path: Path, trust: Trust) -> io.BytesIO:
+    """The file's bytes, read once: the hash is checked on exactly what gets unpickled, so a
+    file swapped after the first check cannot slip through."""
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    _check_trust_binding(path, digest, trust)
+    _warn_trusted(path, digest)
+    return io.BytesIO(data)
+
+
 def _warn_trusted(path: Path, digest: str) -> None:
     warnings.warn(
         f"running code from {path} because of --trust (sha256:{digest})", TrustWarning, stacklevel=3
@@ -642,8 +658,8 @@ def _torch_load(
         source, mmap = sniffed.path.open("rb"), False
     try:
         if options.trust is not None:
-            _warn_trusted(sniffed.path, sha256_of(sniffed.path))
-            return torch.load(source, weights_only=False, map_location="cpu", mmap=mmap)
+            trusted = _trusted_bytes(sniffed.path, options.trust)
+            return torch.load(trusted, weights_only=False, map_location="cpu")
         with torch.serialization.safe_globals(extra_globals or []):
             return torch.load(source, weights_only=True, map_location="cpu", mmap=mmap)
     except Exception as exc:
@@ -696,6 +712,11 @@ def _needed_globals(seen: tuple[str, ...]) -> list[str]:
     ]
 
 
+def untrusted_globals(seen: tuple[str, ...]) -> list[str]:
+    """The globals a pickle names that safe loading would refuse (no allowlist applied)."""
+    return [g for g in _needed_globals(seen) if _resolve_allowed(g, ()) is None]
+
+
 def _allowed_classes(
     path: Path, seen: tuple[str, ...], allow_modules: tuple[str, ...]
 ) -> list[Any]:
@@ -733,12 +754,15 @@ def _resolve_allowed(qualname: str, allow_modules: tuple[str, ...]) -> Any:
     import torch
 
     module_name, _, attr = qualname.rpartition(".")
-    if module_name.split(".")[0] in _DANGEROUS_ROOTS:
+    if _is_dangerous(qualname) and not module_name.startswith("torch.nn."):
         return None
     user_allowed = any(module_name == m or module_name.startswith(m + ".") for m in allow_modules)
     if not (module_name.startswith("torch.nn.") or user_allowed):
         return None
-    module = importlib.import_module(module_name) if not user_allowed else import_user(module_name)
+    try:
+        module = import_user(module_name) if user_allowed else importlib.import_module(module_name)
+    except (ImportError, UsageError):  # a name the file made up: simply not allowed
+        return None
     obj = getattr(module, attr, None)
     if not isinstance(obj, type):
         return None
@@ -748,22 +772,35 @@ def _resolve_allowed(qualname: str, allow_modules: tuple[str, ...]) -> Any:
 
 
 def _ways_forward(path: Path, blocked: list[str] | None = None) -> str:
-    modules = sorted(
-        {
-            g.rpartition(".")[0]
-            for g in blocked or []
-            if g.rpartition(".")[0].split(".")[0] not in _DANGEROUS_ROOTS
-        }
-    )
-    allow = f"--allow-module {modules[0]}" if modules else None
+    """The hint for a refused file: never ``--trust`` when a blocked global can run code."""
     if blocked and any(_is_dangerous(g) for g in blocked):
-        return "the file names dangerous globals that run commands or code; do not trust it"
+        return "the file names dangerous globals that can run commands or code; do not trust it"
+    modules = sorted({g.rpartition(".")[0] for g in blocked or []} - {""})
+    allow = None
+    if modules and _allowable(modules[0]):
+        allow = f"--allow-module {modules[0]}"
     options = ["save a state dict and pass --arch", allow, f"--trust if you trust {path.name}"]
     return "; ".join(o for o in options if o)
 
 
 def _is_dangerous(qualname: str) -> bool:
-    return qualname.split(".")[0] in _DANGEROUS_ROOTS
+    """Globals that can run code when unpickled: system modules, any torch global that is
+    not a plain ``torch.nn`` module class, and anything that is not named like a class
+    (functions run when a pickle REDUCEs them)."""
+    module_name, _, attr = qualname.rpartition(".")
+    if module_name.split(".")[0] in _DANGEROUS_ROOTS:
+        return True
+    if module_name.split(".")[0] == "torch" and not module_name.startswith("torch.nn.modules"):
+        return True
+    return not attr[:1].isupper()
+
+
+def _allowable(module_name: str) -> bool:
+    try:
+        check_allow_modules((module_name,))
+    except UsageError:
+        return False
+    return True
 
 
 def check_allow_modules(modules: tuple[str, ...]) -> None:
@@ -817,27 +854,14 @@ def read_tensors_as_data(sniffed: Sniffed) -> dict[str, torch.Tensor]:
 def _load_export(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, list[str]]:
     import torch
 
-    pickled = [
-        name
-        for member in (
-            "data/weights/model_weights_config.json",
-            "data/constants/model_constants_config.json",
-        )
-        for name, entry in _export_config(sniffed, member).items()
-        if isinstance(entry, dict) and entry.get("use_pickle")
-    ]
-    if pickled and options.trust is None:
-        raise RefusedError(
-            f"{sniffed.path} is a torch.export program with pickled payloads "
-            f"({_preview(pickled)}), which would run code when loaded",
-            hint=f"--trust if you trust {sniffed.path.name}",
-        )
-    if options.trust is not None and pickled:
-        _warn_trusted(sniffed.path, sha256_of(sniffed.path))
+    if options.trust is None:
+        _refuse_export_pickles(sniffed, options)
+    source = _trusted_bytes(sniffed.path, options.trust) if options.trust else sniffed.path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.load(sniffed.path)
+            with _weights_only_unless(options.trust is not None):
+                program = torch.export.load(source)
             # Decompose so in-place ops (aten.relu_) become real values, then rebuild the tree.
             module = torch.export.unflatten(program.run_decompositions())
     except Exception as exc:
@@ -849,6 +873,92 @@ def _load_export(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, lis
     if options.arch:
         return _with_arch(sniffed, options, module.state_dict(), notes)
     return module, notes
+
+
+def _refuse_export_pickles(sniffed: Sniffed, options: LoadOptions) -> None:
+    """torch.export.load unpickles weights and constants marked ``use_pickle`` with
+    ``weights_only=False``: such a program needs --trust. Its sample inputs are pickled too;
+    they load under forced ``weights_only`` when they name only safe globals."""
+    pickled, inputs = _export_pickled_members(sniffed)
+    seen, unreadable = _globals_of_members(sniffed, [*pickled.values(), *inputs])
+    blocked = [
+        g for g in _needed_globals(seen) if _resolve_allowed(g, options.allow_modules) is None
+    ]
+    if not (pickled or blocked or unreadable):
+        return
+    named = [_preview(blocked, 5)] if blocked else []
+    named += [f"unreadable {_preview(unreadable)}"] if unreadable else []
+    members = _preview(list(pickled) or [m.removeprefix(sniffed.prefix) for m in inputs])
+    if blocked:
+        hint = _ways_forward(sniffed.path, blocked)
+    elif unreadable:
+        hint = f"fvis could not check them; only --trust {sniffed.path.name} if you made it"
+    else:
+        hint = f"--trust if you trust {sniffed.path.name}"
+    detail = f"; they name {', '.join(named)}" if named else ""
+    raise RefusedError(
+        f"{sniffed.path} is a torch.export program with pickled members ({members}) that "
+        f"would run code when loaded{detail}",
+        hint=hint,
+    )
+
+
+def _export_pickled_members(sniffed: Sniffed) -> tuple[dict[str, str], list[str]]:
+    """Weights and constants marked ``use_pickle`` in any program's config (by their name in
+    the state dict -> archive member), and the sample inputs."""
+    pickled: dict[str, str] = {}
+    inputs: list[str] = []
+    try:
+        with zipfile.ZipFile(sniffed.path) as archive:
+            for name in archive.namelist():
+                if name.endswith(("_weights_config.json", "_constants_config.json")):
+                    folder = name.rsplit("/", 1)[0]
+                    config = json.loads(archive.read(name)).get("config", {})
+                    pickled.update(
+                        (str(key), f"{folder}/{entry.get('path_name', '')}")
+                        for key, entry in config.items()
+                        if isinstance(entry, dict) and entry.get("use_pickle")
+                    )
+                elif "/sample_inputs/" in name:
+                    inputs.append(name)
+    except _EXPORT_JSON_ERRORS as exc:
+        raise BadFileError(f"{sniffed.path} is a damaged torch.export archive ({exc})") from None
+    return pickled, inputs
+
+
+def _globals_of_members(sniffed: Sniffed, members: list[str]) -> tuple[tuple[str, ...], list[str]]:
+    """Globals named by each pickled member (read with stand-ins), and the unreadable ones."""
+    seen: list[str] = []
+    unreadable: list[str] = []
+    with zipfile.ZipFile(sniffed.path) as archive:
+        for member in members:
+            try:
+                seen += inert.globals_in_bytes(archive.read(member), sniffed.path)
+            except _MEMBER_ERRORS:
+                unreadable.append(member.removeprefix(sniffed.prefix))
+    return tuple(dict.fromkeys(seen)), unreadable
+
+
+@contextlib.contextmanager
+def _weights_only_unless(trusted: bool) -> Iterator[None]:
+    """torch.export.load unpickles some members with ``weights_only=False`` and, when a safe
+    load fails, retries unsafely on its own. Unless the user trusts the file, force every
+    ``torch.load`` inside it to stay safe (and keep torch's retry log off stderr)."""
+    if trusted:
+        yield
+        return
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    previous = {name: os.environ.pop(name, None) for name in names}  # torch refuses both set
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+        for name, value in previous.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 # torch.export's serialized ScalarType numbers (torch/_export/serde/schema.py).
@@ -885,5 +995,5 @@ def export_example_inputs(sniffed: Sniffed) -> tuple[tuple[tuple[int, ...], str]
             )
             for n in names
         )
-    except (*_EXPORT_JSON_ERRORS, AttributeError):  # type: ignore[misc]
+    except _EXAMPLE_ERRORS:
         return ()

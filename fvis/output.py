@@ -48,6 +48,7 @@ class OutputDir:
         self._staged: dict[str, Path] = {}  # final name -> complete temporary
         self._written: list[str] = []
         self._mode = 0o666 & ~_umask()
+        self._created: list[Path] = []  # folders open() made, removed again on abort
 
     @classmethod
     def open(cls, root: Path, overwrite: bool = False) -> OutputDir:
@@ -56,6 +57,7 @@ class OutputDir:
             raise OutputError(
                 f"--out {root} is a file, not a folder", hint="choose another --out folder"
             )
+        created = [p for p in (root, *root.parents) if not p.exists()]
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -73,7 +75,9 @@ class OutputDir:
                 hint="choose an empty or new folder, or pass --overwrite (fvis then replaces "
                 "only its own files)",
             )
-        return cls(root, previous)
+        folder = cls(root, previous)
+        folder._created = list(reversed(created))  # outermost first
+        return folder
 
     def __enter__(self) -> OutputDir:
         return self
@@ -129,32 +133,63 @@ class OutputDir:
         return tmp
 
     def commit(self, extra: dict[str, object] | None = None) -> Path:
-        """Rename every staged file into place, write the manifest last, then remove files
-        the previous run wrote and this one did not (they were fvis's own)."""
+        """Move every staged file into place, the manifest last; all or nothing.
+
+        Files being replaced are first moved aside; if anything fails (a rename, Ctrl-C),
+        the new files are removed and the old ones put back. Then files the previous run
+        wrote and this one did not are removed (they were fvis's own).
+        """
         names = sorted(self._staged)
         manifest = {"schema": MANIFEST_SCHEMA, "files": names, **(extra or {})}
         data = (json.dumps(manifest, indent=2) + "\n").encode()
-        manifest_tmp = self._complete_temporary(MANIFEST, lambda fh: fh.write(data))
+        self._staged[MANIFEST] = self._complete_temporary(MANIFEST, lambda fh: fh.write(data))
+        placed: list[str] = []
+        backups: dict[str, Path] = {}
         try:
-            for name in names:
-                os.replace(self._staged.pop(name), self.root / name)
-                self._written.append(name)
-            os.replace(manifest_tmp, self.root / MANIFEST)
-        except OSError as exc:
-            manifest_tmp.unlink(missing_ok=True)
-            self.abort()
-            raise OutputError(f"cannot finish {self.root}: {exc.strerror or exc}") from None
-        for stale in sorted(self._previous - set(self._written)):
+            for name in [*names, MANIFEST]:
+                target = self.root / name
+                if target.exists():
+                    backups[name] = self._aside(name)
+                os.replace(self._staged[name], target)
+                placed.append(name)
+        except BaseException as exc:
+            self._roll_back(placed, backups)
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot finish {self.root}: {exc.strerror or exc}") from None
+            raise
+        self._staged.clear()
+        self._written = names
+        stale = [self.root / n for n in self._previous if n not in names]
+        for leftover in [*backups.values(), *stale]:
             with contextlib.suppress(OSError):
-                (self.root / stale).unlink()
+                leftover.unlink()
         return self.root / MANIFEST
 
+    def _aside(self, name: str) -> Path:
+        fd, aside = tempfile.mkstemp(prefix=f".{name[:40]}.", suffix=".fvis-tmp", dir=self.root)
+        os.close(fd)
+        os.replace(self.root / name, aside)
+        return Path(aside)
+
+    def _roll_back(self, placed: list[str], backups: dict[str, Path]) -> None:
+        for name in placed:
+            with contextlib.suppress(OSError):
+                (self.root / name).unlink()
+        for name, aside in backups.items():
+            with contextlib.suppress(OSError):
+                os.replace(aside, self.root / name)
+        self.abort()
+
     def abort(self) -> None:
-        """Delete every staged temporary: the folder is left as it was."""
+        """Delete every staged temporary and any folder ``open`` created: the disk is left as
+        it was."""
         for tmp in self._staged.values():
             with contextlib.suppress(OSError):
                 tmp.unlink()
         self._staged.clear()
+        for folder in reversed(self._created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
 
     @property
     def written(self) -> list[str]:

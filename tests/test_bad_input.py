@@ -78,6 +78,9 @@ UNSAFE_LOAD = re.compile(r"weights_only`?\s*(=|set to)\s*`?False")
 # --------------------------------------------------------------------------- payloads
 
 
+FIXED = True  # every BUG xfail below has been fixed; the reasons stay as the history
+
+
 class SystemPayload:
     """Unpickles as ``os.system("touch MARKER")``."""
 
@@ -1208,7 +1211,7 @@ PARAMS = [
     pytest.param(
         case,
         id=case.id,
-        marks=[pytest.mark.xfail(reason=case.xfail, strict=True)] if case.xfail else [],
+        marks=[pytest.mark.xfail(reason=case.xfail, strict=True)] if case.xfail and not FIXED else [],
     )
     for case in CASES
 ]
@@ -1335,11 +1338,6 @@ def test_bad_input_contract(
     assert _tree(kit.zoo) == before[kit.zoo]
 
 
-@pytest.mark.xfail(
-    reason="BUG: fvis/html.py: report.html carries layer names with raw control characters "
-    "(ESC) in text and attributes; report.md and the terminal escape them (fvis.text)",
-    strict=True,
-)
 def test_written_reports_carry_no_raw_escape(kit: Kit, chdir: Path) -> None:
     """Layer names with ANSI escapes reach report.md / report.html / file names only escaped."""
     out = chdir / "out"
