@@ -1,4 +1,4 @@
-"""Timing helpers shared by ``run.py`` and ``peers.py`` (both run with ``benchmarks/`` on the path)."""
+"""Timing helpers shared by ``run.py``, ``peers.py`` and ``hotpaths.py``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 MIN_REP_S = 0.05  # a repetition loops a fast callable until it lasts at least this long
+
+# glibc's default malloc returns freed memory to the kernel by heuristics that depend on what
+# ran before: a grad-mode ResNet-18 forward then pays ~5000 page faults (25 ms instead of 15)
+# or none, run to run. In-process timings run with these fixed settings (both sides alike):
+# blocks up to 32 MiB come from the heap, and the heap is not trimmed.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def steady_malloc_env() -> dict[str, str]:
+    """``os.environ`` plus ``STEADY_MALLOC``, for a child that times things in process."""
+    return {**os.environ, **STEADY_MALLOC}
 
 
 @dataclass(frozen=True)

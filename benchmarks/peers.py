@@ -27,21 +27,14 @@ HERE = Path(__file__).resolve().parent
 # fvis from the working tree (or run.py's --fvis-ref snapshot), whatever the venv holds
 sys.path.insert(0, os.environ.get("FVIS_BENCH_SRC", str(HERE.parent)))
 
-import torch  # noqa: E402
-
 import models  # noqa: E402
+import torch  # noqa: E402
+from cases import leaves  # noqa: E402
 from common import Timing, interleaved  # noqa: E402
 
 
 def _row(t: Timing) -> dict[str, Any]:
     return {"median": t.median, "reps": list(t.reps), "attempts": t.attempts, "others": t.others}
-
-
-def _leaves(model: torch.nn.Module) -> list[str]:
-    from fvis.api import DumpOptions, choose_layers
-    from fvis.layers import ModelTree, node_from_module
-
-    return list(choose_layers(ModelTree.of(node_from_module(model)), DumpOptions(all_leaves=True))[0])
 
 
 def capture_peers(model: torch.nn.Module, x: torch.Tensor, reps: int) -> dict[str, Timing]:
@@ -50,7 +43,7 @@ def capture_peers(model: torch.nn.Module, x: torch.Tensor, reps: int) -> dict[st
 
     from fvis.capture import Mode, capture
 
-    layers = _leaves(model)
+    layers = leaves(model)
     captum = LayerActivation(model, [model.get_submodule(n) for n in layers])
 
     def bare_grad() -> None:
@@ -118,15 +111,15 @@ def torchlens_phase(
         trace = torchlens.trace
     from fvis.capture import Mode, capture
 
-    layers = _leaves(model)
+    layers = leaves(model)
     start = time.perf_counter()
     trace(model, x)  # the first call wraps torch's functions
     first = time.perf_counter() - start
     timed = interleaved(
         {
             "torchlens full trace (every op, values saved)": lambda: trace(model, x),
-            "fvis capture, every leaf, grad, no values (torch wrapped by torchlens)": lambda: capture(
-                model, [x], layers, mode=Mode.GRAD, keep_values=False
+            "fvis capture, every leaf, grad, no values (torch wrapped by torchlens)": lambda: (
+                capture(model, [x], layers, mode=Mode.GRAD, keep_values=False)
             ),
             "bare forward (grad) (torch wrapped by torchlens)": lambda: model(x),
         },

@@ -34,10 +34,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
 import models  # noqa: E402
-from common import Timing, fmt_s, interleaved  # noqa: E402
+import torch  # noqa: E402
+from common import Timing, fmt_s, interleaved, steady_malloc_env, wait_quiet  # noqa: E402
 
 ANALYSIS_MARKER = "<!-- hand-written analysis: benchmarks/run.py keeps everything below -->"
 ARCH = f"{HERE / 'models.py'}:resnet18ish"
@@ -77,57 +76,55 @@ class Settings:
 # --------------------------------------------------------------------------- 1. capture
 
 
-def _leaves(model: torch.nn.Module) -> list[str]:
-    """The layers ``fvis dump --all`` hooks (fvis's own choice of leaves)."""
-    from fvis.api import DumpOptions, choose_layers
-    from fvis.layers import ModelTree, node_from_module
-
-    tree = ModelTree.of(node_from_module(model))
-    return list(choose_layers(tree, DumpOptions(all_leaves=True))[0])
-
-
-def _capture_cases() -> Iterator[tuple[str, torch.nn.Module, torch.Tensor]]:
-    from sample_models.zoo import SAMPLES, build, example_input
-
-    torch.manual_seed(0)
-    yield "resnet18ish 1x3x224x224", models.resnet18ish(), torch.randn(models.RESNET_INPUT)
-    yield "deep_narrow 400 leaves, 16x64", models.deep_narrow(), torch.randn(models.DEEP_INPUT)
-    yield "wide_conv 2048ch 14x14", models.wide_conv(), torch.randn(models.WIDE_INPUT)
-    for name in SAMPLES:
-        yield f"zoo {name}", build(name), example_input(name)
-
-
 def bench_capture(report: Report, s: Settings) -> None:
-    from fvis.capture import Mode, capture
+    from cases import capture_cases
 
     rows = []
-    for label, model, x in _capture_cases():
-        layers = _leaves(model)
-        for mode, ctx in (("inference", torch.inference_mode), ("grad", torch.enable_grad)):
-
-            def bare(model: Any = model, x: Any = x, ctx: Any = ctx) -> None:
-                with ctx():
-                    model(x)
-
-            def fvis(model: Any = model, x: Any = x, layers: Any = layers, mode: Any = mode) -> None:
-                capture(model, [x], layers, mode=Mode(mode), keep_values=False)
-
-            t = interleaved({"bare": bare, "fvis": fvis}, s.reps)
+    for label in capture_cases():
+        for mode in ("inference", "grad"):
+            cmd = [sys.executable, str(HERE / "capture_case.py"), label, mode, str(s.reps)]
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, check=False, env=steady_malloc_env()
+            )
+            if done.returncode != 0:
+                report.errors.append(f"capture {label} {mode}: {_tail(done.stderr)}")
+                continue
+            data = json.loads(done.stdout)
+            t = {k: _timing(data[k]) for k in ("bare", "fvis")}
             ratio = t["fvis"].median / t["bare"].median
             report.numbers[f"capture {label} {mode}"] = ratio
+            faults = data["faults"]
             rows.append(
-                [label, str(len(layers)), mode, _ms(t["bare"]), _ms(t["fvis"]), f"**{ratio:.2f}x**"]
+                [
+                    label,
+                    str(data["leaves"]),
+                    mode,
+                    _ms(t["bare"]),
+                    _ms(t["fvis"]),
+                    f"**{ratio:.2f}x**",
+                    f"{faults['bare']:.0f} / {faults['fvis']:.0f}",
+                ]
             )
     report.table(
         "1. Capture overhead: `fvis.capture.capture` on every leaf vs a bare forward",
-        ["model", "leaves hooked", "mode", "bare forward", "fvis capture", "ratio"],
+        ["model", "leaves hooked", "mode", "bare forward", "fvis capture", "ratio", "page faults"],
         rows,
         "Stats + snapshot, no images (`keep_values=False`, no `on_capture`); the bare forward "
         "runs under the same grad mode (`torch.inference_mode()` / `torch.enable_grad()`), "
-        "model in eval mode. Median per call (± half the interquartile range, relative; "
-        "'N tries': the set was measured again because it was noisy or other processes were busy, "
-        "the quietest kept; 'others': CPU cores other processes used during the kept set).",
+        "model in eval mode. Each row is its own process (`benchmarks/capture_case.py`) with "
+        "`MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`: with glibc's "
+        "adaptive defaults the allocator state left by earlier work decides whether a grad-mode "
+        "forward re-faults ~5000 pages per call (ResNet-18: 25 ms instead of 15 ms), for the bare "
+        "forward and fvis alike, so ratios swung by a third from run to run. Median per call "
+        "(± half the interquartile range, relative; 'N tries': the set was measured again "
+        "because it was noisy or other processes were busy, the quietest kept; 'others': CPU "
+        "cores other processes used during the kept set). 'page faults': minor faults per call, "
+        "bare / fvis (memory the allocator had to get back from the kernel).",
     )
+
+
+def _timing(row: dict[str, Any]) -> Timing:
+    return Timing(row["median"], tuple(row["reps"]), row["attempts"], row["others"])
 
 
 def _ms(t: Timing) -> str:
@@ -140,8 +137,12 @@ def _ms(t: Timing) -> str:
 # --------------------------------------------------------------------------- 2. peers
 
 
-def _run_quiet(cmd: list[str], timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+def _run_quiet(
+    cmd: list[str], timeout: float = 1800, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
 
 
 def ensure_peers_venv() -> tuple[Path | None, str]:
@@ -151,7 +152,9 @@ def ensure_peers_venv() -> tuple[Path | None, str]:
     if python.exists() and _run_quiet(probe).returncode == 0:
         return python, "existing benchmarks/.venv-peers"
     with tempfile.TemporaryDirectory() as dl:
-        check = _run_quiet([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", dl, *PEERS])
+        check = _run_quiet(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", dl, *PEERS]
+        )
     if check.returncode != 0:
         return None, f"`pip download --no-deps {' '.join(PEERS)}` failed: {_tail(check.stderr)}"
     _exclude_from_git(VENV)
@@ -182,16 +185,20 @@ def bench_peers(report: Report, s: Settings, checkpoint: Path) -> None:
     if python is None:
         report.errors.append(f"peers not measured: {how}")
         return
-    cmd = [str(python), str(HERE / "peers.py"), "--reps", str(s.reps), "--checkpoint", str(checkpoint)]
-    done = _run_quiet(cmd)
+    cmd = [
+        str(python),
+        str(HERE / "peers.py"),
+        "--reps",
+        str(s.reps),
+        "--checkpoint",
+        str(checkpoint),
+    ]
+    done = _run_quiet(cmd, env=steady_malloc_env())
     if done.returncode != 0:
         report.errors.append(f"peers.py failed: {_tail(done.stderr)}")
         return
     data = json.loads(done.stdout)
-    timings = {
-        k: Timing(v["median"], tuple(v["reps"]), v["attempts"], v["others"])
-        for k, v in data["timings"].items()
-    }
+    timings = {k: _timing(v) for k, v in data["timings"].items()}
     report.errors += [f"peers.py {k}: {v}" for k, v in data["errors"].items()]
     _peer_tables(report, data, timings)
 
@@ -229,7 +236,8 @@ def _peer_tables(report: Report, data: dict[str, Any], timings: dict[str, Timing
         "2a. Against peers: every layer of the ResNet-18-shaped model, grad mode, one process",
         ["what", "median", "vs bare forward (grad)", "vs fvis capture (grad, no values)"],
         rows,
-        f"Peers from `benchmarks/.venv-peers` ({versions}). torchlens is called as "
+        f"Peers from `benchmarks/.venv-peers` ({versions}), in one process with the same malloc "
+        "settings as table 1. torchlens is called as "
         f"`torchlens.{data.get('torchlens_entry', '?')}(model, x)` with its defaults (every "
         "operation logged, values saved; 2.x renamed `log_forward_pass` to `trace`)"
         + (f"; its first call (wrapping torch) took {fmt_s(first)}" if first else "")
@@ -298,7 +306,10 @@ def bench_processes(report: Report, s: Settings, checkpoint: Path) -> None:
     }
     t = interleaved(cmds, s.proc_reps, warmup=1)
     base = t["bare process: import torch, load, one forward"].median
-    rows = [[f"`{k}`" if k.startswith("fvis") else k, _ms(v), f"{v.median / base:.2f}x"] for k, v in t.items()]
+    rows = [
+        [f"`{k}`" if k.startswith("fvis") else k, _ms(v), f"{v.median / base:.2f}x"]
+        for k, v in t.items()
+    ]
     report.numbers["dump --all --no-images / bare"] = t["fvis dump --all --no-images"].median / base
     report.numbers["dump --all / bare"] = t["fvis dump --all (images)"].median / base
     report.table(
@@ -338,7 +349,11 @@ def bench_startup(report: Report, s: Settings, checkpoint: Path) -> None:
 
 
 def child_stats(
-    args: list[str], s: Settings, reps: int, cli: bool = True, evict: Path | None = None
+    args: list[str] | Callable[[], list[str]],
+    s: Settings,
+    reps: int,
+    cli: bool = True,
+    evict: Path | None = None,
 ) -> dict[str, float]:
     """Median wall, VmHWM (MB) and rchar of ``benchmarks/child.py`` runs.
 
@@ -350,7 +365,9 @@ def child_stats(
         stats_file.unlink(missing_ok=True)
         if evict is not None:
             _evict(evict)
-        cmd = [sys.executable, str(HERE / "child.py"), "cli" if cli else "bare", *args]
+        wait_quiet()
+        argv = args() if callable(args) else args
+        cmd = [sys.executable, str(HERE / "child.py"), "cli" if cli else "bare", *argv]
         start = time.perf_counter()
         _proc(cmd, s.tmp, {**os.environ, "FVIS_BENCH_STATS": str(stats_file)})
         walls.append(time.perf_counter() - start)
@@ -387,7 +404,14 @@ def write_big_checkpoint(path: Path) -> int:
 
 def bench_memory(report: Report, s: Settings, checkpoint: Path) -> None:
     outs, r = Outs(s.tmp), s.mem_reps
-    dump = lambda *extra: ["--", *_dump_args(checkpoint, "--mode", "inference", *extra, "--out", outs())]  # noqa: E731
+
+    def dump(*extra: str) -> Callable[[], list[str]]:
+        """Arguments for one run, with a fresh output folder each time they are asked for."""
+        return lambda: [
+            "--",
+            *_dump_args(checkpoint, "--mode", "inference", *extra, "--out", outs()),
+        ]
+
     cases = {
         "bare process: import torch, load, one forward": (
             [str(checkpoint), ARCH, "1,3,224,224"],
@@ -412,7 +436,9 @@ def bench_memory(report: Report, s: Settings, checkpoint: Path) -> None:
         big_args = ["--count-forwards", "--", "layers", str(big), "--arch", BIG_ARCH]
         label = f"fvis layers BIG --arch (wide_mlp, {size / 1e9:.2f} GB), forwards counted"
         stats[label] = child_stats(big_args, s, max(r, 3))
-        stats[label.replace("BIG", "BIG cold cache")] = child_stats(big_args, s, max(r, 3), evict=big)
+        stats[label.replace("BIG", "BIG cold cache")] = child_stats(
+            big_args, s, max(r, 3), evict=big
+        )
     finally:
         big.unlink(missing_ok=True)
     _memory_table(report, stats, checkpoint)
@@ -436,7 +462,9 @@ def _memory_table(report: Report, stats: dict[str, dict[str, float]], checkpoint
                 fmt_s(st["wall"]),
             ]
         )
-    report.numbers["dump --all mem / one layer"] = stats["fvis dump --all --mode inference"]["hwm_mb"] / one
+    report.numbers["dump --all mem / one layer"] = (
+        stats["fvis dump --all --mode inference"]["hwm_mb"] / one
+    )
     big_key = next(k for k in stats if "BIG --arch" in k)
     cold_key = next(k for k in stats if "BIG cold" in k)
     report.numbers["big layers cold s"] = stats[cold_key]["wall"]
@@ -444,12 +472,22 @@ def _memory_table(report: Report, stats: dict[str, dict[str, float]], checkpoint
     report.numbers["big layers s"] = stats[big_key]["wall"]
     report.numbers["big layers MB"] = stats[big_key]["hwm_mb"]
     report.numbers["layers forwards"] = stats[big_key]["forwards"] + stats[small_key]["forwards"]
-    report.numbers["layers extra rchar MB"] = stats[big_key]["rchar_mb"] - stats[small_key]["rchar_mb"]
+    report.numbers["layers extra rchar MB"] = (
+        stats[big_key]["rchar_mb"] - stats[small_key]["rchar_mb"]
+    )
     report.numbers["layers small rchar MB"] = stats[small_key]["rchar_mb"]
     report.numbers["ckpt MB"] = checkpoint.stat().st_size / 1e6
     report.table(
         "5. Peak memory (VmHWM, read by the child at exit) and bytes read",
-        ["process", "VmHWM", "vs one-layer dump", "vs bare process", "rchar", "module forwards", "wall"],
+        [
+            "process",
+            "VmHWM",
+            "vs one-layer dump",
+            "vs bare process",
+            "rchar",
+            "module forwards",
+            "wall",
+        ],
         rows,
         "Run through `python benchmarks/child.py cli -- ARGS` (runs `fvis.cli.main`, then reads "
         "`/proc/self/status` VmHWM and `/proc/self/io` rchar). rchar counts every read() "
@@ -467,7 +505,13 @@ def _memory_table(report: Report, stats: dict[str, dict[str, float]], checkpoint
 def targets(report: Report) -> None:
     n, rows = report.numbers, []
 
-    def add(target: str, key: str, limit: float, show: Callable[[float], str], lower_is_better: bool = True) -> None:
+    def add(
+        target: str,
+        key: str,
+        limit: float,
+        show: Callable[[float], str],
+        lower_is_better: bool = True,
+    ) -> None:
         if key not in n:
             rows.append([target, "not measured", "-"])
             return
@@ -479,14 +523,31 @@ def targets(report: Report) -> None:
     ratio = lambda v: f"{v:.2f}x"  # noqa: E731
     for mode in ("inference", "grad"):
         add(
-            f"capture overhead <= 1.15x a bare forward, every leaf hooked (ResNet-18-shaped, {mode})",
+            "capture overhead <= 1.15x a bare forward, every leaf hooked "
+            f"(ResNet-18-shaped, {mode})",
             f"capture resnet18ish 1x3x224x224 {mode}",
             1.15,
             ratio,
         )
-    add("whole `dump --all --no-images` <= 2x the bare load-and-forward process", "dump --all --no-images / bare", 2.0, ratio)
-    add("whole `dump --all` (images) <= 2x the bare load-and-forward process", "dump --all / bare", 2.0, ratio)
-    add(">= 10x faster than torchlens full trace", "torchlens / fvis", 10.0, lambda v: f"{v:.1f}x faster", False)
+    add(
+        "whole `dump --all --no-images` <= 2x the bare load-and-forward process",
+        "dump --all --no-images / bare",
+        2.0,
+        ratio,
+    )
+    add(
+        "whole `dump --all` (images) <= 2x the bare load-and-forward process",
+        "dump --all / bare",
+        2.0,
+        ratio,
+    )
+    add(
+        ">= 10x faster than torchlens full trace",
+        "torchlens / fvis",
+        10.0,
+        lambda v: f"{v:.1f}x faster",
+        False,
+    )
     add("`fvis --help` < 0.3 s", "fvis --help s", 0.3, fmt_s)
     if "layers forwards" in n:
         extra = n["layers extra rchar MB"]
@@ -500,10 +561,30 @@ def targets(report: Report) -> None:
                 "met" if ok else "**missed**",
             ]
         )
-    add("`fvis layers --arch` on a >= 1 GB checkpoint < 3 s (file in page cache)", "big layers s", 3.0, fmt_s)
-    add("`fvis layers --arch` on a >= 1 GB checkpoint < 3 s (cold: evicted before each run)", "big layers cold s", 3.0, fmt_s)
-    add("`fvis layers --arch` on a >= 1 GB checkpoint < 300 MB", "big layers MB", 300.0, lambda v: f"{v:.0f} MB")
-    add("memory of `dump --all --mode inference` <= 1.3x a one-layer dump", "dump --all mem / one layer", 1.3, ratio)
+    add(
+        "`fvis layers --arch` on a >= 1 GB checkpoint < 3 s (file in page cache)",
+        "big layers s",
+        3.0,
+        fmt_s,
+    )
+    add(
+        "`fvis layers --arch` on a >= 1 GB checkpoint < 3 s (cold: evicted before each run)",
+        "big layers cold s",
+        3.0,
+        fmt_s,
+    )
+    add(
+        "`fvis layers --arch` on a >= 1 GB checkpoint < 300 MB",
+        "big layers MB",
+        300.0,
+        lambda v: f"{v:.0f} MB",
+    )
+    add(
+        "memory of `dump --all --mode inference` <= 1.3x a one-layer dump",
+        "dump --all mem / one layer",
+        1.3,
+        ratio,
+    )
     report.table("Targets of issue 7", ["target", "measured", "verdict"], rows)
 
 
@@ -530,18 +611,30 @@ def _fvis_version(ref: str | None) -> str:
             f"- fvis commit `{_git('rev-parse', '--short', ref)}` (`--fvis-ref {ref}`: a "
             "`git archive` snapshot of that commit; working-tree changes are not measured)"
         )
-    dirty = sorted({ln[3:] for ln in _git("status", "--porcelain", "--", "fvis", "sample_models").splitlines()})
+    dirty = sorted(
+        {ln[3:] for ln in _git("status", "--porcelain", "--", "fvis", "sample_models").splitlines()}
+    )
     return f"- fvis commit `{_git('rev-parse', '--short', 'HEAD')}`" + (
-        f" plus uncommitted changes in the working tree: {', '.join(dirty)}" if dirty else " (clean)"
+        f" plus uncommitted changes in the working tree: {', '.join(dirty)}"
+        if dirty
+        else " (clean)"
     )
 
 
 def machine_header(argv: list[str], started: float, ref: str | None) -> str:
     cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
         platform.processor() or "?",
     )
-    mem = next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
+    mem = next(
+        ln.split()[1]
+        for ln in Path("/proc/meminfo").read_text().splitlines()
+        if ln.startswith("MemTotal")
+    )
     import numpy
     import PIL
 
@@ -557,7 +650,9 @@ def machine_header(argv: list[str], started: float, ref: str | None) -> str:
             _fvis_version(ref),
             f"- load average at start: {Path('/proc/loadavg').read_text().split()[:3]}; "
             f"run took {time.time() - started:.0f} s",
-            f"- command: `python benchmarks/{Path(argv[0]).name} {' '.join(argv[1:])}`".replace("  ", " "),
+            f"- command: `python benchmarks/{Path(argv[0]).name} {' '.join(argv[1:])}`".replace(
+                "  ", " "
+            ),
         ]
     )
 
@@ -581,7 +676,9 @@ def main() -> None:
         metavar="REF",
         help="measure fvis as committed at REF (git archive snapshot), not the working tree",
     )
-    parser.add_argument("--only", default="capture,peers,process,startup,memory", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--only", default="capture,peers,process,startup,memory", help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     started = time.time()
     torch.set_num_threads(2)
@@ -612,7 +709,9 @@ def main() -> None:
     targets(report)
     header = machine_header(sys.argv, started, args.fvis_ref)
     errors = ["### Errors", "", *[f"- {e}" for e in report.errors]] if report.errors else []
-    text = "\n\n".join(["# fvis benchmarks (issue 7)", header, *report.sections, "\n".join(errors)]).rstrip()
+    text = "\n\n".join(
+        ["# fvis benchmarks (issue 7)", header, *report.sections, "\n".join(errors)]
+    ).rstrip()
     if args.out:
         write_out(args.out, text)
     print(header)
