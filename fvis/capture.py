@@ -139,13 +139,25 @@ class CaptureResult:
     # call_id -> call_id of the cut whose (detached) output reached this call's inputs
 
 
+class _Held:
+    """A strong reference with the call shape of ``weakref.ref``."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __call__(self) -> torch.Tensor:
+        return self.tensor
+
+
 @dataclass
 class _Live:
     """A capture being recorded: the tensor is held weakly so memory is not kept alive."""
 
     capture: Capture
     key: int  # id() of the module, to count its calls
-    ref: weakref.ref[torch.Tensor] | None
+    ref: Callable[[], torch.Tensor | None] | None
     last_version: int | None
     last_grad_fn: str | None
     seq: int = 0  # snapshot order = order in which calls returned
@@ -175,7 +187,9 @@ def capture(
     """
     names = _module_names(model)
     targets = _targets(model, names, layers)
-    session = _Session(names, targets, sample, keep_values, on_capture, batch)
+    session = _Session(
+        names, targets, sample, keep_values, on_capture, batch, hold=mode is Mode.GRAD
+    )
     was_training = model.training
     model.train(train)
     try:
@@ -263,8 +277,14 @@ class _Session:
         keep_values: bool,
         on_capture: Callable[[Capture], None] | None,
         batch: int | None = None,
+        hold: bool = False,
     ) -> None:
         self.batch = batch
+        # Grad mode: the graph keeps most captured tensors alive anyway, so hold them and
+        # compare versions once at the end. Otherwise hold them weakly (memory stays flat) and
+        # compare after every module call, while each is still alive: a later in-place op is
+        # seen even when the tensor is freed before forward ends.
+        self.hold = hold
         self.names = names
         self.targets = targets
         self.sample = sample
@@ -283,11 +303,15 @@ class _Session:
         self.fed_by_cut: dict[int, int] = {}
 
     def install(self, model: nn.Module, stack: ExitStack) -> None:
-        for module in model.modules():
-            stack.enter_context(module.register_forward_pre_hook(self._pre))
-            stack.enter_context(module.register_forward_hook(self._post))
+        # One pair of global hooks (filtered to this model's modules) instead of a pair per
+        # module: installing per-module hooks cost ~0.2 ms on a ResNet-18, these ~3 us.
+        hooks = torch.nn.modules.module
+        stack.enter_context(hooks.register_module_forward_pre_hook(self._pre))
+        stack.enter_context(hooks.register_module_forward_hook(self._post))
 
     def _pre(self, module: nn.Module, _args: Any) -> None:
+        if id(module) not in self.names:
+            return
         parent = self.stack[-1].call_id if self.stack else None
         self.stack.append(_Frame(id(module), self.names[id(module)][0], self.next_call_id, parent))
         self.next_call_id += 1
@@ -301,6 +325,8 @@ class _Session:
         return _Frame(id(module), self.names[id(module)][0], -1, None)
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if id(module) not in self.names:
+            return
         frame = self._pop(module)
         call = self.calls.get(id(module), 0) + 1
         self.calls[id(module)] = call
@@ -311,7 +337,8 @@ class _Session:
         )
         self.trace.append(record)
         self._follow_cuts(record, args, output)
-        self._check_versions()
+        if not self.hold:
+            self._check_versions()
         if id(module) in self.targets:
             layer = self.targets[id(module)][0]
             for path, tensor in flatten_tensors(output):
@@ -364,7 +391,9 @@ class _Session:
             self.on_capture(record)
         if values is not None and not self.keep_values:
             record = dataclasses.replace(record, values=None)
-        ref = None if tensor.is_inference() else weakref.ref(tensor)
+        ref: Callable[[], torch.Tensor | None] | None = None
+        if not tensor.is_inference():
+            ref = _Held(tensor) if self.hold else weakref.ref(tensor)
         seq = len(self.live) + len(self.done)
         self.live.append(_Live(record, key, ref, facts.version, facts.grad_fn, seq))
 

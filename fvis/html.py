@@ -91,8 +91,10 @@ def _image_sources(pngs: Mapping[str, bytes]) -> dict[str, Any]:
     if sum(len(data) for data in pngs.values()) > EMBED_LIMIT:
         return {}
     # Markup: base64 needs no escaping, and skipping the per-value checks keeps pages fast.
-    return {name: Markup("data:image/png;base64," + base64.b64encode(data).decode())
-            for name, data in pngs.items()}
+    return {
+        name: Markup("data:image/png;base64," + base64.b64encode(data).decode())
+        for name, data in pngs.items()
+    }
 
 
 def _tree_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
