@@ -49,7 +49,10 @@ def find_config(folder: Path) -> Config | None:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path} is not valid TOML: {exc}") from None
-    table = data.get("tool", {}).get("fvis")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    tool = data.get("tool", {})
+    table = tool.get("fvis") if isinstance(tool, dict) else None
     if table is None:
         return None
     if not isinstance(table, dict):
