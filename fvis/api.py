@@ -6,6 +6,7 @@ The CLI maps options to these calls and nothing else; a notebook can call them d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,17 +40,20 @@ class ModelRef:
 def resolve_model(
     path: Path | None, load: LoadOptions, cwd: Path | None = None
 ) -> tuple[ModelRef, Config | None]:
-    """The model argument, else ``[tool.fvis]`` in ``cwd/pyproject.toml``, else the sample."""
-    config = find_config(cwd or Path.cwd())
+    """The model argument, else ``[tool.fvis]`` in ``cwd/pyproject.toml``, else the sample.
+
+    With a model argument the config is not read at all: a broken pyproject elsewhere in the
+    repository must not break ``fvis layers model.pt``.
+    """
     if path is not None:
-        return ModelRef(path, load), config
+        return ModelRef(path, load), None
+    config = find_config(cwd or Path.cwd())
     if config is not None and config.model is not None:
-        merged = LoadOptions(
+        merged = dataclasses.replace(
+            load,
             arch=load.arch or config.arch,
             arch_kwargs=load.arch_kwargs or config.arch_kwargs,
             allow_modules=load.allow_modules or config.allow_modules,
-            trust=load.trust,
-            strict=load.strict,
         )
         return ModelRef(config.model, merged, f"{config.file} [tool.fvis]"), config
     if load.arch:
@@ -286,6 +290,11 @@ def _run_dump(
 def _which_sample(sample: int | str | None, prepared: Prepared) -> int | None:
     if isinstance(sample, str):  # "auto": every sample when several files were given
         return None if len(prepared.labels) > 1 else 0
+    if sample is not None and sample >= prepared.batch_size:
+        raise UsageError(
+            f"--sample {sample} is outside the batch of {prepared.batch_size}",
+            hint="samples count from 0; use --sample all for every one",
+        )
     return sample
 
 
@@ -443,8 +452,9 @@ class CheckResult:
 
 
 def _baseline_checks(baseline: Any, current: Any) -> int:
+    """One check per compared capture and never-ran layer, plus the input itself."""
     labels = set(baseline["captures"]) | set(current["captures"])
-    return len(labels) + len(set(current.get("never_ran", [])))
+    return len(labels) + len(set(current.get("never_ran", []))) + 1
 
 
 def check(

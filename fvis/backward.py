@@ -74,8 +74,8 @@ def run_backward(
         grads = torch.autograd.grad(
             scalar, inputs + flat_params, allow_unused=True, materialize_grads=False
         )
-    except RuntimeError as exc:
-        first = (str(exc).strip().splitlines() or ["backward failed"])[0]
+    except Exception as exc:  # a custom autograd.Function may raise anything
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return BackwardResult(label, f"backward failed: {first[:300]}", {}, _param_flow(params), {})
     capture_grads = dict(zip([k for k, _ in keyed], grads[: len(keyed)], strict=True))
     flows = {c.label: _flow(capture_grads.get(c.label)) for c in result.captures}

@@ -190,7 +190,8 @@ def capture(
     session = _Session(
         names, targets, sample, keep_values, on_capture, batch, hold=mode is Mode.GRAD
     )
-    was_training = model.training
+    # Per module: model.train(x) would flip a frozen BatchNorm a user had put in eval mode.
+    modes = {module: module.training for module in model.modules()}
     model.train(train)
     try:
         with ExitStack() as stack:
@@ -199,7 +200,8 @@ def capture(
             output = _run(model, inputs, session)
             session.finish()
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return session.result(output, mode)
 
 

@@ -119,7 +119,9 @@ ShapeOpt = Annotated[
         "--shape", help="Random input of this shape, e.g. 1,3,224,224.", show_default=False
     ),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random inputs.")]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed for random inputs.")
+]
 SizeOpt = Annotated[
     str | None, typer.Option("--size", help="Resize images to HxW.", show_default=False)
 ]
@@ -142,7 +144,7 @@ ChannelsOpt = Annotated[
 DepthOpt = Annotated[
     int | None,
     typer.Option(
-        "--depth", help="Show modules down to this depth (root is 0).", show_default=False
+        "--depth", min=0, help="Show modules down to this depth (root is 0).", show_default=False
     ),
 ]
 LayerOpt = Annotated[
@@ -340,7 +342,11 @@ def _resolve(model: Path | None, load: Any) -> Any:
 def _console() -> Any:
     from rich.console import Console
 
-    console = Console(highlight=False)
+    class _PipeAwareConsole(Console):
+        def on_broken_pipe(self) -> None:  # rich exits 1 ("checks failed") by itself
+            raise BrokenPipeError
+
+    console = _PipeAwareConsole(highlight=False)
     if not console.is_terminal:  # pipes and CI logs: do not crop long dotted names at 80
         console.width = max(console.width, 200)
     return console
@@ -456,6 +462,7 @@ def dump(
         int | None,
         typer.Option(
             "--depth",
+            min=0,
             help="Modules at this depth (root is 0), plus shallower leaves.",
             show_default=False,
         ),
@@ -812,9 +819,10 @@ def _report_check(result: Any, junit: Path | None, json_out: bool, quiet: bool) 
     for failure in failures:
         sys.stdout.write(f"FAIL {for_terminal_plain(failure.line())}\n")
     if not quiet:
-        checks = result.checks
-        status = "passed" if result.passed else f"failed: {len(failures)} of {checks} checks"
-        sys.stdout.write(f"fvis check {status} ({len(result.dump.report['captures'])} captures)\n")
+        failing = len({(f.layer, f.gate) for f in failures})
+        status = "passed" if result.passed else f"failed: {failing} of {result.checks} checks"
+        captures = _plural(len(result.dump.report["captures"]), "capture")
+        sys.stdout.write(f"fvis check {status} ({captures})\n")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ model's first layer. Every input says in words what was done to it (``Prepared.d
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 # A sane cap on decoded pixels (Pillow's own bomb limit stays on as well).
 MAX_IMAGE_PIXELS = 64_000_000
+MAX_SHAPE_ELEMENTS = 1 << 30  # 4 GiB of float32: a typo such as 1,3,2240,2240,3 is caught
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,13 @@ def parse_shape(text: str) -> tuple[int, ...]:
     parts = [p for p in re.split(r"[,x\s]+", text.strip()) if p]
     if not parts or not all(p.isdigit() and int(p) > 0 for p in parts) or len(parts) > 6:
         raise UsageError(f"--shape {text!r} must be positive integers such as 1,3,224,224")
-    return tuple(int(p) for p in parts)
+    shape = tuple(int(p) for p in parts)
+    if math.prod(shape) > MAX_SHAPE_ELEMENTS:
+        raise UsageError(
+            f"--shape {text!r} has {math.prod(shape):,} elements, more than fvis "
+            f"synthesizes ({MAX_SHAPE_ELEMENTS:,})"
+        )
+    return shape
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -104,7 +112,32 @@ def prepare(
         tensor, note, _, _ = _load_batch([file_name], options, channels)
         kwargs[name] = tensor
         notes.append(f"{name}={note}")
-    return Prepared(args, kwargs, "; ".join(notes), labels, display)
+    args, kwargs, cast = _match_dtype(model, args, kwargs)
+    return Prepared(args, kwargs, "; ".join([*notes, *cast]), labels, display)
+
+
+def _match_dtype(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any], list[str]]:
+    """Floating inputs take the dtype of the model's parameters (NumPy saves float64)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    notes: list[str] = []
+
+    def cast(value: Any) -> Any:
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and dtype is not None
+            and value.dtype != dtype
+        ):
+            notes.append(
+                f"{str(value.dtype).removeprefix('torch.')} cast to "
+                f"{str(dtype).removeprefix('torch.')} to match the model"
+            )
+            return value.to(dtype)
+        return value
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}, notes
 
 
 def _is_keyword(source: str) -> bool:
@@ -237,10 +270,11 @@ def load_input_file(
         raise BadFileError(f"{path} is empty (0 bytes)")
     if head.startswith(b"\x93NUMPY"):
         return _load_npy(path), f"{path.name} (npy)", None
+    # safetensors first: its header length's low byte can be 0x80, like a pickle's first byte
+    if _looks_like_safetensors(head, size):
+        return _load_safetensors_tensor(path), f"{path.name} (safetensors)", None
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return _load_torch_tensor(path), f"{path.name} (torch tensor)", None
-    if _looks_like_safetensors(head, size) or path.suffix == ".safetensors":
-        return _load_safetensors_tensor(path), f"{path.name} (safetensors)", None
     return _load_image(path, options, channels)
 
 
@@ -297,7 +331,8 @@ def _load_torch_tensor(path: Path) -> torch.Tensor:
         kind = "a state dict of " if tensors and len(tensors) >= len(obj) / 2 else "a dict of "
         raise _model_as_input(path, kind + what if isinstance(obj, dict) else what)
     try:
-        value = torch.load(path, weights_only=True, map_location="cpu")
+        with path.open("rb") as fh:  # a file object: torch picks readers by extension otherwise
+            value = torch.load(fh, weights_only=True, map_location="cpu")
     except Exception as exc:  # torch's text would suggest weights_only=False: do not relay it
         raise BadFileError(
             f"{path} could not be read as a tensor file ({type(exc).__name__})"

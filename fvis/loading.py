@@ -609,7 +609,12 @@ def _load_pickle_checkpoint(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.
         if not options.arch:
             return model, []
         return _with_arch(sniffed, options, model.state_dict(), [])
-    obj = _torch_load(sniffed, options, peek)
+    extra = (
+        []
+        if options.trust
+        else _allowed_classes(sniffed.path, peek.globals_seen, options.allow_modules)
+    )
+    obj = _torch_load(sniffed, options, peek, extra)
     if isinstance(obj, torch.nn.Module):
         state: Mapping[str, Any] = obj.state_dict()
     elif isinstance(obj, dict):
@@ -667,9 +672,10 @@ def _torch_load(
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if options.trust is None and "Unsupported global" in str(exc):
-            raise RefusedError(
-                f"{sniffed.path} needs globals fvis does not allow: {first}",
-                hint=_ways_forward(sniffed.path),
+            blocked = untrusted_globals(peek.globals_seen) or ["(unknown)"]
+            raise RefusedError(  # never torch's wording: it advises weights_only=False
+                f"{sniffed.path} needs globals fvis does not allow: {_preview(blocked, 5)}",
+                hint=_ways_forward(sniffed.path, blocked),
             ) from None
         raise BadFileError(f"{sniffed.path} could not be read: {first[:300]}") from None
     finally:

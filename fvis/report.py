@@ -282,7 +282,9 @@ def _row_notes(c: Mapping[str, Any]) -> str:
     verdict = c.get("verdict") or {}
     if verdict.get("summary"):
         style = "green" if verdict.get("connected") else "yellow"
-        notes.append(f"[{style}]{for_terminal(verdict['summary'])}[/{style}]")
+        # The in-place part gets its own red note below, with the grad_fn change.
+        summary = verdict["summary"].removesuffix("; modified in place after capture")
+        notes.append(f"[{style}]{for_terminal(summary)}[/{style}]")
     gradient = c.get("gradient")
     if gradient is not None:
         notes.append(

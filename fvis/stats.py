@@ -60,6 +60,8 @@ def _as_float(data: torch.Tensor) -> torch.Tensor:
         return data.abs()
     if not data.is_floating_point():
         return data.double() if data.dtype == torch.int64 else data.float()
+    if data.dtype in (torch.float16, torch.bfloat16):  # their own sums overflow or round
+        return data.float()
     return data
 
 

@@ -152,7 +152,7 @@ FAIL_RE = re.compile(
     r"^FAIL (?P<layer>.+?): (?P<gate>[a-z-]+(?::[a-z0-9.-]+)?): (?P<cause>.+?)"
     r"(?: \(hint: (?P<hint>.+)\))?$"
 )
-FAILED_RE = re.compile(r"^fvis check failed: (\d+) of (\d+) checks \((\d+) captures\)$", re.M)
+FAILED_RE = re.compile(r"^fvis check failed: (\d+) of (\d+) checks \((\d+) captures?\)$", re.M)
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ def test_gate_passes_on_a_model_that_does_not_violate_it(
     code, stdout, stderr = cli("check", *models.args(model), *extra)
     assert code == 0, stdout + stderr
     assert "FAIL" not in stdout
-    assert re.search(r"^fvis check passed \(\d+ captures\)$", stdout, re.M), stdout
+    assert re.search(r"^fvis check passed \(\d+ captures?\)$", stdout, re.M), stdout
 
 
 def test_unknown_layer_without_the_missing_gate_is_a_usage_error(
@@ -508,13 +508,17 @@ def test_rounding_noise_stays_within_tolerance(cli: RunCli, models: Models, tmp_
     assert code == 0, stdout
 
 
-def test_another_input_drifts(cli: RunCli, models: Models, tmp_path: Path) -> None:
+def test_another_input_is_one_failure_not_a_drift_per_statistic(
+    cli: RunCli, models: Models, tmp_path: Path
+) -> None:
     baseline = _write_baseline(cli, models.args("inner_outer"), tmp_path / "b.json")
     code, stdout, _ = cli(
         "check", *models.args("inner_outer"), "--seed", "1", "--baseline", baseline
     )
     assert code == 1
-    assert {f[0] for f in _fails(stdout)} == {"inner.linear", "inner.relu", "linear_out"}
+    fails = _fails(stdout)
+    assert [f[:2] for f in fails] == [("-", "baseline")]
+    assert "input differs from the baseline's" in stdout and "drifted" not in stdout
 
 
 def test_shape_change_fails(cli: RunCli, models: Models, tmp_path: Path) -> None:
@@ -594,13 +598,13 @@ def test_nan_count_change_fails(cli: RunCli, models: Models, tmp_path: Path) -> 
     assert code == 0, stdout
 
 
-def test_missing_baseline_file_is_exit_3_with_a_hint(
+def test_missing_baseline_file_is_exit_2_with_a_hint(
     cli: RunCli, models: Models, tmp_path: Path
 ) -> None:
     code, stdout, stderr = cli(
         "check", *models.args("inner_outer"), "--baseline", tmp_path / "nope.json"
     )
-    assert code == 3
+    assert code == 2  # a missing file is a usage error, as in the README's table
     assert "nope.json: no such baseline file" in stderr
     assert "hint: write one first with --write-baseline" in stderr
     assert "FAIL" not in stdout
@@ -985,7 +989,8 @@ def test_failed_count_never_exceeds_the_checks(cli: RunCli, models: Models, tmp_
     assert code == 1
     summary = FAILED_RE.search(stdout)
     assert summary is not None
-    assert int(summary[1]) == len(_fails(stdout)) <= int(summary[2])
+    # Several statistics of one capture can drift: they are one failing check.
+    assert int(summary[1]) == len({f[:2] for f in _fails(stdout)}) <= int(summary[2])
 
 
 def test_a_repeated_unknown_layer_fails_once(cli: RunCli, models: Models) -> None:
