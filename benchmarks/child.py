@@ -1,10 +1,12 @@
 """A child process for the whole-process benchmarks; reports its own peak memory at exit.
 
     python benchmarks/child.py cli [--count-forwards] -- FVIS ARGS...
-    python benchmarks/child.py bare CHECKPOINT FILE.py:CALLABLE 1,3,224,224
+    python benchmarks/child.py bare CHECKPOINT FILE.py:CALLABLE 1,3,224,224 [grad|inference]
 
 ``cli`` runs ``fvis.cli.main`` with those arguments; ``bare`` only imports torch, loads the
-state dict, builds the model and runs one forward (the baseline a user would write).
+state dict, builds the model and runs one forward (the baseline a user would write; grad mode
+by default, the output and its graph alive when the peak is read; ``inference``: under
+``torch.inference_mode()``).
 If ``FVIS_BENCH_STATS`` names a file, a JSON line is written there at exit: ``VmHWM``
 (``/proc/self/status``, kB), ``rchar`` (bytes read through read(), ``/proc/self/io``), the
 exit code and, with ``--count-forwards``, how many module forward calls happened.
@@ -72,7 +74,7 @@ def run_cli(argv: list[str]) -> int:
     return rc
 
 
-def run_bare(checkpoint: str, arch: str, shape: str) -> int:
+def run_bare(checkpoint: str, arch: str, shape: str, mode: str = "grad") -> int:
     import importlib.util
 
     import torch
@@ -85,7 +87,12 @@ def run_bare(checkpoint: str, arch: str, shape: str) -> int:
     model = getattr(module, name)()
     model.load_state_dict(torch.load(checkpoint, weights_only=True, map_location="cpu"))
     model.eval()
-    out = model(torch.randn(*(int(d) for d in shape.split(","))))
+    x = torch.randn(*(int(d) for d in shape.split(",")))
+    if mode == "inference":
+        with torch.inference_mode():
+            out = model(x)
+    else:
+        out = model(x)
     assert out.shape[0] >= 1
     _report(0, None)
     return 0

@@ -285,8 +285,8 @@ class Outs:
         return str(path)
 
 
-def _dump_args(checkpoint: Path, *extra: str) -> list[str]:
-    return ["dump", str(checkpoint), "--arch", ARCH, "--shape", "1,3,224,224", "-q", *extra]
+def _dump_args(checkpoint: Path, *extra: str, shape: str = "1,3,224,224") -> list[str]:
+    return ["dump", str(checkpoint), "--arch", ARCH, "--shape", shape, "-q", *extra]
 
 
 def bench_processes(report: Report, s: Settings, checkpoint: Path) -> None:
@@ -499,6 +499,125 @@ def _memory_table(report: Report, stats: dict[str, dict[str, float]], checkpoint
     )
 
 
+# --------------------------------------------------------------------------- 6. grad mode
+
+
+GRAD_BATCHES = (1, 8)
+
+
+def bench_grad(report: Report, s: Settings, checkpoint: Path) -> None:
+    """Peak memory of ``dump --all`` in grad vs inference mode; the verdicts' time."""
+    outs, r = Outs(s.tmp), s.mem_reps
+    mem: dict[tuple[int, str], tuple[dict[str, float], dict[str, float]]] = {}
+    for batch in GRAD_BATCHES:
+        shape = f"{batch},3,224,224"
+        for mode in ("inference", "grad"):
+
+            def dump(mode: str = mode, shape: str = shape) -> list[str]:
+                return [
+                    "--",
+                    *_dump_args(checkpoint, "--all", "--mode", mode, "--out", outs(), shape=shape),
+                ]
+
+            bare = child_stats([str(checkpoint), ARCH, shape, mode], s, r, cli=False)
+            mem[(batch, mode)] = (bare, child_stats(dump, s, r))
+    timing = {}
+    for batch in GRAD_BATCHES:
+        cmd = [sys.executable, str(HERE / "grad_case.py"), str(batch), str(s.reps)]
+        done = _run_quiet(cmd, env=steady_malloc_env())
+        if done.returncode != 0:
+            report.errors.append(f"grad_case {batch}: {_tail(done.stderr)}")
+            continue
+        timing[batch] = json.loads(done.stdout)
+    _grad_tables(report, mem, timing)
+
+
+def _grad_tables(
+    report: Report,
+    mem: dict[tuple[int, str], tuple[dict[str, float], dict[str, float]]],
+    timing: dict[int, dict[str, Any]],
+) -> None:
+    rows = []
+    for (batch, mode), (bare, fv) in mem.items():
+        other = mem[(batch, "inference")][1]["hwm_mb"]
+        rows.append(
+            [
+                str(batch),
+                mode,
+                f"{bare['hwm_mb']:.0f} MB",
+                f"{fv['hwm_mb']:.0f} MB",
+                f"{fv['hwm_mb'] - bare['hwm_mb']:+.0f} MB",
+                "-" if mode == "inference" else f"{fv['hwm_mb'] - other:+.0f} MB",
+                fmt_s(fv["wall"]),
+            ]
+        )
+        report.numbers[f"dump --all {mode} batch {batch} MB"] = fv["hwm_mb"]
+    saved = "; ".join(
+        f"batch {b}: {d['saved_mb']:.0f} MB saved for backward, {d['captured_mb']:.0f} MB of "
+        f"captured leaf outputs (distinct storages), input {d['input_mb']:.1f} MB"
+        for b, d in timing.items()
+    )
+    report.table(
+        "6a. Grad mode vs inference mode: peak memory of `dump --all` (ResNet-18-shaped)",
+        [
+            "batch",
+            "mode",
+            "bare process VmHWM",
+            "`fvis dump --all` VmHWM",
+            "fvis - bare",
+            "grad - inference (fvis)",
+            "fvis wall",
+        ],
+        rows,
+        "Through `python benchmarks/child.py` as in table 5 (median of the runs, default malloc); "
+        "`fvis dump CKPT --arch ... --shape B,3,224,224 --all --mode MODE` (images on) against "
+        "`child.py bare CKPT ... B,3,224,224 MODE` (one forward under `torch.inference_mode()`, "
+        "or with grad on and its output, so its graph, alive when the peak is read). Only sample "
+        "0 is drawn at batch 8 (`--sample` default), so the difference is what grad mode keeps "
+        "alive. What autograd keeps for backward, counted once per storage with "
+        "`saved_tensors_hooks` in `benchmarks/grad_case.py` (parameters excluded): "
+        + (saved or "not measured")
+        + ".",
+    )
+    if not timing:
+        return
+    names = list(next(iter(timing.values()))["timings"])
+    rows = []
+    for name in names:
+        row = [name]
+        for batch in GRAD_BATCHES:
+            d = timing.get(batch)
+            if d is None:
+                row += ["-", "-"]
+                continue
+            t = _timing(d["timings"][name])
+            base = d["timings"]["bare forward (grad)"]["median"]
+            row += [
+                _ms(t),
+                f"{t.median / base:.3f}x" if t.median < 0.1 * base else f"{t.median / base:.2f}x",
+            ]
+        rows.append(row)
+    d = next(iter(timing.values()))
+    for batch, data in timing.items():
+        base = data["timings"]["bare forward (grad)"]["median"]
+        for key, name in (("walk", names[3]), ("diagnose", names[4])):
+            report.numbers[f"grad {key} / forward batch {batch}"] = (
+                data["timings"][name]["median"] / base
+            )
+    report.table(
+        "6b. The verdicts' own cost: graph walk and diagnosis vs the forward (in process)",
+        ["what"]
+        + [x for b in GRAD_BATCHES for x in (f"batch {b}", f"vs bare forward (grad), batch {b}")],
+        rows,
+        "`benchmarks/grad_case.py BATCH REPS` (own process, malloc settings of table 1): one "
+        f"grad-mode capture of every leaf ({d['leaves']} leaves, {d['captures']} captures, "
+        f"{d['verdicts']} verdicts) is kept, then `reachable_edges` on its output (the walk over "
+        f"{d['graph_nodes']} autograd nodes, {d['graph_edges']} gradient edges) and `diagnose` "
+        "on the whole result (the walk included) are timed, interleaved with bare forwards and "
+        "the capture itself. `dump` runs `diagnose` once per forward pass.",
+    )
+
+
 # --------------------------------------------------------------------------- targets
 
 
@@ -677,7 +796,7 @@ def main() -> None:
         help="measure fvis as committed at REF (git archive snapshot), not the working tree",
     )
     parser.add_argument(
-        "--only", default="capture,peers,process,startup,memory", help=argparse.SUPPRESS
+        "--only", default="capture,peers,process,startup,memory,grad", help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     started = time.time()
@@ -702,6 +821,7 @@ def main() -> None:
             "process": lambda: bench_processes(report, s, checkpoint),
             "startup": lambda: bench_startup(report, s, checkpoint),
             "memory": lambda: bench_memory(report, s, checkpoint),
+            "grad": lambda: bench_grad(report, s, checkpoint),
         }
         for name in args.only.split(","):
             with _step(report, name):

@@ -239,9 +239,10 @@ def test_npy(tmp_path: Path) -> None:
     np.save(path, np.arange(6, dtype=np.float64).reshape(2, 3))
     prepared = _prep(LINEAR, path)
     t = _tensor(prepared)
-    assert t.dtype == torch.float64 and t.shape == (2, 3)
+    # NumPy saves float64; the model's parameters are float32, so the input follows them.
+    assert t.dtype == torch.float32 and t.shape == (2, 3)
     assert t.flatten().tolist() == [0, 1, 2, 3, 4, 5]
-    assert prepared.description == "x.npy (npy)"
+    assert prepared.description == "x.npy (npy); float64 cast to float32 to match the model"
 
 
 def test_object_npy_refused(tmp_path: Path, cli: Any) -> None:
