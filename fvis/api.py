@@ -254,28 +254,33 @@ def _run_dump(
         gallery.add_input(prepared.display)
     if options.input_requires_grad:
         _require_grad(prepared)
-    results = []
+    captures: list[Any] = []
+    verdicts: dict[str, Any] = {}
+    flows = []
+    never_sets: list[tuple[str, ...]] = []
     chunks = _batches(prepared, options.batch_size)
     for index, args in enumerate(chunks):
-        results.append(
-            capture(
-                loaded.module,
-                args,
-                layers,
-                mode=Mode(options.mode),
-                train=options.train,
-                sample=sample,
-                keep_values=options.save_tensors or options.gradcam,
-                on_capture=_each_capture(gallery.add if options.images else None, progress),
-                batch=index if len(chunks) > 1 else None,
-            )
+        result = capture(
+            loaded.module,
+            args,
+            layers,
+            mode=Mode(options.mode),
+            train=options.train,
+            sample=sample,
+            keep_values=options.save_tensors or options.gradcam,
+            on_capture=_each_capture(gallery.add if options.images else None, progress),
+            batch=index if len(chunks) > 1 else None,
         )
-    captures = tuple(c for r in results for c in r.captures)
-    never_ran = tuple(n for n in results[0].never_ran if all(n in r.never_ran for r in results))
-    verdicts = {k: v for r in results for k, v in verdict_dicts(diagnose(r)).items()}
-    flow = merge_flows([_backward(loaded, r, options) for r in results])
+        # Analyse each pass before the next: its autograd graph is released with `result`.
+        captures += result.captures
+        verdicts.update(verdict_dicts(diagnose(result)))
+        flows.append(_backward(loaded, result, options))
+        never_sets.append(result.never_ran)
+        del result
+    never_ran = tuple(n for n in never_sets[0] if all(n in s for s in never_sets))
+    flow = merge_flows(flows)
     if flow is not None and options.gradcam:
-        gallery.add_gradcams(captures, flow.grads, prepared.display)
+        gallery.add_gradcams(captures, flow.grads, prepared.displays)
     images = gallery.name_files(captures)
     data = _report_input(loaded, prepared, tree, options, captures, never_ran, images, verdicts)
     if len(chunks) > 1:
@@ -284,7 +289,7 @@ def _run_dump(
             f"{options.batch_size}"
         )
     report = build_report(data, flow, tree, gallery.input_file)
-    return _DumpRun(report, gallery, captures, tuple(notes), tuple(missing))
+    return _DumpRun(report, gallery, tuple(captures), tuple(notes), tuple(missing))
 
 
 def _which_sample(sample: int | str | None, prepared: Prepared) -> int | None:

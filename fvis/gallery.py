@@ -30,11 +30,12 @@ class Gallery:
     sample_labels: tuple[str, ...] = ()
     all_samples: bool = False
     batch_size: int = 0  # samples per forward pass when inputs ran in several batches
+    sample_index: int = 0  # the sample drawn when not all_samples
     _pictures: dict[
         tuple[int | None, str, int, str], list[tuple[int | None, Image.Image, RenderInfo]]
     ] = field(default_factory=dict)
     _files: list[tuple[str, Image.Image]] = field(default_factory=list)
-    _cams: list[tuple[str, Image.Image]] = field(default_factory=list)
+    _cams: list[tuple[str, str, Image.Image]] = field(default_factory=list)  # label, stem, image
     _ranges: dict[int, tuple[tuple[int, float | None, float | None], ...]] = field(
         default_factory=dict
     )  # id(image) -> per shown channel (index, min, max)
@@ -49,7 +50,14 @@ class Gallery:
         render_options = RenderOptions(
             cmap=options.cmap, norm_scope=options.norm_scope, max_channels=options.max_channels
         )
-        return cls(render_options, sample_labels, options.sample is None, options.batch_size or 0)
+        sample_index = options.sample if isinstance(options.sample, int) else 0
+        return cls(
+            render_options,
+            sample_labels,
+            options.sample is None,
+            options.batch_size or 0,
+            sample_index,
+        )
 
     def add(self, capture: Capture) -> None:
         """Render one capture now (called from the forward hook)."""
@@ -89,9 +97,10 @@ class Gallery:
         self._ranges[id(image)] = tuple(_channel_range(values, c) for c in info.shown_channels)
 
     def add_gradcams(
-        self, captures: Sequence[Capture], grads: Mapping[str, Any], display: Any
+        self, captures: Sequence[Capture], grads: Mapping[str, Any], displays: Sequence[Any]
     ) -> None:
-        """Grad-CAM overlays for captures with a ``(C, H, W)`` activation and its gradient."""
+        """Grad-CAM overlays for captures with a ``(C, H, W)`` activation and its gradient,
+        one per drawn sample, each over that sample's own input image (when it has one)."""
         from fvis.backward import gradcam
         from fvis.render import overlay
 
@@ -99,10 +108,21 @@ class Gallery:
             grad = grads.get(capture.label)
             if capture.values is None or grad is None:
                 continue
-            cam = gradcam(capture.values, grad)
-            if cam is not None:
-                image = overlay(cam, display, f"Grad-CAM {capture.label}")
-                self._cams.append((capture.label, image))
+            offset = (capture.batch or 0) * self.batch_size
+            if self.all_samples and capture.values.ndim == 4:
+                pairs = [
+                    (offset + i, capture.values[i], grad[i]) for i in range(capture.values.shape[0])
+                ]
+            else:
+                pairs = [(offset + self.sample_index, capture.values, grad)]
+            for index, values, sample_grad in pairs:
+                cam = gradcam(values, sample_grad)
+                if cam is None:
+                    continue
+                display = displays[index] if index < len(displays) else None
+                sample = f"@{Path(self._sample(index)).stem}" if self.all_samples else ""
+                image = overlay(cam, display, f"Grad-CAM {capture.label} {sample}".rstrip())
+                self._cams.append((capture.label, f"{capture.label}{sample}", image))
 
     def _sample(self, index: int) -> str:
         return self.sample_labels[index] if index < len(self.sample_labels) else str(index)
@@ -118,7 +138,7 @@ class Gallery:
                     else (f"{capture.label}@{Path(self._sample(sample)).stem}")
                 )
                 entries.append((capture.label, stem, sample, image, info))
-        stems = [stem for _, stem, *_ in entries] + [f"gradcam_{label}" for label, _ in self._cams]
+        stems = [stem for _, stem, *_ in entries] + [f"gradcam_{stem}" for _, stem, _ in self._cams]
         reserved = ["input"] if self._input is not None else []  # input.png is taken
         names = unique_filenames([*reserved, *stems], ".png")[len(reserved) :]
         refs: dict[str, list[ImageRef]] = {}
@@ -136,7 +156,7 @@ class Gallery:
                 )
             )
             self._files.append((name, image))
-        for (label, image), name in zip(self._cams, names[len(entries) :], strict=True):
+        for (label, _, image), name in zip(self._cams, names[len(entries) :], strict=True):
             refs.setdefault(label, []).append(ImageRef(name, None, "gradcam", 0, 0, "Grad-CAM"))
             self._files.append((name, image))
         return refs

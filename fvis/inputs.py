@@ -45,7 +45,13 @@ class Prepared:
     kwargs: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     labels: tuple[str, ...] = ()  # one per sample of the batch (file names)
-    display: np.ndarray | None = field(default=None, repr=False)  # first image, HxWxC uint8
+    # Each sample's image as the model saw it (HxWxC uint8), None for non-image inputs.
+    displays: tuple[np.ndarray | None, ...] = field(default=(), repr=False)
+
+    @property
+    def display(self) -> np.ndarray | None:
+        """The first image, shown in the report as "the input"."""
+        return next((d for d in self.displays if d is not None), None)
 
     @property
     def batch_size(self) -> int:
@@ -102,9 +108,9 @@ def prepare(
     args: tuple[Any, ...] = ()
     notes: list[str] = []
     labels: tuple[str, ...] = ()
-    display = None
+    displays: tuple[np.ndarray | None, ...] = ()
     if positional:
-        tensor, note, labels, display = _load_batch(positional, options, channels)
+        tensor, note, labels, displays = _load_batch(positional, options, channels)
         args, notes = (tensor,), [note]
     kwargs = {}
     for item in keyword:
@@ -113,7 +119,7 @@ def prepare(
         kwargs[name] = tensor
         notes.append(f"{name}={note}")
     args, kwargs, cast = _match_dtype(model, args, kwargs)
-    return Prepared(args, kwargs, "; ".join([*notes, *cast]), labels, display)
+    return Prepared(args, kwargs, "; ".join([*notes, *cast]), labels, displays)
 
 
 def _match_dtype(
@@ -225,16 +231,16 @@ def _expand(sources: Sequence[str]) -> list[Path]:
 
 def _load_batch(
     sources: Sequence[str], options: InputOptions, channels: int | None
-) -> tuple[torch.Tensor, str, tuple[str, ...], np.ndarray | None]:
+) -> tuple[torch.Tensor, str, tuple[str, ...], tuple[np.ndarray | None, ...]]:
     paths = _expand(sources)
-    tensors, notes, display = [], [], None
+    tensors, notes, displays = [], [], []
     for path in paths:
         tensor, note, image = load_input_file(path, options, channels)
         tensors.append(tensor)
         notes.append(note)
-        display = display if display is not None else image
+        displays.append(image)
     if len(tensors) == 1:
-        return tensors[0], notes[0], (paths[0].name,), display
+        return tensors[0], notes[0], (paths[0].name,), tuple(displays)
     shapes = {tuple(t.shape[1:]) for t in tensors}
     if len(shapes) > 1:
         raise ModelInputError(
@@ -246,7 +252,7 @@ def _load_batch(
         batch,
         f"{len(paths)} files batched {tuple(batch.shape)}: {notes[0]}",
         tuple(p.name for p in paths),
-        display,
+        tuple(displays),
     )
 
 

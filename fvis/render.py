@@ -564,6 +564,9 @@ def _digit_glyphs() -> NDArray[np.bool_]:
     return glyphs
 
 
+_MIN_OVERLAY_WIDTH = 192
+
+
 def overlay(
     heat: NDArray[np.floating],
     base: NDArray[np.uint8] | None,
@@ -577,6 +580,10 @@ def overlay(
     'RGB'
     """
     table = cmap_table(cmap).astype(np.float32)
+    if base is not None and base.shape[1] < _MIN_OVERLAY_WIDTH:
+        # A 32x32 input would give an unreadable overlay: repeat pixels (no new detail).
+        factor = -(-_MIN_OVERLAY_WIDTH // base.shape[1])
+        base = np.repeat(np.repeat(base, factor, axis=0), factor, axis=1)
     size = (
         (base.shape[1], base.shape[0])
         if base is not None
