@@ -724,11 +724,14 @@ def snapshot(ref: str, tmp: Path) -> Path:
     return src
 
 
-def _fvis_version(ref: str | None) -> str:
+def _fvis_version(ref: str | None, commit: str | None = None) -> str:
     if ref:
+        # ``commit``: what REF named when the snapshot was taken (others may commit meanwhile)
+        short = _git("rev-parse", "--short", commit or ref)
         return (
-            f"- fvis commit `{_git('rev-parse', '--short', ref)}` (`--fvis-ref {ref}`: a "
-            "`git archive` snapshot of that commit; working-tree changes are not measured)"
+            f"- fvis commit `{short}` (`--fvis-ref {ref}`: a "
+            "`git archive` snapshot of that commit, taken at the start; working-tree changes "
+            "are not measured)"
         )
     dirty = sorted(
         {ln[3:] for ln in _git("status", "--porcelain", "--", "fvis", "sample_models").splitlines()}
@@ -740,7 +743,9 @@ def _fvis_version(ref: str | None) -> str:
     )
 
 
-def machine_header(argv: list[str], started: float, ref: str | None) -> str:
+def machine_header(
+    argv: list[str], started: float, ref: str | None, commit: str | None = None
+) -> str:
     cpu = next(
         (
             ln.split(":", 1)[1].strip()
@@ -766,7 +771,7 @@ def machine_header(argv: list[str], started: float, ref: str | None) -> str:
             f"- python {platform.python_version()}, torch {torch.__version__} "
             f"(`torch.set_num_threads(2)` in process), numpy {numpy.__version__}, "
             f"Pillow {PIL.__version__}",
-            _fvis_version(ref),
+            _fvis_version(ref, commit),
             f"- load average at start: {Path('/proc/loadavg').read_text().split()[:3]}; "
             f"run took {time.time() - started:.0f} s",
             f"- command: `python benchmarks/{Path(argv[0]).name} {' '.join(argv[1:])}`".replace(
@@ -804,8 +809,12 @@ def main() -> None:
     report = Report()
     with tempfile.TemporaryDirectory(prefix="fvis-bench-") as tmp_name:
         tmp = Path(tmp_name)
+        commit = None
         if args.fvis_ref:
-            src = snapshot(args.fvis_ref, tmp)
+            commit = _git("rev-parse", "--verify", args.fvis_ref + "^{commit}")
+            if not commit:
+                parser.error(f"--fvis-ref {args.fvis_ref}: not a commit")
+            src = snapshot(commit, tmp)
             sys.path.insert(0, str(src))
             os.environ["FVIS_BENCH_SRC"] = str(src)
             os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -827,7 +836,7 @@ def main() -> None:
             with _step(report, name):
                 steps[name]()
     targets(report)
-    header = machine_header(sys.argv, started, args.fvis_ref)
+    header = machine_header(sys.argv, started, args.fvis_ref, commit)
     errors = ["### Errors", "", *[f"- {e}" for e in report.errors]] if report.errors else []
     text = "\n\n".join(
         ["# fvis benchmarks (issue 7)", header, *report.sections, "\n".join(errors)]

@@ -108,7 +108,7 @@ def prepare_inputs(loaded: LoadedModel, inputs: InputOptions) -> Prepared:
 
 
 def trace_runs(loaded: LoadedModel, prepared: Prepared) -> dict[str, LayerRuns]:
-    """Calls and output shapes of every module, from one forward pass under ``no_grad``."""
+    """Calls and output shapes of every module, from one forward pass under inference mode."""
     from fvis.capture import Mode, capture
 
     result = capture(loaded.module, _call_args(prepared), [], mode=Mode.INFERENCE)

@@ -1,13 +1,17 @@
 """Run the model once with hooks: ``Capture`` records out, hooks always removed, mode restored.
 
-Two kinds of hooks run during the one forward pass:
+One pair of global module hooks (filtered to this model's modules) does two jobs during the
+one forward pass:
 
-- a **capture hook** on each chosen module snapshots every tensor in its output at hook time
-  (statistics, a float32 copy of the shown sample, grad facts, ``_version``), so later in-place
-  operations cannot change what is reported;
-- a **trace hook** on every module of the model records each call (grad mode, whether inputs,
-  parameters and outputs require grad, output shapes). It tells which modules ran, how often,
-  where an autograd cut happened (``fvis.grads``), and which layers had run when forward failed.
+- for every call of every module it records a ``CallRecord`` (grad mode, whether inputs,
+  parameters and outputs require grad, output shapes, the enclosing call). That tells which
+  modules ran, how often, where an autograd cut happened (``fvis.grads``), and which layers
+  had run when forward failed;
+- for the chosen modules it snapshots every tensor in the output at hook time (statistics, a
+  float32 copy of the drawn sample when pictures are wanted, grad facts, ``_version``), so
+  later in-place operations cannot change what is reported. The version is compared again at
+  the end (grad mode, where the tensor is held) or after each later call while the tensor is
+  alive (other modes, where it is held weakly so memory stays flat).
 
 Hooks return ``None``: a forward hook that returns a value would replace the module's output.
 """
@@ -153,7 +157,8 @@ class _Held:
 
 @dataclass
 class _Live:
-    """A capture being recorded: the tensor is held weakly so memory is not kept alive."""
+    """A capture being recorded, with a reference to its tensor (strong in grad mode, weak
+    otherwise) to compare ``_version`` later."""
 
     capture: Capture
     key: int  # id() of the module, to count its calls

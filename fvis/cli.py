@@ -25,7 +25,7 @@ EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 checks failed; 2 usage error (bad option, missing file, unknown "
     "layer); 3 unreadable, corrupt or unsupported file; 4 refused for safety; 5 model and "
     "input incompatible or forward failed; 6 output problem; 70 internal error (a bug); "
-    "130 interrupted."
+    "130 interrupted; 141 stdout closed; 143 terminated."
 )
 
 app = typer.Typer(

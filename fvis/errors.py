@@ -64,9 +64,3 @@ class OutputError(FvisError):
     """The output folder cannot be used or written."""
 
     exit_status = ExitStatus.OUTPUT
-
-
-class ChecksFailed(FvisError):
-    """One or more CI gates failed."""
-
-    exit_status = ExitStatus.CHECKS_FAILED

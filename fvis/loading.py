@@ -198,12 +198,13 @@ def sha256_of(path: Path) -> str:
 # --------------------------------------------------------------------------- inspect (no code)
 
 
-def inspect_model(path: Path, options: LoadOptions = LoadOptions()) -> ModelTree:
+def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> ModelTree:
     """The module tree of a checkpoint, without running code from it or reading tensor data.
 
     >>> inspect_model(Path("model.pt")).names()[:2]          # doctest: +SKIP
     ['inner', 'inner.linear']
     """
+    path = Path(path)
     # Listing reads data.pkl only (zipfile checks that member's CRC as it reads it); verifying
     # every CRC would read all the tensor data, which listing promises not to do.
     limits = options.limits
@@ -526,12 +527,13 @@ def _import_user_file(path: Path) -> Any:
 # --------------------------------------------------------------------------- loading to run
 
 
-def load_model(path: Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
+def load_model(path: Path | str, options: LoadOptions = LoadOptions()) -> LoadedModel:
     """Load a checkpoint as a runnable module, safely.
 
     >>> load_model(Path("outer.state_dict.pt"), LoadOptions(arch="sample_models.zoo:OuterModel"))
     ... # doctest: +SKIP
     """
+    path = Path(path)
     check_allow_modules(options.allow_modules)
     sniffed = sniff(path, options.limits)
     digest = sha256_of(path)
