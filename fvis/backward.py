@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fvis.capture import CaptureResult, flatten_tensors
+from fvis.errors import first_line
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def run_backward(
             scalar, inputs + flat_params, allow_unused=True, materialize_grads=False
         )
     except Exception as exc:  # a custom autograd.Function may raise anything
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         return BackwardResult(label, f"backward failed: {first[:300]}", {}, _param_flow(params), {})
     capture_grads = dict(zip([k for k, _ in keyed], grads[: len(keyed)], strict=True))
     flows = {c.label: _flow(capture_grads.get(c.label)) for c in result.captures}

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fvis.errors import ModelInputError
+from fvis.errors import ModelInputError, first_line
 from fvis.stats import Stats, tensor_stats
 
 
@@ -261,7 +261,7 @@ def _run(model: nn.Module, inputs: Sequence[Any] | Mapping[str, Any], session: _
             return model(**inputs)
         return model(*inputs)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         failed_in = session.stack[-1].name if session.stack else ""  # innermost unfinished
         where = f" in {failed_in!r}" if failed_in else " in the model's own forward"
         ran = session.ran_summary()

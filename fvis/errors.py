@@ -64,3 +64,8 @@ class OutputError(FvisError):
     """The output folder cannot be used or written."""
 
     exit_status = ExitStatus.OUTPUT
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (or its type), for one-line errors."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

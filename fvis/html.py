@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from fvis.text import for_terminal_plain
+from fvis.text import for_terminal_plain, shape_text
 
 EMBED_LIMIT = 8 << 20  # bytes of PNG embedded before switching to relative links
 
@@ -39,7 +39,7 @@ def to_html(report: Mapping[str, Any], pngs: Mapping[str, bytes] | None = None) 
         finalize=_visible,
     )
     env.filters["num"] = _num
-    env.filters["shape"] = lambda s: "(" + ", ".join(str(d) for d in s) + ")"
+    env.filters["shape"] = shape_text
     sources = _image_sources(pngs or {})
     return env.get_template("report.html.j2").render(
         report=report,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fvis.layers import LayerInfo, ModelTree
-from fvis.text import for_terminal
+from fvis.text import for_terminal, shape_text
 
 SCHEMA = "fvis.layers/1"
 
@@ -173,14 +173,10 @@ def _runs_text(runs: LayerRuns | None) -> str:
         return ""
     if runs.calls == 0:
         return "[red]never ran[/red]"
-    shapes = ", ".join(_shape(s) for s in runs.output_shapes[:3])
+    shapes = ", ".join(shape_text(s) for s in runs.output_shapes[:3])
     more = ", ..." if len(runs.output_shapes) > 3 else ""
     calls = f"[yellow]{runs.calls} calls[/yellow] " if runs.calls > 1 else ""
     return f"{calls}-> {shapes}{more}"
-
-
-def _shape(shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
 def human(n: int) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fvis import inert
-from fvis.errors import BadFileError, ModelInputError, RefusedError, UsageError
+from fvis.errors import BadFileError, ModelInputError, RefusedError, UsageError, first_line
 from fvis.formats import ZIP_ERRORS, FileKind, Limits, Sniffed, read_safetensors_header, sniff
 from fvis.layers import (
     ModelTree,
@@ -672,7 +672,7 @@ def _torch_load(
     except Exception as exc:
         if isinstance(exc, RefusedError):
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         if options.trust is None and "Unsupported global" in str(exc):
             blocked = untrusted_globals(peek.globals_seen) or ["(unknown)"]
             raise RefusedError(  # never torch's wording: it advises weights_only=False
@@ -873,7 +873,7 @@ def _load_export(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, lis
             # Decompose so in-place ops (aten.relu_) become real values, then rebuild the tree.
             module = torch.export.unflatten(program.run_decompositions())
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise BadFileError(
             f"{sniffed.path}: torch.export program could not be loaded: {first[:300]}"
         ) from None

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fvis.text import for_terminal
+from fvis.text import for_terminal, shape_text
 
 SCHEMA = "fvis.report/1"
 
@@ -198,7 +198,7 @@ def _md_row(c: Mapping[str, Any]) -> str:
     verdict = (c.get("verdict") or {}).get("summary", "")
     cells = [
         f"`{_code(c['label'])}`",
-        _shape(c["shape"]),
+        shape_text(c["shape"]),
         f"`{g['grad_fn'] or '-'}`",
         str(g["requires_grad"]),
         "**yes**" if g["modified_in_place"] else "no",
@@ -231,10 +231,6 @@ def for_terminal_plain_md(text: str) -> str:
     return for_terminal_plain(text).replace("\n", " ")
 
 
-def _shape(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
-
-
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
@@ -252,7 +248,7 @@ def to_table(report: Mapping[str, Any]) -> Any:
     for c in report["captures"]:
         table.add_row(
             for_terminal(c["label"]),
-            _shape(c["shape"]),
+            shape_text(c["shape"]),
             for_terminal(c["grad"]["grad_fn"] or "-"),
             f"[{_num(c['stats']['min'])}, {_num(c['stats']['max'])}]",
             f"{c['stats']['zero_fraction']:.0%}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Iterable
 
 _UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._#@\-\[\]]+")
 MAX_FILENAME_STEM = 120
@@ -64,3 +65,8 @@ def unique_filenames(stems: list[str], suffix: str) -> list[str]:
 def for_terminal_plain(text: str) -> str:
     """Control characters escaped, for plain (non-rich) output such as error lines."""
     return "".join(_visible(ch) for ch in text)
+
+
+def shape_text(shape: Iterable[int]) -> str:
+    """``(1, 3, 224, 224)``: how shapes read everywhere fvis prints them."""
+    return "(" + ", ".join(str(d) for d in shape) + ")"
