@@ -1,14 +1,17 @@
 """Where fvis spends its time: profiles and what-if timings behind the misses in BENCHMARKS.md.
 
-    python benchmarks/hotpaths.py [--reps 15]
+    python benchmarks/hotpaths.py [--reps 15] [--only passes,kernels,profile,whatif,fixed,dump,crc]
 
+0. ``tensor_stats`` pass by pass (aminmax, sum, vector_norm, zero count, per-channel amax and
+   amin), each summed over every capture of one ResNet-18-shaped forward, against that forward;
+   and each kernel on one 1x64x112x112 map.
 1. cProfile of ``capture`` on every leaf of the ResNet-18-shaped model (both modes), fvis
    functions only, by total and own time.
 2. What-if: the same capture with ``fvis.capture.tensor_stats`` replaced by (a) a 5-kernel
    prototype (aminmax, sum, norm of the centred values, per-channel count_nonzero; the current
    code as the fallback when a value is not finite) and (b) nothing at all (the floor of the
-   hook machinery),
-   interleaved with a bare forward.
+   hook machinery), and the capture of one layer only (``layer1.0.conv1``: every call is still
+   traced), interleaved with a bare forward.
 3. Fixed cost per capture call on a tiny model (5 modules) and scaling on a deep model.
 4. cProfile of a whole in-process ``fvis dump --all`` (images) on a checkpoint.
 5. ``inspect_model`` (what ``fvis layers`` runs) on a 1.14 GB checkpoint, CRC check on and off.
@@ -118,7 +121,7 @@ def whatif(reps: int) -> str:
     lines = []
     for mode, ctx in (("inference", torch.inference_mode), ("grad", torch.enable_grad)):
 
-        def run(stats, mode=mode):  # type: ignore[no-untyped-def]
+        def run(stats, mode=mode, layers=layers):  # type: ignore[no-untyped-def]
             def call() -> None:
                 cap.tensor_stats = stats
                 try:
@@ -138,6 +141,7 @@ def whatif(reps: int) -> str:
                 "fvis as is": run(original),
                 "5-kernel stats": run(fast),
                 "no stats": run(lambda _t: nothing),
+                "one layer (layer1.0.conv1), stats as is": run(original, layers=["layer1.0.conv1"]),
             },
             reps,
         )
@@ -263,9 +267,11 @@ def stat_kernels() -> str:
         "x.min(); x.max()": lambda: (float(x.min()), float(x.max())),
         "x.mean(dtype=float64)": lambda: float(x.mean(dtype=torch.float64)),
         "x.double().std()": lambda: float(x.double().std()),
-        "dead channels as fvis does ((C, -1) == 0).all(1)": lambda: int(
-            (x.transpose(0, 1).reshape(64, -1) == 0).all(dim=1).sum()
+        "dead channels as fvis does (amax, amin per channel)": lambda: int(
+            ((x.amax(dim=dims) == 0) & (x.amin(dim=dims) == 0)).sum()
         ),
+        "x.bool().sum()": lambda: int(x.bool().sum()),
+        "torch.linalg.vector_norm(x)": lambda: float(torch.linalg.vector_norm(x)),
         "torch.aminmax(x)": lambda: torch.aminmax(x),
         "x.sum()": lambda: float(x.sum()),
         "vector_norm(x - mean)": lambda: float(torch.linalg.vector_norm(x - x.mean())),
@@ -277,6 +283,71 @@ def stat_kernels() -> str:
     return "\n".join(f"  {fmt_s(v.median):>9}  {k}" for k, v in t.items()) + (
         f"\n  (other processes: {next(iter(t.values())).others:.1f} cores)"
     )
+
+
+def stat_passes(reps: int, batch: int = 1) -> str:
+    """Each pass ``fvis.stats.tensor_stats`` makes, summed over every capture of a ResNet forward.
+
+    The captured outputs are copied once (in-place ReLUs would change them later), then every
+    reduction the finite path runs is timed over all of them, interleaved with a bare forward.
+    """
+    from fvis.stats import tensor_stats
+
+    model, x = models.resnet18ish(), torch.randn(batch, *models.RESNET_INPUT[1:])
+    wanted = {id(model.get_submodule(n)) for n in leaves(model)}
+    outs: list[torch.Tensor] = []
+
+    def hook(module: torch.nn.Module, _args: object, output: object) -> None:
+        if id(module) in wanted and isinstance(output, torch.Tensor):
+            outs.append(output.clone())
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    with torch.inference_mode():
+        model(x)
+    handle.remove()
+    maps = [t for t in outs if t.dim() >= 3]
+    with_zeros = [t for t in maps if int(t.bool().sum()) < t.numel()]
+
+    def each(op, tensors=outs):  # type: ignore[no-untyped-def]
+        def run() -> None:
+            for t in tensors:
+                op(t)
+
+        return run
+
+    def dead(t: torch.Tensor) -> None:
+        dims = (0, *range(2, t.dim()))
+        int(((t.amax(dim=dims) == 0) & (t.amin(dim=dims) == 0)).sum())
+
+    def bare() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    ops = {
+        "bare forward (inference)": bare,
+        "tensor_stats, all of it": each(tensor_stats),
+        "1 torch.aminmax": each(lambda t: torch.aminmax(t)),
+        "2 sum": each(lambda t: float(t.sum())),
+        "3 vector_norm": each(lambda t: float(torch.linalg.vector_norm(t))),
+        "4 bool().sum() (zero count)": each(lambda t: int(t.bool().sum())),
+        "4 what-if: bool().sum(dtype=torch.int32)": each(
+            lambda t: int(t.bool().sum(dtype=torch.int32))
+        ),
+        "5+6 amax + amin per channel (dead channels; maps with zeros only)": each(dead, with_zeros),
+        "5 amax per channel alone": each(lambda t: t.amax(dim=(0, *range(2, t.dim()))), with_zeros),
+    }
+    t = interleaved(ops, reps, max_spread=0.5)
+    base = t["bare forward (inference)"].median
+    mb = sum(o.nbytes for o in outs) / 1e6
+    lines = [
+        f"  batch {batch}: {len(outs)} captures, {len(maps)} of them (N,C,H,W) maps, "
+        f"{len(with_zeros)} with zeros; {mb:.1f} MB read per pass over all captures"
+    ]
+    lines += [
+        f"  {fmt_s(v.median):>9}  {v.median / base:6.1%} of the forward  {k}" for k, v in t.items()
+    ]
+    lines.append(f"  (other processes: {next(iter(t.values())).others:.1f} cores)")
+    return "\n".join(lines)
 
 
 def layers_crc() -> str:
@@ -322,7 +393,7 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], steady_malloc_env())
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--only", default="kernels,profile,whatif,fixed,dump,crc")
+    parser.add_argument("--only", default="passes,kernels,profile,whatif,fixed,dump,crc")
     args = parser.parse_args()
     torch.set_num_threads(2)
     only = args.only.split(",")
@@ -330,6 +401,10 @@ def main() -> None:
     layers = leaves(model)
     from fvis.capture import Mode, capture
 
+    if "passes" in only:
+        print("## tensor_stats pass by pass, over every capture of one ResNet-18-shaped forward")
+        for batch in (1, 8):
+            print(stat_passes(args.reps, batch))
     if "kernels" in only:
         print("## stat kernels on one 1x64x112x112 map (2 threads)")
         print(stat_kernels())

@@ -573,8 +573,8 @@ def _grad_tables(
         "`fvis dump CKPT --arch ... --shape B,3,224,224 --all --mode MODE` (images on) against "
         "`child.py bare CKPT ... B,3,224,224 MODE` (one forward under `torch.inference_mode()`, "
         "or with grad on and its output, so its graph, alive when the peak is read). Only sample "
-        "0 is drawn at batch 8 (`--sample` default), so the difference is what grad mode keeps "
-        "alive. What autograd keeps for backward, counted once per storage with "
+        "0 is drawn at batch 8 (`--sample` default), so the pictures do not grow with the batch. "
+        "What autograd keeps for backward, counted once per storage with "
         "`saved_tensors_hooks` in `benchmarks/grad_case.py` (parameters excluded): "
         + (saved or "not measured")
         + ".",
@@ -592,10 +592,8 @@ def _grad_tables(
                 continue
             t = _timing(d["timings"][name])
             base = d["timings"]["bare forward (grad)"]["median"]
-            row += [
-                _ms(t),
-                f"{t.median / base:.3f}x" if t.median < 0.1 * base else f"{t.median / base:.2f}x",
-            ]
+            ratio = t.median / base
+            row += [_ms(t), f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2%}"]
         rows.append(row)
     d = next(iter(timing.values()))
     for batch, data in timing.items():

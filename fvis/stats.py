@@ -74,7 +74,12 @@ def _finite_stats(data: torch.Tensor, numel: int, low: float, high: float, total
         # Rare enough to pay for a second, shifted pass in float64.
         spread = float(torch.linalg.vector_norm(data.double() - mean)) ** 2 / numel
     variance = max(spread, 0.0) * numel / max(numel - 1, 1)
-    nonzero = int(data.bool().sum())  # count_nonzero is ~10x slower on sparse ReLU outputs
+    if low > 0 or high < 0:  # no value can be zero: skip the costliest pass
+        nonzero = numel
+    else:  # count_nonzero is ~10x slower on sparse ReLU outputs; an int32 sum avoids an
+        # int64 copy of the whole map (int64 only where int32 could overflow)
+        count_dtype = torch.int32 if numel < 2**31 else torch.int64
+        nonzero = int(data.bool().sum(dtype=count_dtype))
     return Stats(
         numel=numel,
         min=low,
