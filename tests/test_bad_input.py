@@ -16,7 +16,8 @@ Cases that must work (a safetensors file named ``.pt``, RGBA images, ...) assert
 error line, the user's file untouched, no temporaries, nothing written outside ``--out``, every
 file in ``--out`` listed in fvis's manifest, and no payload run.
 
-Known bugs are cases marked ``xfail(strict=True)`` whose reason starts with ``BUG:``.
+Cases that once exposed a bug keep its description in ``fixed_bug`` (all are fixed now; a
+new bug would be marked ``xfail(strict=True)`` with a reason starting ``BUG:``).
 
 Every fixture is built at test time, once per module, in ``kit`` (payloads included).
 """
@@ -76,9 +77,6 @@ ESC = "\x1b"
 UNSAFE_LOAD = re.compile(r"weights_only`?\s*(=|set to)\s*`?False")
 
 # --------------------------------------------------------------------------- payloads
-
-
-FIXED = True  # every BUG xfail below has been fixed; the reasons stay as the history
 
 
 class SystemPayload:
@@ -484,7 +482,7 @@ class Case:
     fault: Callable[[pytest.MonkeyPatch, Path], None] | None = None
     env: tuple[tuple[str, str], ...] = ()
     max_s: float | None = None
-    xfail: str | None = None
+    fixed_bug: str | None = None  # the bug this case found, now fixed (history)
 
 
 def dump(*args: str) -> tuple[str, ...]:
@@ -660,7 +658,7 @@ MODEL_FILE = [
         BAD_FILE,
         ("{zoo}/inner_outer.state_dict.pt", "Permission denied"),
         fault=_unreadable("inner_outer.state_dict.pt"),
-        xfail="BUG: fvis/cli.py ModelArg: typer's Path argument defaults to readable=True, so "
+        fixed_bug="BUG: fvis/cli.py ModelArg: typer's Path argument defaults to readable=True, so "
         "click rejects an unreadable model with its own 4-line 'Usage/Try/Error' text and "
         "exit 2 instead of one 'fvis: error:' line and exit 3; past click (a race, EIO), "
         "fvis/formats.py sniff's path.stat/path.open are unguarded: OSError -> exit 70",
@@ -671,7 +669,7 @@ MODEL_FILE = [
         BAD_FILE,
         ("{kit}/cat.png", "Permission denied"),
         fault=_unreadable("cat.png"),
-        xfail="BUG: fvis/inputs.py load_input_file: path.open(...) is unguarded; a "
+        fixed_bug="BUG: fvis/inputs.py load_input_file: path.open(...) is unguarded; a "
         "PermissionError becomes exit 70 'internal error' with a traceback",
     ),
     Case(
@@ -694,7 +692,7 @@ TRUST_BOUNDARY = [
             dump(f"{{kit}}/{name}.{layout}.pt", *arch),
             REFUSED,
             (f"{name}.{layout}.pt", "not trust", GLOBAL_NAMED[name]),
-            xfail=(
+            fixed_bug=(
                 "BUG: fvis/loading.py _ways_forward: a torch global that runs code "
                 "(torch.fx.graph_module._exec_with_source) is not in _DANGEROUS_ROOTS, so the "
                 "hint suggests '--allow-module torch.fx.graph_module' (which "
@@ -711,7 +709,7 @@ TRUST_BOUNDARY = [
         dump("{kit}/plain-pickle.pt", "--arch", IO_ARCH),
         BAD_FILE,
         ("{kit}/plain-pickle.pt", "not a PyTorch checkpoint"),
-        xfail="BUG (minor): fvis/inert.py read_legacy_pickle loads all three header pickles "
+        fixed_bug="BUG (minor): fvis/inert.py read_legacy_pickle loads all three header pickles "
         "before checking the magic number, so a plain pickle.dumps file is reported as 'a "
         "corrupt or truncated checkpoint (Ran out of input)' instead of 'a Python pickle, not "
         "a PyTorch checkpoint'",
@@ -753,7 +751,7 @@ TRUST_BOUNDARY = [
         REFUSED,
         ("{kit}/fake-torch-global.pt", "torch.nn.not_a_module.Foo"),
         trust_ok=True,
-        xfail="BUG: fvis/loading.py _resolve_allowed calls importlib.import_module on any "
+        fixed_bug="BUG: fvis/loading.py _resolve_allowed calls importlib.import_module on any "
         "'torch.nn.*' module a file names, unguarded: ModuleNotFoundError -> exit 70",
     ),
     Case(
@@ -786,15 +784,15 @@ TRUST_BOUNDARY = [
         dump("{kit}/pickled-weight-payload.pt2"),
         REFUSED,
         ("{kit}/pickled-weight-payload.pt2", "posix.system"),
-        xfail="BUG: fvis/loading.py _load_export refuses a use_pickle weight without reading it, "
-        "so a weight whose pickle calls os.system gets the hint '--trust if you trust ...'",
+        fixed_bug="BUG: fvis/loading.py _load_export refuses a use_pickle weight without reading "
+        "it, so a weight whose pickle calls os.system gets the hint '--trust if you trust ...'",
     ),
     Case(
         "pt2-sample-inputs-payload",
         dump("{kit}/sample-inputs-payload.pt2"),
         REFUSED,
         ("{kit}/sample-inputs-payload.pt2", "posix.system"),
-        xfail="BUG: fvis/loading.py _load_export: torch.export.load unpickles "
+        fixed_bug="BUG: fvis/loading.py _load_export: torch.export.load unpickles "
         "data/sample_inputs/model.pt and silently retries with weights_only=False: the "
         "payload RUNS without --trust",
     ),
@@ -803,7 +801,7 @@ TRUST_BOUNDARY = [
         dump("{kit}/second-program.pt2"),
         REFUSED,
         ("{kit}/second-program.pt2", "pickle"),
-        xfail="BUG: fvis/loading.py _load_export checks use_pickle only in the 'model' "
+        fixed_bug="BUG: fvis/loading.py _load_export checks use_pickle only in the 'model' "
         "program's configs; torch.export.load also loads models/zz.json, whose pickled "
         "weight it unpickles with weights_only=False: the payload RUNS without --trust",
     ),
@@ -871,7 +869,7 @@ THE_INPUT = [
             (BAD_FILE, MODEL_INPUT),
             (f"{{zoo}}/nested_cnn.{fmt}",),
             hint=("the model comes first",),
-            xfail=f"{SWAPPED_BUG}: {problem}" if problem else None,
+            fixed_bug=f"{SWAPPED_BUG}: {problem}" if problem else None,
         )
         for fmt, problem in SWAPPED_INPUTS.items()
     ],
@@ -880,7 +878,7 @@ THE_INPUT = [
         dump(*CNN_STATE, "--input", "{kit}/payload-input.pt"),
         (BAD_FILE, REFUSED),
         ("{kit}/payload-input.pt",),
-        xfail="BUG: fvis/inputs.py _load_torch_tensor relays the first line of torch's "
+        fixed_bug="BUG: fvis/inputs.py _load_torch_tensor relays the first line of torch's "
         "weights_only error, which for an os.system payload reads 'Re-running torch.load "
         "with weights_only set to False': it suggests unsafe loading of a payload",
     ),
@@ -1036,7 +1034,7 @@ OUTPUT_CASES = [
         ("dump", "{kit}/empty.pt", "--out", "{tmp}/fresh/run1"),
         BAD_FILE,
         ("{kit}/empty.pt",),
-        xfail="BUG (minor): fvis/output.py OutputDir.open creates --out (parents=True) before "
+        fixed_bug="BUG (minor): fvis/output.py OutputDir.open creates --out (parents=True) before "
         "the work, and a failed run leaves the new empty folders fresh/ and fresh/run1/",
     ),
     Case("rerun-into-fvis-folder", dump(*IO_STATE, *SEED_1), OK),
@@ -1053,7 +1051,7 @@ OUTPUT_CASES = [
         OUTPUT,
         ("{out}",),
         fault=_replace_fails_on(2, OSError(errno.EIO, "Input/output error")),
-        xfail="BUG: fvis/output.py OutputDir.commit renames staged files one by one over the "
+        fixed_bug="BUG: fvis/output.py OutputDir.commit renames staged files one by one over the "
         "old ones; when a later rename fails the earlier ones stay replaced (old files lost, "
         "no manifest lists the new ones)",
     ),
@@ -1063,7 +1061,7 @@ OUTPUT_CASES = [
         INTERRUPTED,
         ("interrupted",),
         fault=_replace_fails_on(2, KeyboardInterrupt()),
-        xfail="BUG: fvis/output.py OutputDir.commit: a KeyboardInterrupt between renames "
+        fixed_bug="BUG: fvis/output.py OutputDir.commit: a KeyboardInterrupt between renames "
         "leaves the first files replaced and leaks the manifest temporary "
         "(.fvis-manifest.json.*.fvis-tmp), which only OSError cleans up",
     ),
@@ -1102,7 +1100,7 @@ CHECK = [
         OUTPUT,
         ("{kit}/folder",),
         env=(("GITHUB_STEP_SUMMARY", "{kit}/folder"),),
-        xfail="BUG: fvis/cli.py _report_check opens $GITHUB_STEP_SUMMARY unguarded: an "
+        fixed_bug="BUG: fvis/cli.py _report_check opens $GITHUB_STEP_SUMMARY unguarded: an "
         "IsADirectoryError / PermissionError becomes exit 70 with a traceback",
     ),
 ]
@@ -1211,7 +1209,6 @@ PARAMS = [
     pytest.param(
         case,
         id=case.id,
-        marks=[pytest.mark.xfail(reason=case.xfail, strict=True)] if case.xfail and not FIXED else [],
     )
     for case in CASES
 ]
@@ -1301,7 +1298,7 @@ def test_bad_input_contract(
     case: Case, kit: Kit, chdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tmp = chdir
-    for marker in kit.markers.iterdir():  # left by an xfail case that ran a payload
+    for marker in kit.markers.iterdir():  # left by a case whose payload ran
         marker.unlink()
     _prepare(case, kit, tmp)
     places = {"kit": kit.root, "zoo": kit.zoo, "out": tmp / "out", "tmp": tmp}
