@@ -270,6 +270,7 @@ def _run_dump(
             keep_values=options.save_tensors or options.gradcam,
             on_capture=_each_capture(gallery.add if options.images else None, progress),
             batch=index if len(chunks) > 1 else None,
+            callback_values=options.images,  # the progress line alone needs no copies
         )
         # Analyse each pass before the next: its autograd graph is released with `result`.
         captures += result.captures

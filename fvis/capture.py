@@ -179,6 +179,7 @@ def capture(
     keep_values: bool = True,
     on_capture: Callable[[Capture], None] | None = None,
     batch: int | None = None,
+    callback_values: bool = True,
 ) -> CaptureResult:
     """Run ``model`` once and capture the outputs of the dotted ``layers``.
 
@@ -188,12 +189,20 @@ def capture(
 
     ``sample`` picks the batch element whose values are kept for pictures (``None``: all).
     ``on_capture`` sees each capture as soon as its call returns (for streaming rendering:
-    ``calls_total`` and the in-place facts are not known yet at that moment).
+    ``calls_total`` and the in-place facts are not known yet at that moment); with
+    ``callback_values=False`` it gets no values (a progress display needs none: no copy).
     """
     names = _module_names(model)
     targets = _targets(model, names, layers)
     session = _Session(
-        names, targets, sample, keep_values, on_capture, batch, hold=mode is Mode.GRAD
+        names,
+        targets,
+        sample,
+        keep_values,
+        on_capture,
+        batch,
+        hold=mode is Mode.GRAD,
+        callback_values=callback_values,
     )
     # Per module: model.train(x) would flip a frozen BatchNorm a user had put in eval mode.
     modes = {module: module.training for module in model.modules()}
@@ -285,7 +294,9 @@ class _Session:
         on_capture: Callable[[Capture], None] | None,
         batch: int | None = None,
         hold: bool = False,
+        callback_values: bool = True,
     ) -> None:
+        self.callback_values = on_capture is not None and callback_values
         self.batch = batch
         # Grad mode: the graph keeps most captured tensors alive anyway, so hold them and
         # compare versions once at the end. Otherwise hold them weakly (memory stays flat) and
@@ -377,7 +388,9 @@ class _Session:
     ) -> None:
         facts = _grad_facts(tensor)
         values = (
-            _sample_values(tensor, self.sample) if self.keep_values or self.on_capture else None
+            _sample_values(tensor, self.sample)
+            if self.keep_values or self.callback_values
+            else None
         )
         record = Capture(
             layer,

@@ -958,11 +958,12 @@ def _weights_only_unless(trusted: bool) -> Iterator[None]:
     names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
     previous = {name: os.environ.pop(name, None) for name in names}  # torch refuses both set
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    previous_level = logging.root.manager.disable  # the caller's own logging.disable level
     logging.disable(logging.CRITICAL)
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(previous_level)
         for name, value in previous.items():
             os.environ.pop(name, None)
             if value is not None:
