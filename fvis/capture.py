@@ -23,23 +23,15 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from fvis.choices import Mode
 from fvis.errors import ModelInputError, first_line
 from fvis.stats import Stats, tensor_stats
-
-
-class Mode(StrEnum):
-    """How the forward pass runs: ``grad`` makes the grad report meaningful."""
-
-    GRAD = "grad"
-    NO_GRAD = "no-grad"
-    INFERENCE = "inference"
 
 
 @dataclass(frozen=True)

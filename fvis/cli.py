@@ -13,12 +13,12 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
+from fvis.choices import Cmap, Mode, NormScope
 from fvis.errors import ExitStatus, FvisError, OutputError, UsageError
 
 EXIT_CODES_HELP = (
@@ -423,32 +423,14 @@ def _print_listing_notes(console: Any, listing: Any) -> None:
         console.print(f"[red]never ran:[/red] {', '.join(for_terminal(n) for n in missing)}")
 
 
-class ModeChoice(StrEnum):
-    GRAD = "grad"
-    NO_GRAD = "no-grad"
-    INFERENCE = "inference"
-
-
 ModeOpt = Annotated[
-    ModeChoice,
+    Mode,
     typer.Option(
         "--mode",
         help="grad: forward with grad enabled (the grad report is meaningful); "
         "no-grad / inference: as your inference code runs.",
     ),
 ]
-
-
-class CmapChoice(StrEnum):
-    GRAY = "gray"
-    VIRIDIS = "viridis"
-    MAGMA = "magma"
-    COOLWARM = "coolwarm"
-
-
-class ScopeChoice(StrEnum):
-    CHANNEL = "channel"
-    GLOBAL = "global"
 
 
 @app.command()
@@ -473,7 +455,7 @@ def dump(
     size: SizeOpt = None,
     norm: NormOpt = "auto",
     channels: ChannelsOpt = None,
-    mode: ModeOpt = ModeChoice.GRAD,
+    mode: ModeOpt = Mode.GRAD,
     train: Annotated[
         bool,
         typer.Option(
@@ -508,10 +490,10 @@ def dump(
     save_tensors: Annotated[
         bool, typer.Option("--save-tensors", help="Also write activations.safetensors.")
     ] = False,
-    cmap: Annotated[CmapChoice, typer.Option("--cmap")] = CmapChoice.VIRIDIS,
+    cmap: Annotated[Cmap, typer.Option("--cmap")] = Cmap.VIRIDIS,
     norm_scope: Annotated[
-        ScopeChoice, typer.Option("--norm-scope", help="Normalise each channel or the whole map.")
-    ] = ScopeChoice.CHANNEL,
+        NormScope, typer.Option("--norm-scope", help="Normalise each channel or the whole map.")
+    ] = NormScope.CHANNEL,
     max_channels: Annotated[
         int, typer.Option("--max-channels", help="Show at most this many channels (top by energy).")
     ] = 64,
@@ -725,7 +707,7 @@ def check(
     size: SizeOpt = None,
     norm: NormOpt = "auto",
     channels: ChannelsOpt = None,
-    mode: ModeOpt = ModeChoice.GRAD,
+    mode: ModeOpt = Mode.GRAD,
     backward: BackwardOpt = False,
     target: TargetOpt = None,
     input_requires_grad: InputGradOpt = False,

@@ -48,6 +48,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from PIL import Image, ImageDraw, ImageFont
 
+from fvis.choices import Cmap, NormScope
 from fvis.errors import OutputError, UsageError
 
 __all__ = [
@@ -85,22 +86,6 @@ _STRIP_WRAP = 256
 _MIN_AXIS_PX = 8
 
 _E = TypeVar("_E", bound=StrEnum)
-
-
-class Cmap(StrEnum):
-    """Colour map for finite values, low to high."""
-
-    GRAY = "gray"
-    VIRIDIS = "viridis"
-    MAGMA = "magma"
-    COOLWARM = "coolwarm"
-
-
-class NormScope(StrEnum):
-    """Normalise each channel on its own, or all shown channels together (grids only)."""
-
-    CHANNEL = "channel"
-    GLOBAL = "global"
 
 
 class Layout(StrEnum):
