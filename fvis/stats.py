@@ -1,19 +1,37 @@
-"""Summary statistics of one activation, computed in torch at hook time (no copy to numpy).
+"""Summary statistics of one activation, computed at hook time (no copy to numpy).
 
-This runs inside the forward hook of every captured layer, so it is a hot path: a handful of
-fast single-pass reductions (``aminmax``, ``sum``, ``vector_norm``, a boolean sum,
+This runs inside the forward hook of every captured layer, so it is a hot path. Contiguous
+float32 CPU tensors (nearly every activation) are read once by the C extension
+``fvis._moments`` (min, max, sum, sum of squares, zeros and dead channels in one pass). Other
+tensors, and every tensor when the extension was not built or ``FVIS_NATIVE=0``, take a
+handful of torch reductions (``aminmax``, ``sum``, ``vector_norm``, a boolean sum,
 ``amax``/``amin`` per channel) instead of ``std_mean`` (a Welford pass about 30x slower on
-CPU) or masks that copy the tensor. NaN and Inf propagate into min, max and sum, so finite
-tensors (the usual case) need no per-element finiteness test; only a tensor that has some
-NaN or Inf pays for the exact counts.
+CPU) or masks that copy the tensor. NaN and Inf propagate into the sum, so finite tensors
+(the usual case) need no per-element finiteness test; only a tensor that has some NaN or Inf
+pays for the exact counts.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
+
+
+def _load_native() -> ModuleType | None:
+    if os.environ.get("FVIS_NATIVE", "1") == "0":
+        return None
+    try:
+        return importlib.import_module("fvis._moments")
+    except ImportError:  # built without a C compiler: the torch path gives the same numbers
+        return None
+
+
+_native = _load_native()
 
 
 @dataclass(frozen=True)
@@ -48,11 +66,54 @@ def tensor_stats(tensor: torch.Tensor) -> Stats:
         numel = data.numel()
         if numel == 0:
             return Stats(0, None, None, None, None, 0.0, 0, 0, 0, 0, 0)
+        if (
+            _native is not None
+            and data.dtype is torch.float32
+            and data.device.type == "cpu"
+            and data.is_contiguous()
+        ):
+            return _native_stats(_native, data, numel)
         low, high = (float(v) for v in torch.aminmax(data))
         total = float(data.sum())  # torch sums float32 pairwise: accurate enough here
         if math.isfinite(low) and math.isfinite(high) and math.isfinite(total):
             return _finite_stats(data, numel, low, high, total)
         return _stats_with_nonfinite(data, numel)
+
+
+def _native_stats(native: ModuleType, data: torch.Tensor, numel: int) -> Stats:
+    channels = _channels(data)
+    outer = int(data.shape[0]) if channels else 1
+    layout = (outer, channels, numel // (outer * channels)) if channels else (1, 1, numel)
+    low, high, total, sumsq, zeros, dead = native.moments(data.data_ptr(), *layout)
+    if not all(map(math.isfinite, (low, high, total, sumsq))):
+        return _stats_with_nonfinite(data, numel)  # NaN, Inf, or a float32 sum that overflowed
+    mean, std = _mean_std(data, numel, total, sumsq)
+    return Stats(
+        numel=numel,
+        min=low,
+        max=high,
+        mean=mean,
+        std=std,
+        zero_fraction=zeros / numel,
+        nan=0,
+        posinf=0,
+        neginf=0,
+        channels=channels,
+        dead_channels=dead if channels else 0,
+    )
+
+
+def _mean_std(data: torch.Tensor, numel: int, total: float, sumsq: float) -> tuple[float, float]:
+    """Mean and sample standard deviation from the sum and the sum of squares."""
+    mean = total / numel
+    spread = sumsq / numel - mean * mean
+    if not (math.isfinite(spread) and spread >= 1e-3 * mean * mean):  # or float32 overflowed
+        # Cancellation: a small spread around a large offset is lost in E[x^2] - E[x]^2 (and
+        # in a float32 mean). Rare enough to pay for two passes in float64.
+        wide = data.double()
+        mean = float(wide.mean())
+        spread = float(torch.linalg.vector_norm(wide - mean)) ** 2 / numel
+    return mean, math.sqrt(max(spread, 0.0) * numel / max(numel - 1, 1))
 
 
 def _as_float(data: torch.Tensor) -> torch.Tensor:
@@ -66,14 +127,8 @@ def _as_float(data: torch.Tensor) -> torch.Tensor:
 
 
 def _finite_stats(data: torch.Tensor, numel: int, low: float, high: float, total: float) -> Stats:
-    mean = total / numel
-    mean_sq = float(torch.linalg.vector_norm(data)) ** 2 / numel
-    spread = mean_sq - mean * mean
-    if spread < 1e-3 * mean * mean:
-        # Cancellation: a small spread around a large offset is lost in E[x^2] - E[x]^2.
-        # Rare enough to pay for a second, shifted pass in float64.
-        spread = float(torch.linalg.vector_norm(data.double() - mean)) ** 2 / numel
-    variance = max(spread, 0.0) * numel / max(numel - 1, 1)
+    sumsq = float(torch.linalg.vector_norm(data)) ** 2
+    mean, std = _mean_std(data, numel, total, sumsq)
     if low > 0 or high < 0:  # no value can be zero: skip the costliest pass
         nonzero = numel
     else:  # count_nonzero is ~10x slower on sparse ReLU outputs; an int32 sum avoids an
@@ -85,7 +140,7 @@ def _finite_stats(data: torch.Tensor, numel: int, low: float, high: float, total
         min=low,
         max=high,
         mean=mean,
-        std=math.sqrt(variance),
+        std=std,
         zero_fraction=(numel - nonzero) / numel,
         nan=0,
         posinf=0,

@@ -1,0 +1,19 @@
+"""Only the optional C extension lives here; everything else is in pyproject.toml.
+
+``fvis._moments`` computes an activation's statistics in one read (see fvis/_moments.c).
+It is optional: where no C compiler is found the build goes on without it, and fvis computes
+the same statistics with torch ops, more slowly.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "fvis._moments",
+            sources=["fvis/_moments.c"],
+            optional=True,
+            extra_compile_args=["-O2"],
+        )
+    ]
+)
