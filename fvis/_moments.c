@@ -27,29 +27,47 @@
 typedef struct {
     double sum, sumsq;
     float lo, hi;
-    int64_t zeros;
-} acc_t;
+    int64_t zeros, dead;
+} result_t;
 
-static void span_scalar(const float *x, int64_t n, acc_t *a)
+/* Portable path: one channel at a time. */
+static void moments_scalar(const float *x, int64_t outer, int64_t channels, int64_t inner,
+                           result_t *r)
 {
-    float lo = a->lo, hi = a->hi;
-    for (int64_t i = 0; i < n; i++) {
-        float v = x[i];
-        if (v < lo) lo = v;
-        if (v > hi) hi = v;
-        a->sum += v;
-        a->sumsq += (double)v * v;
-        a->zeros += (v == 0.0f);
+    for (int64_t c = 0; c < channels; c++) {
+        int64_t zeros = 0;
+        for (int64_t o = 0; o < outer; o++) {
+            const float *p = x + (o * channels + c) * inner;
+            for (int64_t i = 0; i < inner; i++) {
+                float v = p[i];
+                if (v < r->lo) r->lo = v;
+                if (v > r->hi) r->hi = v;
+                r->sum += v;
+                r->sumsq += (double)v * v;
+                zeros += (v == 0.0f);
+            }
+        }
+        r->zeros += zeros;
+        r->dead += (zeros == outer * inner);
     }
-    a->lo = lo;
-    a->hi = hi;
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define HAVE_AVX2_PATH 1
 
-__attribute__((target("avx2"))) static double lanes_sum(__m256 v)
+/* The vector accumulators live across channels: with small maps (7x7) a per-channel
+ * reduction of min, max and sums would cost more than the data. Float32 lane sums are moved
+ * into float64 every BLOCK elements, so they never add up more than BLOCK / 8 values. Zeros
+ * are counted per channel (int32 lanes, folded into int64 at every flush and channel end). */
+typedef struct {
+    __m256 lo, hi, s, q;
+    __m256i z;
+} lanes_t;
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 static double lanes_sum(__m256 v)
 {
     float t[8];
     double s = 0;
@@ -58,64 +76,118 @@ __attribute__((target("avx2"))) static double lanes_sum(__m256 v)
     return s;
 }
 
-__attribute__((target("avx2"))) static void span_avx2(const float *x, int64_t n, acc_t *a)
+AVX2 static int64_t lanes_count(__m256i z)
 {
-    /* _mm256_min_ps(v, lo) returns lo when v is NaN: NaN is skipped, as in span_scalar. */
-    __m256 lo = _mm256_set1_ps(a->lo), hi = _mm256_set1_ps(a->hi);
-    const __m256 zero = _mm256_setzero_ps();
-    int64_t i = 0;
-    while (n - i >= 16) {
-        int64_t end = i + BLOCK < n ? i + BLOCK : n;
-        __m256 s0 = zero, s1 = zero, q0 = zero, q1 = zero;
-        __m256i z0 = _mm256_setzero_si256(), z1 = _mm256_setzero_si256();
-        for (; end - i >= 16; i += 16) { /* two independent chains hide the add latency */
-            __m256 v = _mm256_loadu_ps(x + i), w = _mm256_loadu_ps(x + i + 8);
-            lo = _mm256_min_ps(w, _mm256_min_ps(v, lo));
-            hi = _mm256_max_ps(w, _mm256_max_ps(v, hi));
-            s0 = _mm256_add_ps(s0, v);
-            s1 = _mm256_add_ps(s1, w);
-            q0 = _mm256_add_ps(q0, _mm256_mul_ps(v, v));
-            q1 = _mm256_add_ps(q1, _mm256_mul_ps(w, w));
-            /* the comparison gives -1 per zero lane */
-            z0 = _mm256_sub_epi32(z0, _mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_EQ_OQ)));
-            z1 = _mm256_sub_epi32(z1, _mm256_castps_si256(_mm256_cmp_ps(w, zero, _CMP_EQ_OQ)));
+    int32_t t[8];
+    int64_t s = 0;
+    _mm256_storeu_si256((__m256i *)t, z);
+    for (int k = 0; k < 8; k++) s += t[k];
+    return s;
+}
+
+/* Sums into float64 (result) and zero counts into the channel's int64 counter. */
+AVX2 static void flush(lanes_t *a, result_t *r, int64_t *channel_zeros)
+{
+    r->sum += lanes_sum(a->s);
+    r->sumsq += lanes_sum(a->q);
+    *channel_zeros += lanes_count(a->z);
+    a->s = a->q = _mm256_setzero_ps();
+    a->z = _mm256_setzero_si256();
+}
+
+/* Six operations per 8 values; the comparison gives -1 per zero lane. */
+AVX2 static inline void step(lanes_t *a, __m256 v)
+{
+    a->lo = _mm256_min_ps(v, a->lo); /* v NaN: keeps a->lo */
+    a->hi = _mm256_max_ps(v, a->hi);
+    a->s = _mm256_add_ps(a->s, v);
+    a->q = _mm256_fmadd_ps(v, v, a->q);
+    a->z = _mm256_sub_epi32(a->z, _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_EQ_OQ)));
+}
+
+/* The last inner % 8 values of a run: masked load (0.0 elsewhere), neutral min and max. */
+AVX2 static inline void step_tail(lanes_t *a, const float *p, __m256i tail)
+{
+    const __m256 active = _mm256_castsi256_ps(tail);
+    __m256 v = _mm256_maskload_ps(p, tail);
+    a->lo = _mm256_min_ps(_mm256_blendv_ps(_mm256_set1_ps(INFINITY), v, active), a->lo);
+    a->hi = _mm256_max_ps(_mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, active), a->hi);
+    a->s = _mm256_add_ps(a->s, v);
+    a->q = _mm256_fmadd_ps(v, v, a->q);
+    __m256 eq = _mm256_and_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_EQ_OQ), active);
+    a->z = _mm256_sub_epi32(a->z, _mm256_castps_si256(eq));
+}
+
+AVX2 static void moments_avx2(const float *x, int64_t outer, int64_t channels, int64_t inner,
+                              result_t *r)
+{
+    /* two sets of accumulators: independent chains hide the latency of min, max and add */
+    lanes_t a = {_mm256_set1_ps(INFINITY), _mm256_set1_ps(-INFINITY), _mm256_setzero_ps(),
+                 _mm256_setzero_ps(), _mm256_setzero_si256()};
+    lanes_t b = a;
+    const int64_t full = inner / 8 * 8;
+    const int rest = (int)(inner - full);
+    int32_t bits[8];
+    for (int k = 0; k < 8; k++) bits[k] = k < rest ? -1 : 0;
+    const __m256i tail = _mm256_loadu_si256((const __m256i *)bits);
+    int64_t pending = 0; /* values in the float32 lanes since the last flush, a multiple of 8 */
+    for (int64_t c = 0; c < channels; c++) {
+        int64_t zeros = 0;
+        for (int64_t o = 0; o < outer; o++) {
+            const float *p = x + (o * channels + c) * inner;
+            for (int64_t i = 0; i < full;) {
+                int64_t stop = i + (BLOCK - pending) < full ? i + (BLOCK - pending) : full;
+                pending += stop - i;
+                for (; i + 16 <= stop; i += 16) {
+                    step(&a, _mm256_loadu_ps(p + i));
+                    step(&b, _mm256_loadu_ps(p + i + 8));
+                }
+                if (i < stop) {
+                    step(&a, _mm256_loadu_ps(p + i));
+                    i += 8;
+                }
+                if (pending >= BLOCK) {
+                    flush(&a, r, &zeros);
+                    flush(&b, r, &zeros);
+                    pending = 0;
+                }
+            }
+            if (rest) {
+                step_tail(&a, p + full, tail);
+                if ((pending += 8) >= BLOCK) {
+                    flush(&a, r, &zeros);
+                    flush(&b, r, &zeros);
+                    pending = 0;
+                }
+            }
         }
-        int32_t z[8];
-        _mm256_storeu_si256((__m256i *)z, _mm256_add_epi32(z0, z1));
-        a->sum += lanes_sum(_mm256_add_ps(s0, s1));
-        a->sumsq += lanes_sum(_mm256_add_ps(q0, q1));
-        for (int k = 0; k < 8; k++) a->zeros += z[k];
+        zeros += lanes_count(_mm256_add_epi32(a.z, b.z));
+        a.z = b.z = _mm256_setzero_si256();
+        r->zeros += zeros;
+        r->dead += (zeros == outer * inner);
     }
+    flush(&a, r, &r->zeros); /* zero counts are already folded in: these add 0 */
+    flush(&b, r, &r->zeros);
     float t[8];
-    _mm256_storeu_ps(t, lo);
-    for (int k = 0; k < 8; k++) a->lo = t[k] < a->lo ? t[k] : a->lo;
-    _mm256_storeu_ps(t, hi);
-    for (int k = 0; k < 8; k++) a->hi = t[k] > a->hi ? t[k] : a->hi;
-    span_scalar(x + i, n - i, a);
+    _mm256_storeu_ps(t, _mm256_min_ps(a.lo, b.lo));
+    for (int k = 0; k < 8; k++) r->lo = t[k] < r->lo ? t[k] : r->lo;
+    _mm256_storeu_ps(t, _mm256_max_ps(a.hi, b.hi));
+    for (int k = 0; k < 8; k++) r->hi = t[k] > r->hi ? t[k] : r->hi;
 }
 #endif
 
-static void span(const float *x, int64_t n, acc_t *a, int avx2)
+static void moments_any(const float *x, int64_t outer, int64_t channels, int64_t inner,
+                        result_t *r)
 {
 #ifdef HAVE_AVX2_PATH
+    static int avx2 = -1;
+    if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (avx2) {
-        span_avx2(x, n, a);
+        moments_avx2(x, outer, channels, inner, r);
         return;
     }
 #endif
-    (void)avx2;
-    span_scalar(x, n, a);
-}
-
-static int has_avx2(void)
-{
-#ifdef HAVE_AVX2_PATH
-    static int cached = -1;
-    if (cached < 0) cached = __builtin_cpu_supports("avx2") ? 1 : 0;
-    return cached;
-#else
-    return 0;
-#endif
+    moments_scalar(x, outer, channels, inner, r);
 }
 
 /* moments(address, outer, channels, inner) -> (min, max, sum, sumsq, zeros, dead_channels)
@@ -138,18 +210,12 @@ static PyObject *moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_ValueError, "moments: empty or invalid tensor");
         return NULL;
     }
-    acc_t a = {0.0, 0.0, INFINITY, -INFINITY, 0};
-    long long dead = 0;
-    int avx2 = has_avx2();
+    result_t r = {0.0, 0.0, INFINITY, -INFINITY, 0, 0};
     Py_BEGIN_ALLOW_THREADS
-    for (long long c = 0; c < channels; c++) {
-        int64_t before = a.zeros;
-        for (long long o = 0; o < outer; o++) span(x + (o * channels + c) * inner, inner, &a, avx2);
-        dead += (a.zeros - before == outer * inner);
-    }
+    moments_any(x, outer, channels, inner, &r);
     Py_END_ALLOW_THREADS
-    return Py_BuildValue("(ddddLL)", (double)a.lo, (double)a.hi, a.sum, a.sumsq,
-                         (long long)a.zeros, dead);
+    return Py_BuildValue("(ddddLL)", (double)r.lo, (double)r.hi, r.sum, r.sumsq,
+                         (long long)r.zeros, (long long)r.dead);
 }
 
 static PyMethodDef methods[] = {

@@ -19,11 +19,12 @@ Hooks return ``None``: a forward hook that returns a value would replace the mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -87,9 +88,11 @@ class Capture:
         return f"{self.layer}{call}{self.path}{batch}"
 
 
-@dataclass(frozen=True)
-class CallRecord:
-    """One call of any module of the model (the trace)."""
+class CallRecord(NamedTuple):
+    """One call of any module of the model (the trace).
+
+    Immutable like the dataclasses around it, but a ``NamedTuple``: one is built per module
+    call inside the hook, about 5x faster than a frozen dataclass."""
 
     name: str
     class_name: str
@@ -147,17 +150,64 @@ class _Held:
         return self.tensor
 
 
-@dataclass
 class _Live:
-    """A capture being recorded, with a reference to its tensor (strong in grad mode, weak
-    otherwise) to compare ``_version`` later."""
+    """A capture being recorded: what the hook saw, plus a reference to its tensor (strong in
+    grad mode, weak otherwise) to compare ``_version`` later. A plain slotted class: one is
+    made per captured tensor inside the hook, and the frozen ``Capture`` only once at the end."""
 
-    capture: Capture
-    key: int  # id() of the module, to count its calls
-    ref: Callable[[], torch.Tensor | None] | None
-    last_version: int | None
-    last_grad_fn: str | None
-    seq: int = 0  # snapshot order = order in which calls returned
+    __slots__ = (
+        "call",
+        "call_id",
+        "facts",
+        "key",
+        "last_grad_fn",
+        "last_version",
+        "layer",
+        "path",
+        "ref",
+        "seq",
+        "stats",
+        "tensor_info",
+        "values",
+    )
+
+    def __init__(
+        self,
+        key: int,
+        layer: str,
+        call: int,
+        path: str,
+        tensor_info: tuple[tuple[int, ...], str, str],
+        facts: _RawFacts,
+        stats: Stats,
+        values: np.ndarray | None,
+        call_id: int,
+        ref: Callable[[], torch.Tensor | None] | None,
+        seq: int,
+    ) -> None:
+        self.key, self.layer, self.call, self.path = key, layer, call, path
+        self.tensor_info, self.facts, self.stats, self.values = tensor_info, facts, stats, values
+        self.call_id, self.ref, self.seq = call_id, ref, seq
+        self.last_grad_fn, self.last_version = facts[3], facts[6]
+
+    def capture(self, batch: int | None, calls_total: int = 1, final: bool = False) -> Capture:
+        after = (self.last_version, self.last_grad_fn) if final else (None, None)
+        facts = GradFacts(*self.facts, *after)
+        shape, dtype, device = self.tensor_info
+        return Capture(
+            self.layer,
+            self.call,
+            self.path,
+            shape,
+            dtype,
+            device,
+            facts,
+            self.stats,
+            self.values,
+            calls_total,
+            batch,
+            self.call_id,
+        )
 
 
 def capture(
@@ -184,8 +234,8 @@ def capture(
     ``calls_total`` and the in-place facts are not known yet at that moment); with
     ``callback_values=False`` it gets no values (a progress display needs none: no copy).
     """
-    names = _module_names(model)
-    targets = _targets(model, names, layers)
+    names, modules = _walk(model)
+    targets = _targets(modules, names, layers)
     session = _Session(
         names,
         targets,
@@ -196,9 +246,12 @@ def capture(
         hold=mode is Mode.GRAD,
         callback_values=callback_values,
     )
-    # Per module: model.train(x) would flip a frozen BatchNorm a user had put in eval mode.
-    modes = {module: module.training for module in model.modules()}
-    model.train(train)
+    # Only flip when a module differs (model.train walks and setattrs every module), and
+    # restore per module: model.train(x) would flip a frozen BatchNorm a user had put in eval.
+    modes = {}
+    if any(module.training != train for module in modules.values()):
+        modes = {module: module.training for module in modules.values()}
+        model.train(train)
     try:
         with ExitStack() as stack:
             stack.enter_context(_grad_context(mode))
@@ -211,9 +264,11 @@ def capture(
     return session.result(output, mode)
 
 
-def _module_names(model: nn.Module) -> dict[int, list[str]]:
-    """Every dotted name of every module, walking ``_modules`` so shared modules keep all."""
+def _walk(model: nn.Module) -> tuple[dict[int, list[str]], dict[int, nn.Module]]:
+    """Every dotted name of every module (walking ``_modules`` so shared modules keep all), and
+    the modules by ``id``."""
     names: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         prefix, module = stack.pop()
@@ -221,19 +276,20 @@ def _module_names(model: nn.Module) -> dict[int, list[str]]:
         names.setdefault(id(module), []).append(prefix)
         if seen:
             continue
+        modules[id(module)] = module
         children = [
             (f"{prefix}.{n}" if prefix else n, m)
             for n, m in module._modules.items()
             if m is not None
         ]
         stack.extend(reversed(children))
-    return names
+    return names, modules
 
 
 def _targets(
-    model: nn.Module, names: dict[int, list[str]], layers: Sequence[str]
+    modules: dict[int, nn.Module], names: dict[int, list[str]], layers: Sequence[str]
 ) -> dict[int, tuple[str, nn.Module]]:
-    by_name = {name: module for module in model.modules() for name in names[id(module)]}
+    by_name = {name: module for key, module in modules.items() for name in names[key]}
     targets: dict[int, tuple[str, nn.Module]] = {}
     for layer in layers:
         module = by_name.get(layer)
@@ -320,39 +376,50 @@ class _Session:
         stack.enter_context(hooks.register_module_forward_hook(self._post))
 
     def _pre(self, module: nn.Module, _args: Any) -> None:
-        if id(module) not in self.names:
+        names = self.names.get(id(module))
+        if names is None:  # a module of another model
             return
         parent = self.stack[-1].call_id if self.stack else None
-        self.stack.append(_Frame(id(module), self.names[id(module)][0], self.next_call_id, parent))
+        self.stack.append(_Frame(id(module), names[0], self.next_call_id, parent))
         self.next_call_id += 1
 
-    def _pop(self, module: nn.Module) -> _Frame:
+    def _pop(self, key: int) -> _Frame:
         # Frames above ours belong to calls that raised and were caught by their parent.
-        while self.stack and self.stack[-1].module_id != id(module):
-            self.stack.pop()
-        if self.stack:
-            return self.stack.pop()
-        return _Frame(id(module), self.names[id(module)][0], -1, None)
+        stack = self.stack
+        while stack and stack[-1].module_id != key:
+            stack.pop()
+        return stack.pop() if stack else _Frame(key, self.names[key][0], -1, None)
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if id(module) not in self.names:
+        key = id(module)
+        if key not in self.names:
             return
-        frame = self._pop(module)
-        call = self.calls.get(id(module), 0) + 1
-        self.calls[id(module)] = call
-        if id(module) not in self.params_grad:
-            self.params_grad[id(module)] = any(p.requires_grad for p in module.parameters())
+        frame = self._pop(key)
+        call = self.calls[key] = self.calls.get(key, 0) + 1
         record = _call_record(
-            frame, type(module).__qualname__, call, self.params_grad[id(module)], args, output
+            frame, type(module).__qualname__, call, self._params_grad(module), args, output
         )
         self.trace.append(record)
         self._follow_cuts(record, args, output)
         if not self.hold:
             self._check_versions()
-        if id(module) in self.targets:
-            layer = self.targets[id(module)][0]
+        target = self.targets.get(key)
+        if target is not None:
             for path, tensor in flatten_tensors(output):
-                self._snapshot(id(module), layer, call, path, tensor, frame.call_id)
+                self._snapshot(key, target[0], record, path, tensor)
+
+    def _params_grad(self, module: nn.Module) -> bool:
+        """Whether any parameter of ``module`` or its children requires grad, memoized per
+        module (``module.parameters()`` would walk the subtree again for every container)."""
+        key = id(module)
+        known = self.params_grad.get(key)
+        if known is None:
+            self.params_grad[key] = False  # a module that contains itself stops here
+            known = any(
+                p is not None and p.requires_grad for p in module._parameters.values()
+            ) or any(self._params_grad(c) for c in module._modules.values() if c is not None)
+            self.params_grad[key] = known
+        return known
 
     def _follow_cuts(self, record: CallRecord, args: Any, output: Any) -> None:
         """Remember where detached values came from, so a later layer fed by one is blamed on
@@ -376,38 +443,30 @@ class _Session:
             self.cut_outputs[pointer] = origin
 
     def _snapshot(
-        self, key: int, layer: str, call: int, path: str, tensor: torch.Tensor, call_id: int
+        self, key: int, layer: str, record: CallRecord, path: str, tensor: torch.Tensor
     ) -> None:
-        facts = _grad_facts(tensor)
+        call, call_id = record.call, record.call_id
+        facts = _grad_facts(tensor, record)
         values = (
             _sample_values(tensor, self.sample)
             if self.keep_values or self.callback_values
             else None
         )
-        record = Capture(
-            layer,
-            call,
-            path,
-            tuple(tensor.shape),
-            _dtype(tensor.dtype),
-            str(tensor.device),
-            facts,
-            tensor_stats(tensor),
-            values,
-            batch=self.batch,
-            call_id=call_id,
-        )
         if tensor.requires_grad:
             self.edges[(layer, call, path)] = _edge(tensor)
-        if self.on_capture is not None:
-            self.on_capture(record)
-        if values is not None and not self.keep_values:
-            record = dataclasses.replace(record, values=None)
         ref: Callable[[], torch.Tensor | None] | None = None
         if not tensor.is_inference():
             ref = _Held(tensor) if self.hold else weakref.ref(tensor)
+        info = (tuple(tensor.shape), _dtype(tensor.dtype), _device(tensor.device))
         seq = len(self.live) + len(self.done)
-        self.live.append(_Live(record, key, ref, facts.version, facts.grad_fn, seq))
+        item = _Live(
+            key, layer, call, path, info, facts, tensor_stats(tensor), values, call_id, ref, seq
+        )
+        if self.on_capture is not None:
+            self.on_capture(item.capture(self.batch))
+        if not self.keep_values:
+            item.values = None
+        self.live.append(item)
 
     def _check_versions(self) -> None:
         # Called after every module call: an in-place op by a later module (ReLU(inplace=True))
@@ -438,19 +497,13 @@ class _Session:
         )
 
     def result(self, output: Any, mode: Mode) -> CaptureResult:
-        captures = []
-        for item in sorted(self.done, key=lambda it: it.seq):
-            grad = dataclasses.replace(
-                item.capture.grad, version_after=item.last_version, grad_fn_after=item.last_grad_fn
-            )
-            captures.append(
-                dataclasses.replace(
-                    item.capture, grad=grad, calls_total=self.calls.get(item.key, 1)
-                )
-            )
+        captures = tuple(
+            item.capture(self.batch, self.calls.get(item.key, 1), final=True)
+            for item in sorted(self.done, key=lambda it: it.seq)
+        )
         never = tuple(name for key, (name, _) in self.targets.items() if key not in self.calls)
         return CaptureResult(
-            tuple(captures),
+            captures,
             tuple(self.trace),
             never,
             output,
@@ -474,22 +527,36 @@ class _Frame:
 def _call_record(
     frame: _Frame, class_name: str, call: int, params_grad: bool, args: Any, output: Any
 ) -> CallRecord:
-    outputs = _tensors(output)
-    floats = [t for t in outputs if t.is_floating_point() or t.is_complex()]
+    if isinstance(output, torch.Tensor):  # the usual case, without building lists
+        floating = output.is_floating_point() or output.is_complex()
+        outputs_require_grad = floating and output.requires_grad
+        output_shapes: tuple[tuple[int, ...], ...] = (tuple(output.shape),)
+    else:
+        outputs = _tensors(output)
+        floats = [t for t in outputs if t.is_floating_point() or t.is_complex()]
+        floating = bool(floats)
+        outputs_require_grad = any(t.requires_grad for t in floats)
+        output_shapes = tuple(tuple(t.shape) for t in outputs)
     return CallRecord(
-        name=frame.name,
-        class_name=class_name,
-        call=call,
-        grad_enabled=torch.is_grad_enabled(),
-        inference_mode=torch.is_inference_mode_enabled(),
-        inputs_require_grad=any(t.requires_grad for t in _tensors(args)),
-        params_require_grad=params_grad,
-        outputs_require_grad=any(t.requires_grad for t in floats),
-        has_float_output=bool(floats),
-        output_shapes=tuple(tuple(t.shape) for t in outputs),
-        call_id=frame.call_id,
-        parent_id=frame.parent_id,
+        frame.name,
+        class_name,
+        call,
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        _any_requires_grad(args),
+        params_grad,
+        outputs_require_grad,
+        floating,
+        output_shapes,
+        frame.call_id,
+        frame.parent_id,
     )
+
+
+def _any_requires_grad(args: Any) -> bool:
+    if type(args) is tuple and len(args) == 1 and isinstance(args[0], torch.Tensor):
+        return args[0].requires_grad  # the usual call: one tensor in
+    return any(t.requires_grad for t in _tensors(args))
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -502,7 +569,10 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 def _edge(tensor: torch.Tensor) -> tuple[Any, int]:
-    edge = torch.autograd.graph.get_gradient_edge(tensor)
+    node = tensor.grad_fn
+    if node is not None:  # what get_gradient_edge returns, without its cost (a hot path)
+        return (node, tensor.output_nr)
+    edge = torch.autograd.graph.get_gradient_edge(tensor)  # a leaf: its AccumulateGrad node
     return (edge.node, edge.output_nr)
 
 
@@ -545,16 +615,21 @@ def flatten_tensors(
             yield from flatten_tensors(item, f"{path}[{i}]", depth + 1)
 
 
-def _grad_facts(tensor: torch.Tensor) -> GradFacts:
+# GradFacts' first seven fields, read in the hook; the dataclass is built once, at the end.
+_RawFacts = tuple[bool, bool, bool, str | None, bool, bool, int | None]
+
+
+def _grad_facts(tensor: torch.Tensor, record: CallRecord) -> _RawFacts:
     inference = tensor.is_inference()
-    return GradFacts(
-        grad_enabled=torch.is_grad_enabled(),
-        inference_mode=torch.is_inference_mode_enabled(),
-        requires_grad=tensor.requires_grad,
-        grad_fn=_grad_fn_name(tensor),
-        is_leaf=tensor.is_leaf,
-        is_inference=inference,
-        version=None if inference else tensor._version,
+    node = tensor.grad_fn
+    return (
+        record.grad_enabled,  # the grad mode of the call that returned the tensor
+        record.inference_mode,
+        tensor.requires_grad,
+        node.name() if node is not None else None,
+        tensor.is_leaf,
+        inference,
+        None if inference else tensor._version,
     )
 
 
@@ -562,8 +637,14 @@ def _grad_fn_name(tensor: torch.Tensor) -> str | None:
     return tensor.grad_fn.name() if tensor.grad_fn is not None else None
 
 
+@functools.cache
 def _dtype(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+@functools.cache
+def _device(device: torch.device) -> str:
+    return str(device)
 
 
 def _sample_values(tensor: torch.Tensor, sample: int | None) -> np.ndarray:

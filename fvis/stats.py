@@ -61,18 +61,15 @@ def tensor_stats(tensor: torch.Tensor) -> Stats:
     >>> tensor_stats(torch.tensor([0.0, 1.0, float("nan")])).nan
     1
     """
+    if _native is not None and _native_can_read(tensor):  # first, and without no_grad/detach:
+        return _native_stats(_native, tensor)  # this is the call made for every capture
     with torch.no_grad():
         data = _as_float(tensor.detach())
         numel = data.numel()
         if numel == 0:
             return Stats(0, None, None, None, None, 0.0, 0, 0, 0, 0, 0)
-        if (
-            _native is not None
-            and data.dtype is torch.float32
-            and data.device.type == "cpu"
-            and data.is_contiguous()
-        ):
-            return _native_stats(_native, data, numel)
+        if _native is not None and _native_can_read(data):  # float16 and bfloat16, widened
+            return _native_stats(_native, data)
         low, high = (float(v) for v in torch.aminmax(data))
         total = float(data.sum())  # torch sums float32 pairwise: accurate enough here
         if math.isfinite(low) and math.isfinite(high) and math.isfinite(total):
@@ -80,26 +77,29 @@ def tensor_stats(tensor: torch.Tensor) -> Stats:
         return _stats_with_nonfinite(data, numel)
 
 
-def _native_stats(native: ModuleType, data: torch.Tensor, numel: int) -> Stats:
-    channels = _channels(data)
-    outer = int(data.shape[0]) if channels else 1
-    layout = (outer, channels, numel // (outer * channels)) if channels else (1, 1, numel)
-    low, high, total, sumsq, zeros, dead = native.moments(data.data_ptr(), *layout)
-    if not all(map(math.isfinite, (low, high, total, sumsq))):
-        return _stats_with_nonfinite(data, numel)  # NaN, Inf, or a float32 sum that overflowed
-    mean, std = _mean_std(data, numel, total, sumsq)
+def _native_can_read(tensor: torch.Tensor) -> bool:
+    return (
+        tensor.dtype is torch.float32
+        and tensor.is_cpu
+        and tensor.is_contiguous()
+        and tensor.numel() > 0
+    )
+
+
+def _native_stats(native: ModuleType, tensor: torch.Tensor) -> Stats:
+    """One read of the tensor's memory: no autograd op, so no no_grad or detach is needed."""
+    numel = tensor.numel()
+    shape = tensor.shape
+    channels = shape[1] if len(shape) >= 3 else 0
+    layout = (shape[0], channels, numel // (shape[0] * channels)) if channels else (1, 1, numel)
+    low, high, total, sumsq, zeros, dead = native.moments(tensor.data_ptr(), *layout)
+    finite = -math.inf < low <= high < math.inf and math.isfinite(total + sumsq)
+    if not finite:  # NaN, Inf, or a float32 sum that overflowed: the exact path
+        with torch.no_grad():
+            return _stats_with_nonfinite(tensor.detach(), numel)
+    mean, std = _mean_std(tensor, numel, total, sumsq)
     return Stats(
-        numel=numel,
-        min=low,
-        max=high,
-        mean=mean,
-        std=std,
-        zero_fraction=zeros / numel,
-        nan=0,
-        posinf=0,
-        neginf=0,
-        channels=channels,
-        dead_channels=dead if channels else 0,
+        numel, low, high, mean, std, zeros / numel, 0, 0, 0, channels, dead if channels else 0
     )
 
 
@@ -110,7 +110,8 @@ def _mean_std(data: torch.Tensor, numel: int, total: float, sumsq: float) -> tup
     if not (math.isfinite(spread) and spread >= 1e-3 * mean * mean):  # or float32 overflowed
         # Cancellation: a small spread around a large offset is lost in E[x^2] - E[x]^2 (and
         # in a float32 mean). Rare enough to pay for two passes in float64.
-        wide = data.double()
+        with torch.no_grad():
+            wide = data.detach().double()
         mean = float(wide.mean())
         spread = float(torch.linalg.vector_norm(wide - mean)) ** 2 / numel
     return mean, math.sqrt(max(spread, 0.0) * numel / max(numel - 1, 1))
