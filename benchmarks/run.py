@@ -719,7 +719,26 @@ def snapshot(ref: str, tmp: Path) -> Path:
     src.mkdir()
     archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    if (src / "setup.py").exists():  # the optional C extension, built as `pip install` would
+        subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+            cwd=src,
+            capture_output=True,
+            check=False,
+        )
     return src
+
+
+def _stats_path() -> str:
+    """Which statistics path the measured fvis takes (in this process: same sys.path)."""
+    from fvis import stats
+
+    native = getattr(stats, "_native", None)
+    return (
+        f"native, one pass (`{Path(native.__file__).name}`)"
+        if native is not None
+        else "torch ops (the C extension `fvis._moments` is not built or FVIS_NATIVE=0)"
+    )
 
 
 def _fvis_version(ref: str | None, commit: str | None = None) -> str:
@@ -770,6 +789,7 @@ def machine_header(
             f"(`torch.set_num_threads(2)` in process), numpy {numpy.__version__}, "
             f"Pillow {PIL.__version__}",
             _fvis_version(ref, commit),
+            f"- statistics: {_stats_path()}",
             f"- load average at start: {Path('/proc/loadavg').read_text().split()[:3]}; "
             f"run took {time.time() - started:.0f} s",
             f"- command: `python benchmarks/{Path(argv[0]).name} {' '.join(argv[1:])}`".replace(

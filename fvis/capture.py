@@ -234,10 +234,10 @@ def capture(
     ``calls_total`` and the in-place facts are not known yet at that moment); with
     ``callback_values=False`` it gets no values (a progress display needs none: no copy).
     """
-    names, modules = _walk(model)
-    targets = _targets(modules, names, layers)
+    tree = _walk(model)
+    targets = _targets(tree, layers)
     session = _Session(
-        names,
+        tree.names,
         targets,
         sample,
         keep_values,
@@ -249,8 +249,8 @@ def capture(
     # Only flip when a module differs (model.train walks and setattrs every module), and
     # restore per module: model.train(x) would flip a frozen BatchNorm a user had put in eval.
     modes = {}
-    if any(module.training != train for module in modules.values()):
-        modes = {module: module.training for module in modules.values()}
+    if any(module.training != train for module in tree.modules.values()):
+        modes = {module: module.training for module in tree.modules.values()}
         model.train(train)
     try:
         with ExitStack() as stack:
@@ -264,14 +264,22 @@ def capture(
     return session.result(output, mode)
 
 
-def _walk(model: nn.Module) -> tuple[dict[int, list[str]], dict[int, nn.Module]]:
-    """Every dotted name of every module (walking ``_modules`` so shared modules keep all), and
-    the modules by ``id``."""
+@dataclass(frozen=True)
+class _Tree:
+    names: dict[int, list[str]]  # id -> every dotted name (shared modules have several)
+    modules: dict[int, nn.Module]  # id -> module
+    by_name: dict[str, nn.Module]
+
+
+def _walk(model: nn.Module) -> _Tree:
+    """Every module and every dotted name, walking ``_modules`` so shared modules keep all."""
     names: dict[int, list[str]] = {}
     modules: dict[int, nn.Module] = {}
+    by_name: dict[str, nn.Module] = {}
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         prefix, module = stack.pop()
+        by_name[prefix] = module
         seen = id(module) in names
         names.setdefault(id(module), []).append(prefix)
         if seen:
@@ -283,16 +291,13 @@ def _walk(model: nn.Module) -> tuple[dict[int, list[str]], dict[int, nn.Module]]
             if m is not None
         ]
         stack.extend(reversed(children))
-    return names, modules
+    return _Tree(names, modules, by_name)
 
 
-def _targets(
-    modules: dict[int, nn.Module], names: dict[int, list[str]], layers: Sequence[str]
-) -> dict[int, tuple[str, nn.Module]]:
-    by_name = {name: module for key, module in modules.items() for name in names[key]}
+def _targets(tree: _Tree, layers: Sequence[str]) -> dict[int, tuple[str, nn.Module]]:
     targets: dict[int, tuple[str, nn.Module]] = {}
     for layer in layers:
-        module = by_name.get(layer)
+        module = tree.by_name.get(layer)
         if module is None:
             raise ModelInputError(f"no layer {layer!r} in the loaded model")
         targets.setdefault(id(module), (layer, module))
@@ -400,13 +405,18 @@ class _Session:
             frame, type(module).__qualname__, call, self._params_grad(module), args, output
         )
         self.trace.append(record)
-        self._follow_cuts(record, args, output)
+        if self.cut_outputs or record.is_cut:  # nearly always neither: skip the call
+            self._follow_cuts(record, args, output)
         if not self.hold:
             self._check_versions()
         target = self.targets.get(key)
-        if target is not None:
-            for path, tensor in flatten_tensors(output):
-                self._snapshot(key, target[0], record, path, tensor)
+        if target is None:
+            return
+        if isinstance(output, torch.Tensor):  # the usual case, without the generator
+            self._snapshot(key, target[0], record, "", output)
+            return
+        for path, tensor in flatten_tensors(output):
+            self._snapshot(key, target[0], record, path, tensor)
 
     def _params_grad(self, module: nn.Module) -> bool:
         """Whether any parameter of ``module`` or its children requires grad, memoized per
