@@ -35,7 +35,7 @@ from fvis.errors import ModelInputError, first_line
 from fvis.stats import Stats, tensor_stats
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GradFacts:
     """Autograd state of one captured tensor, recorded at hook time."""
 
@@ -58,7 +58,7 @@ class GradFacts:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Capture:
     """One tensor from one call of one module.
 
@@ -467,7 +467,8 @@ class _Session:
         ref: Callable[[], torch.Tensor | None] | None = None
         if not tensor.is_inference():
             ref = _Held(tensor) if self.hold else weakref.ref(tensor)
-        info = (tuple(tensor.shape), _dtype(tensor.dtype), _device(tensor.device))
+        device = "cpu" if tensor.is_cpu else _device(tensor.device)
+        info = (tuple(tensor.shape), _dtype(tensor.dtype), device)
         seq = len(self.live) + len(self.done)
         item = _Live(
             key, layer, call, path, info, facts, tensor_stats(tensor), values, call_id, ref, seq
@@ -524,9 +525,8 @@ class _Session:
         )
 
 
-@dataclass(frozen=True)
-class _Frame:
-    """A module call under way."""
+class _Frame(NamedTuple):
+    """A module call under way (a NamedTuple: one is made per module call)."""
 
     module_id: int
     name: str

@@ -34,7 +34,7 @@ def _load_native() -> ModuleType | None:
 _native = _load_native()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Stats:
     """Over finite values; NaN and ±Inf are counted apart so one NaN does not hide the rest."""
 
