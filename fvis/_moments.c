@@ -176,33 +176,50 @@ AVX2 static void moments_avx2(const float *x, int64_t outer, int64_t channels, i
 }
 #endif
 
-static void moments_any(const float *x, int64_t outer, int64_t channels, int64_t inner,
-                        result_t *r)
+static int has_simd(void)
 {
 #ifdef HAVE_AVX2_PATH
     static int avx2 = -1;
     if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx2) {
+    return avx2;
+#else
+    return 0;
+#endif
+}
+
+static void moments_any(const float *x, int64_t outer, int64_t channels, int64_t inner,
+                        result_t *r, int allow_simd)
+{
+#ifdef HAVE_AVX2_PATH
+    if (allow_simd && has_simd()) {
         moments_avx2(x, outer, channels, inner, r);
         return;
     }
+#else
+    (void)allow_simd;
 #endif
     moments_scalar(x, outer, channels, inner, r);
 }
 
-/* moments(address, outer, channels, inner) -> (min, max, sum, sumsq, zeros, dead_channels)
+/* moments(address, outer, channels, inner[, simd]) -> (min, max, sum, sumsq, zeros, dead)
  * address: data_ptr() of a contiguous float32 CPU tensor of outer * channels * inner values,
- * kept alive by the caller for the duration of the call. */
+ * kept alive by the caller for the duration of the call. simd=0 forces the portable loop
+ * (tests compare both). */
 static PyObject *moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "moments(address, outer, channels, inner)");
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "moments(address, outer, channels, inner[, simd])");
         return NULL;
     }
+    int allow_simd = nargs == 5 ? PyObject_IsTrue(args[4]) : 1;
+    if (allow_simd < 0) return NULL;
     const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
+    if (PyErr_Occurred()) return NULL;
     long long outer = PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred()) return NULL;
     long long channels = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred()) return NULL;
     long long inner = PyLong_AsLongLong(args[3]);
     if (PyErr_Occurred()) return NULL;
     if (x == NULL || outer < 1 || channels < 1 || inner < 1 ||
@@ -212,7 +229,7 @@ static PyObject *moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     result_t r = {0.0, 0.0, INFINITY, -INFINITY, 0, 0};
     Py_BEGIN_ALLOW_THREADS
-    moments_any(x, outer, channels, inner, &r);
+    moments_any(x, outer, channels, inner, &r, allow_simd);
     Py_END_ALLOW_THREADS
     return Py_BuildValue("(ddddLL)", (double)r.lo, (double)r.hi, r.sum, r.sumsq,
                          (long long)r.zeros, (long long)r.dead);
@@ -220,7 +237,7 @@ static PyObject *moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 
 static PyMethodDef methods[] = {
     {"moments", (PyCFunction)(void (*)(void))moments, METH_FASTCALL,
-     "moments(address, outer, channels, inner) -> (min, max, sum, sumsq, zeros, dead)"},
+     "moments(address, outer, channels, inner[, simd]) -> (min, max, sum, sumsq, zeros, dead)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -229,4 +246,14 @@ static struct PyModuleDef module = {
     methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__moments(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__moments(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    /* SIMD: whether this CPU takes the vector path. The scalar loop is single-threaded and can
+     * be slower than torch's multi-threaded reductions, so fvis uses it only with SIMD. */
+    if (m != NULL && PyModule_AddIntConstant(m, "SIMD", has_simd()) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -26,9 +26,11 @@ def _load_native() -> ModuleType | None:
     if os.environ.get("FVIS_NATIVE", "1") == "0":
         return None
     try:
-        return importlib.import_module("fvis._moments")
+        native = importlib.import_module("fvis._moments")
     except ImportError:  # built without a C compiler: the torch path gives the same numbers
         return None
+    # Without SIMD the kernel is a single-threaded loop, slower than torch on large tensors.
+    return native if getattr(native, "SIMD", False) else None
 
 
 _native = _load_native()
@@ -77,12 +79,20 @@ def tensor_stats(tensor: torch.Tensor) -> Stats:
         return _stats_with_nonfinite(data, numel)
 
 
+# Only tensors whose memory holds their values: not wrapper subclasses (DTensor and the like
+# have no data pointer), not lazily negated views, not the storage-less zero tensors.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _native_can_read(tensor: torch.Tensor) -> bool:
     return (
-        tensor.dtype is torch.float32
+        type(tensor) in _PLAIN
+        and tensor.dtype is torch.float32
         and tensor.is_cpu
         and tensor.is_contiguous()
         and tensor.numel() > 0
+        and not tensor.is_neg()
+        and not tensor._is_zerotensor()
     )
 
 
@@ -97,19 +107,24 @@ def _native_stats(native: ModuleType, tensor: torch.Tensor) -> Stats:
     if not finite:  # NaN, Inf, or a float32 sum that overflowed: the exact path
         with torch.no_grad():
             return _stats_with_nonfinite(tensor.detach(), numel)
-    mean, std = _mean_std(tensor, numel, total, sumsq)
+    mean, std = _mean_std(tensor, numel, total, sumsq, max(-low, high))
     return Stats(
         numel, low, high, mean, std, zeros / numel, 0, 0, 0, channels, dead if channels else 0
     )
 
 
-def _mean_std(data: torch.Tensor, numel: int, total: float, sumsq: float) -> tuple[float, float]:
-    """Mean and sample standard deviation from the sum and the sum of squares."""
+def _mean_std(
+    data: torch.Tensor, numel: int, total: float, sumsq: float, peak: float
+) -> tuple[float, float]:
+    """Mean and sample standard deviation from the sum and the sum of squares (float32 sums);
+    ``peak`` is the largest magnitude."""
     mean = total / numel
     spread = sumsq / numel - mean * mean
-    if not (math.isfinite(spread) and spread >= 1e-3 * mean * mean):  # or float32 overflowed
+    cancelled = not (math.isfinite(spread) and spread >= 1e-3 * mean * mean)
+    if cancelled or 0 < peak < 1e-18:
         # Cancellation: a small spread around a large offset is lost in E[x^2] - E[x]^2 (and
-        # in a float32 mean). Rare enough to pay for two passes in float64.
+        # in a float32 mean); float32 sums also overflow, and squares of values below ~1e-19
+        # fall into subnormals. Rare enough to pay for two passes in float64.
         with torch.no_grad():
             wide = data.detach().double()
         mean = float(wide.mean())
@@ -129,7 +144,7 @@ def _as_float(data: torch.Tensor) -> torch.Tensor:
 
 def _finite_stats(data: torch.Tensor, numel: int, low: float, high: float, total: float) -> Stats:
     sumsq = float(torch.linalg.vector_norm(data)) ** 2
-    mean, std = _mean_std(data, numel, total, sumsq)
+    mean, std = _mean_std(data, numel, total, sumsq, max(-low, high))
     if low > 0 or high < 0:  # no value can be zero: skip the costliest pass
         nonzero = numel
     else:  # count_nonzero is ~10x slower on sparse ReLU outputs; an int32 sum avoids an

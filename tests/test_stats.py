@@ -184,3 +184,58 @@ def test_native_extension_is_built_where_a_compiler_exists() -> None:
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler: fvis uses the torch path")
     assert NATIVE, "fvis._moments is missing: reinstall with `pip install -e .`"
+
+
+class _Sub(torch.Tensor):
+    """A subclass fvis does not know: its memory may not hold its values."""
+
+
+def test_tensors_whose_memory_is_not_their_values_take_the_torch_path() -> None:
+    base = torch.tensor([[[1.0, -2.0, 3.0, 0.0]]])
+    negated = torch._neg_view(base)  # lazily negated: the memory holds the values unnegated
+    assert_matches(tensor_stats(negated), reference(-base))
+    assert_matches(tensor_stats(base.as_subclass(_Sub)), reference(base))
+
+
+def test_zero_tensor_without_storage() -> None:
+    z = torch._efficientzerotensor(2, 3, 4)
+    s = tensor_stats(z)
+    assert (s.min, s.max, s.mean, s.zero_fraction, s.dead_channels) == (0.0, 0.0, 0.0, 1.0, 3)
+
+
+def test_tiny_values_keep_their_spread() -> None:
+    """Squares of values near 1e-22 are float32 subnormals: the float64 pass takes over."""
+    t = torch.tensor([1e-22, -2e-22, 3e-22, 0.0, 5e-23])
+    want = reference(t)
+    assert_matches(tensor_stats(t), want)
+    with torch_path():
+        assert_matches(tensor_stats(t), want)
+
+
+@pytest.mark.skipif(not NATIVE, reason="fvis._moments was not built")
+def test_portable_loop_matches_the_simd_one() -> None:
+    native = stats._native
+    assert native is not None
+    g = _gen(11)
+    for shape in [(1, 1, 1), (1, 3, 7), (2, 5, 17), (3, 2, 4096 + 9), (1, 64, 49)]:
+        t = torch.randn(shape, generator=g)
+        t[t.abs() < 0.5] = 0.0
+        t[:, 0] = 0.0
+        simd = native.moments(t.data_ptr(), *shape)
+        plain = native.moments(t.data_ptr(), *shape, False)
+        assert simd[:2] == plain[:2] and simd[4:] == plain[4:], shape  # min, max, zeros, dead
+        assert simd[2] == pytest.approx(plain[2], rel=1e-5, abs=1e-4)
+        assert simd[3] == pytest.approx(plain[3], rel=1e-5)
+
+
+def test_extension_without_simd_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its portable loop runs on one thread: slower than torch on large maps."""
+
+    class NoSimd:
+        SIMD = 0
+
+    monkeypatch.setattr(stats.importlib, "import_module", lambda name: NoSimd())
+    monkeypatch.delenv("FVIS_NATIVE", raising=False)
+    assert stats._load_native() is None
+    monkeypatch.setenv("FVIS_NATIVE", "0")
+    assert stats._load_native() is None
