@@ -246,11 +246,8 @@ def capture(
         hold=mode is Mode.GRAD,
         callback_values=callback_values,
     )
-    # Only flip when a module differs (model.train walks and setattrs every module), and
-    # restore per module: model.train(x) would flip a frozen BatchNorm a user had put in eval.
-    modes = {}
-    if any(module.training != train for module in tree.modules.values()):
-        modes = {module: module.training for module in tree.modules.values()}
+    modes = {module: module.training for module in tree.modules.values()}
+    if _needs_train_call(modes, train):
         model.train(train)
     try:
         with ExitStack() as stack:
@@ -259,8 +256,11 @@ def capture(
             output = _run(model, inputs, session)
             session.finish()
     finally:
+        # Per module, and only where a flag changed (Module.__setattr__ is slow): model.train(x)
+        # would flip a frozen BatchNorm a user had put in eval, and a forward may flip flags.
         for module, training in modes.items():
-            module.training = training
+            if module.training != training:
+                module.training = training
     return session.result(output, mode)
 
 
@@ -269,6 +269,16 @@ class _Tree:
     names: dict[int, list[str]]  # id -> every dotted name (shared modules have several)
     modules: dict[int, nn.Module]  # id -> module
     by_name: dict[str, nn.Module]
+
+
+def _needs_train_call(modes: Mapping[nn.Module, bool], train: bool) -> bool:
+    """``model.train(train)`` walks and sets every module; skip it when every flag already
+    matches, unless a module overrides ``train`` (models that keep BatchNorm frozen in
+    training do it there)."""
+    return any(
+        training != train or type(module).train is not nn.Module.train
+        for module, training in modes.items()
+    )
 
 
 def _walk(model: nn.Module) -> _Tree:
@@ -436,9 +446,8 @@ class _Session:
         the cut and not called frozen. Only module boundaries are seen: a functional op between
         a cut and a layer hides the link."""
         if record.is_cut:
-            self.cut_inputs[record.call_id] = tuple(
-                _edge(t) for _, t in flatten_tensors(args) if t.requires_grad
-            )
+            edges = (_edge(t) for _, t in flatten_tensors(args) if t.requires_grad)
+            self.cut_inputs[record.call_id] = tuple(e for e in edges if e is not None)
             origin = record.call_id
         elif self.cut_outputs and not record.outputs_require_grad:
             origin = next(
@@ -462,8 +471,10 @@ class _Session:
             if self.keep_values or self.callback_values
             else None
         )
-        if tensor.requires_grad:
-            self.edges[(layer, call, path)] = _edge(tensor)
+        if tensor.requires_grad and record.grad_enabled:
+            edge = _edge(tensor)
+            if edge is not None:
+                self.edges[(layer, call, path)] = edge
         ref: Callable[[], torch.Tensor | None] | None = None
         if not tensor.is_inference():
             ref = _Held(tensor) if self.hold else weakref.ref(tensor)
@@ -578,11 +589,17 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return [t for _, t in flatten_tensors(value)]
 
 
-def _edge(tensor: torch.Tensor) -> tuple[Any, int]:
+def _edge(tensor: torch.Tensor) -> tuple[Any, int] | None:
+    """The autograd edge a gradient would flow into, or None where there is none to follow."""
     node = tensor.grad_fn
     if node is not None:  # what get_gradient_edge returns, without its cost (a hot path)
         return (node, tensor.output_nr)
-    edge = torch.autograd.graph.get_gradient_edge(tensor)  # a leaf: its AccumulateGrad node
+    try:  # a leaf: its AccumulateGrad node
+        edge = torch.autograd.graph.get_gradient_edge(tensor)
+    except (RuntimeError, AssertionError, AttributeError):
+        # requires_grad without grad_fn and not a leaf that autograd can reach: a view of a
+        # parameter made under no_grad, or a parameter returned as is in inference mode
+        return None
     return (edge.node, edge.output_nr)
 
 

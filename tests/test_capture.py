@@ -378,6 +378,74 @@ def test_hooks_removed_and_mode_restored_after_success(train: bool) -> None:
     assert _no_hooks_left(model)
 
 
+class _FrozenNormNet(nn.Module):
+    """Keeps BatchNorm in eval when trained, as detection backbones do (``norm_eval``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+        self.bn = nn.BatchNorm2d(2)
+
+    def train(self, mode: bool = True) -> _FrozenNormNet:
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(x))
+
+
+def test_a_train_override_runs_even_when_the_flags_already_match() -> None:
+    model = _FrozenNormNet()  # freshly built: every flag says training, as --train wants
+    assert all(m.training for m in model.modules())
+    running = model.bn.running_mean.clone()
+    out = capture(model, [torch.randn(4, 1, 3, 3) * 5 + 3], ["bn"], train=True).captures[0]
+    assert torch.equal(model.bn.running_mean, running)  # the override kept BatchNorm in eval
+    assert out.stats.mean != pytest.approx(0.0, abs=1e-3)  # running stats, not batch stats
+    assert all(m.training for m in model.modules())  # and the flags are back as they were
+
+
+class _FlipsAChild(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(2, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.inner.train()  # model code that flips a flag during forward
+        return self.inner(x)
+
+
+def test_flags_a_forward_flips_are_restored() -> None:
+    model = _FlipsAChild().eval()
+    capture(model, [torch.randn(1, 2)], ["inner"])
+    assert not model.training and not model.inner.training
+
+
+class _ParameterOut(nn.Module):
+    """Returns a parameter itself and a slice of it (positional-embedding tables do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(16, 8))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.table, self.table[: x.shape[-1]]
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_parameters_returned_by_a_layer_are_captured_in_every_mode(mode: Mode) -> None:
+    """A tensor that requires grad but has no grad_fn (a parameter, in inference mode) has no
+    gradient edge to follow there: captured, no crash; in grad mode both have an edge."""
+    model = nn.Sequential(_ParameterOut())
+    result = capture(model, [torch.zeros(1, 4)], ["0"], mode=mode, sample=None)
+    whole, part = result.captures
+    assert (whole.shape, part.shape) == ((16, 8), (4, 8))
+    np.testing.assert_allclose(part.values, model[0].table[:4].detach().numpy())
+    assert whole.grad.requires_grad and whole.grad.grad_fn is None
+    has_edges = [("0", 1, p) in result.edges for p in ("[0]", "[1]")]
+    assert has_edges == [mode is Mode.GRAD] * 2
+
+
 def test_hooks_removed_and_mode_restored_after_forward_raises() -> None:
     model = nn.Sequential(nn.Linear(10, 8), nn.Linear(4, 2))  # second layer: wrong in_features
     model.train()
