@@ -286,7 +286,8 @@ def stat_kernels() -> str:
 
 
 def stat_passes(reps: int, batch: int = 1) -> str:
-    """Each pass ``fvis.stats.tensor_stats`` makes, summed over every capture of a ResNet forward.
+    """Each pass the torch path of ``fvis.stats.tensor_stats`` makes, summed over every capture
+    of a ResNet forward, against the whole function with and without the C extension.
 
     The captured outputs are copied once (in-place ReLUs would change them later), then every
     reduction the finite path runs is timed over all of them, interleaved with a bare forward.
@@ -323,9 +324,19 @@ def stat_passes(reps: int, batch: int = 1) -> str:
         with torch.inference_mode():
             model(x)
 
+    from fvis import stats
+
+    def torch_path(t: torch.Tensor) -> None:
+        saved, stats._native = stats._native, None
+        try:
+            tensor_stats(t)
+        finally:
+            stats._native = saved
+
     ops = {
         "bare forward (inference)": bare,
-        "tensor_stats, all of it": each(tensor_stats),
+        "tensor_stats, all of it (as installed)": each(tensor_stats),
+        "tensor_stats, torch path (FVIS_NATIVE=0)": each(torch_path),
         "1 torch.aminmax": each(lambda t: torch.aminmax(t)),
         "2 sum": each(lambda t: float(t.sum())),
         "3 vector_norm": each(lambda t: float(torch.linalg.vector_norm(t))),
