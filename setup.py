@@ -5,11 +5,7 @@ It is optional: where no C compiler is found the build goes on without it, and f
 the same statistics with torch ops, more slowly.
 """
 
-import sys
-
 from setuptools import Extension, setup
-
-unix = sys.platform != "win32"  # large maps are read by several threads (pthreads)
 
 setup(
     ext_modules=[
@@ -17,8 +13,7 @@ setup(
             "fvis._moments",
             sources=["fvis/_moments.c"],
             optional=True,
-            extra_compile_args=["-O2", "-pthread"] if unix else [],
-            extra_link_args=["-pthread"] if unix else [],
+            extra_compile_args=["-O2"],
         )
     ]
 )

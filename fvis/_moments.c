@@ -21,9 +21,6 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
-#ifndef _WIN32
-#include <pthread.h>
-#endif
 
 #define BLOCK 4096 /* elements per float32 partial sum */
 
@@ -35,9 +32,9 @@ typedef struct {
 
 /* Portable path: one channel at a time. */
 static void moments_scalar(const float *x, int64_t outer, int64_t channels, int64_t inner,
-                           int64_t first, int64_t last, result_t *r)
+                           result_t *r)
 {
-    for (int64_t c = first; c < last; c++) {
+    for (int64_t c = 0; c < channels; c++) {
         int64_t zeros = 0;
         for (int64_t o = 0; o < outer; o++) {
             const float *p = x + (o * channels + c) * inner;
@@ -122,7 +119,7 @@ AVX2 static inline void step_tail(lanes_t *a, const float *p, __m256i tail)
 }
 
 AVX2 static void moments_avx2(const float *x, int64_t outer, int64_t channels, int64_t inner,
-                              int64_t first, int64_t last, result_t *r)
+                              result_t *r)
 {
     /* two sets of accumulators: independent chains hide the latency of min, max and add */
     lanes_t a = {_mm256_set1_ps(INFINITY), _mm256_set1_ps(-INFINITY), _mm256_setzero_ps(),
@@ -134,7 +131,7 @@ AVX2 static void moments_avx2(const float *x, int64_t outer, int64_t channels, i
     for (int k = 0; k < 8; k++) bits[k] = k < rest ? -1 : 0;
     const __m256i tail = _mm256_loadu_si256((const __m256i *)bits);
     int64_t pending = 0; /* values in the float32 lanes since the last flush, a multiple of 8 */
-    for (int64_t c = first; c < last; c++) {
+    for (int64_t c = 0; c < channels; c++) {
         int64_t zeros = 0;
         for (int64_t o = 0; o < outer; o++) {
             const float *p = x + (o * channels + c) * inner;
@@ -190,90 +187,33 @@ static int has_simd(void)
 #endif
 }
 
-/* One share of the channels, [first, last), into its own result. */
-typedef struct {
-    const float *x;
-    int64_t outer, channels, inner, first, last;
-    int simd;
-    result_t r;
-} share_t;
-
-static void *run_share(void *arg)
+static void moments_any(const float *x, int64_t outer, int64_t channels, int64_t inner,
+                        result_t *r, int allow_simd)
 {
-    share_t *s = (share_t *)arg;
 #ifdef HAVE_AVX2_PATH
-    if (s->simd) {
-        moments_avx2(s->x, s->outer, s->channels, s->inner, s->first, s->last, &s->r);
-        return NULL;
-    }
-#endif
-    moments_scalar(s->x, s->outer, s->channels, s->inner, s->first, s->last, &s->r);
-    return NULL;
-}
-
-#define MAX_THREADS 8
-#define MIN_SHARE (1 << 19) /* values a thread must get before starting one pays off */
-
-/* Large tensors are split by channels over up to `threads` threads (one read of a map that
- * no longer fits in cache is bound by one core's memory bandwidth). Threads are started and
- * joined within the call: nothing stays behind, nothing to fork-protect. */
-static void moments_all(const float *x, int64_t outer, int64_t channels, int64_t inner,
-                        int simd, int threads, result_t *r)
-{
-    int64_t total = outer * channels * inner;
-    int64_t n = threads;
-    if (n > MAX_THREADS) n = MAX_THREADS;
-    if (n > channels) n = channels;
-    if (n > total / MIN_SHARE) n = total / MIN_SHARE;
-    if (n < 1) n = 1;
-    share_t shares[MAX_THREADS];
-    for (int64_t k = 0; k < n; k++) {
-        shares[k] = (share_t){x, outer, channels, inner, channels * k / n, channels * (k + 1) / n,
-                              simd, {0.0, 0.0, INFINITY, -INFINITY, 0, 0}};
-    }
-#ifndef _WIN32
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int64_t k = 1; k < n; k++)
-        started[k] = pthread_create(&ids[k], NULL, run_share, &shares[k]) == 0;
-    run_share(&shares[0]);
-    for (int64_t k = 1; k < n; k++) {
-        if (started[k])
-            pthread_join(ids[k], NULL);
-        else
-            run_share(&shares[k]); /* could not start a thread: do its share here */
+    if (allow_simd && has_simd()) {
+        moments_avx2(x, outer, channels, inner, r);
+        return;
     }
 #else
-    for (int64_t k = 0; k < n; k++) run_share(&shares[k]);
+    (void)allow_simd;
 #endif
-    for (int64_t k = 0; k < n; k++) {
-        result_t *s = &shares[k].r;
-        r->sum += s->sum;
-        r->sumsq += s->sumsq;
-        r->lo = s->lo < r->lo ? s->lo : r->lo;
-        r->hi = s->hi > r->hi ? s->hi : r->hi;
-        r->zeros += s->zeros;
-        r->dead += s->dead;
-    }
+    moments_scalar(x, outer, channels, inner, r);
 }
 
-/* moments(address, outer, channels, inner[, simd[, threads]])
- *     -> (min, max, sum, sumsq, zeros, dead)
+/* moments(address, outer, channels, inner[, simd]) -> (min, max, sum, sumsq, zeros, dead)
  * address: data_ptr() of a contiguous float32 CPU tensor of outer * channels * inner values,
  * kept alive by the caller for the duration of the call. simd=0 forces the portable loop
- * (tests compare both); threads: at most this many (default 1). */
+ * (tests compare both). */
 static PyObject *moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs < 4 || nargs > 6) {
-        PyErr_SetString(PyExc_TypeError,
-                        "moments(address, outer, channels, inner[, simd[, threads]])");
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "moments(address, outer, channels, inner[, simd])");
         return NULL;
     }
-    int allow_simd = nargs >= 5 ? PyObject_IsTrue(args[4]) : 1;
+    int allow_simd = nargs == 5 ? PyObject_IsTrue(args[4]) : 1;
     if (allow_simd < 0) return NULL;
-    long threads = nargs == 6 ? PyLong_AsLong(args[5]) : 1;
-    if (PyErr_Occurred()) return NULL;
     const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
     if (PyErr_Occurred()) return NULL;
     long long outer = PyLong_AsLongLong(args[1]);
@@ -289,8 +229,7 @@ static PyObject *moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     result_t r = {0.0, 0.0, INFINITY, -INFINITY, 0, 0};
     Py_BEGIN_ALLOW_THREADS
-    int share = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (int)threads;
-    moments_all(x, outer, channels, inner, allow_simd && has_simd(), share, &r);
+    moments_any(x, outer, channels, inner, &r, allow_simd);
     Py_END_ALLOW_THREADS
     return Py_BuildValue("(ddddLL)", (double)r.lo, (double)r.hi, r.sum, r.sumsq,
                          (long long)r.zeros, (long long)r.dead);
@@ -298,8 +237,7 @@ static PyObject *moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 
 static PyMethodDef methods[] = {
     {"moments", (PyCFunction)(void (*)(void))moments, METH_FASTCALL,
-     "moments(address, outer, channels, inner[, simd[, threads]]) -> "
-     "(min, max, sum, sumsq, zeros, dead)"},
+     "moments(address, outer, channels, inner[, simd]) -> (min, max, sum, sumsq, zeros, dead)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -102,9 +102,7 @@ def _native_stats(native: ModuleType, tensor: torch.Tensor) -> Stats:
     shape = tensor.shape
     channels = shape[1] if len(shape) >= 3 else 0
     layout = (shape[0], channels, numel // (shape[0] * channels)) if channels else (1, 1, numel)
-    # torch's own thread count: a large map is read by that many threads (within the call)
-    threads = torch.get_num_threads()
-    low, high, total, sumsq, zeros, dead = native.moments(tensor.data_ptr(), *layout, 1, threads)
+    low, high, total, sumsq, zeros, dead = native.moments(tensor.data_ptr(), *layout)
     finite = -math.inf < low <= high < math.inf and math.isfinite(total + sumsq)
     if not finite:  # NaN, Inf, or a float32 sum that overflowed: the exact path
         with torch.no_grad():

@@ -239,21 +239,3 @@ def test_extension_without_simd_is_not_used(monkeypatch: pytest.MonkeyPatch) -> 
     assert stats._load_native() is None
     monkeypatch.setenv("FVIS_NATIVE", "0")
     assert stats._load_native() is None
-
-
-@pytest.mark.skipif(not NATIVE, reason="fvis._moments was not built")
-@pytest.mark.parametrize("shape", [(3, 5, 70001), (1, 2, 600_000), (2, 7, 80_000)])
-def test_threads_split_large_maps_by_channel_and_agree(shape: tuple[int, int, int]) -> None:
-    native = stats._native
-    assert native is not None
-    t = torch.randn(shape, generator=_gen(5)).relu_()
-    t[:, 1] = 0.0  # dead in every sample: one thread's share
-    t[0, -1] = 0.0  # zero in one sample only: alive
-    one = native.moments(t.data_ptr(), *shape, True, 1)
-    for threads in (2, 3, 8, 64):
-        many = native.moments(t.data_ptr(), *shape, True, threads)
-        assert many[:2] == one[:2] and many[4:] == one[4:], threads  # min, max, zeros, dead
-        assert many[2] == pytest.approx(one[2], rel=1e-6)
-        assert many[3] == pytest.approx(one[3], rel=1e-6)
-    assert one[5] == 1
-    assert_matches(tensor_stats(t), reference(t))
