@@ -24,7 +24,6 @@ Every fixture is built at test time, once per module, in ``kit`` (payloads inclu
 
 from __future__ import annotations
 
-import builtins
 import errno
 import hashlib
 import io
@@ -32,10 +31,8 @@ import json
 import os
 import pickle
 import re
-import shlex
 import shutil
 import struct
-import subprocess
 import sys
 import time
 import types
@@ -50,6 +47,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from payloads import ExecPayload, SubprocessPayload, SystemPayload, TorchExecPayload
 from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
@@ -77,50 +75,6 @@ ESC = "\x1b"
 UNSAFE_LOAD = re.compile(r"weights_only`?\s*(=|set to)\s*`?False")
 
 # --------------------------------------------------------------------------- payloads
-
-
-class SystemPayload:
-    """Unpickles as ``os.system("touch MARKER")``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
-
-
-class ExecPayload:
-    """Unpickles as ``builtins.exec("open(MARKER, 'w').close()")``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",))
-
-
-class SubprocessPayload:
-    """Unpickles as ``subprocess.call(["touch", MARKER])``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        return (subprocess.call, (["touch", str(self.marker)],))
-
-
-class TorchExecPayload:
-    """Unpickles as ``torch.fx.graph_module._exec_with_source(code, {})``: a torch global that
-    runs arbitrary code, which no deny-list of system modules catches."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        from torch.fx.graph_module import _exec_with_source
-
-        return (_exec_with_source, (f"open({str(self.marker)!r}, 'w').close()", {}))
-
 
 GLOBAL_NAMED = {  # how each payload's global reads in the refusal
     "os.system": "posix.system",

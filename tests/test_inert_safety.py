@@ -7,58 +7,26 @@ fvis really did not run it.
 
 from __future__ import annotations
 
-import builtins
 import hashlib
 import json
-import os
 import shlex
-import subprocess
 import sys
 import textwrap
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from payloads import ExecPayload, SubprocessPayload, SystemPayload
 
 from fvis.errors import ExitStatus, FvisError, RefusedError, UsageError
 from fvis.loading import LoadOptions, Trust, TrustWarning, inspect_model, load_model
 
 # --------------------------------------------------------------------------- payloads
-
-
-class SystemPayload:
-    """Unpickles as ``os.system("touch MARKER")``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
-
-
-class ExecPayload:
-    """Unpickles as ``builtins.exec("open(MARKER, 'w').close()")``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",))
-
-
-class SubprocessPayload:
-    """Unpickles as ``subprocess.call(["touch", MARKER])``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        return (subprocess.call, (["touch", str(self.marker)],))
 
 
 PAYLOADS: dict[str, tuple[type, str]] = {
