@@ -18,16 +18,7 @@ import json
 import os
 import sys
 
-
-def _field(path: str, key: str) -> int:
-    try:
-        with open(path) as fh:
-            for line in fh:
-                if line.startswith(key):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
+from common import rchar, vm_hwm_kb  # stdlib only: the child's peak memory stays its own
 
 
 def _report(rc: int, forwards: list[int] | None) -> None:
@@ -35,8 +26,8 @@ def _report(rc: int, forwards: list[int] | None) -> None:
     if not target:
         return
     stats = {
-        "vm_hwm_kb": _field("/proc/self/status", "VmHWM:"),
-        "rchar": _field("/proc/self/io", "rchar:"),
+        "vm_hwm_kb": vm_hwm_kb(),
+        "rchar": rchar(),
         "rc": rc,
         "forwards": None if forwards is None else forwards[0],
     }

@@ -373,14 +373,7 @@ def layers_crc() -> str:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "wide_mlp.pt"
-        with torch.device("meta"):
-            model = models.wide_mlp()
-        model = model.to_empty(device="cpu")
-        with torch.no_grad():
-            for p in model.parameters():
-                p.zero_()
-        torch.save(model.state_dict(), big)
-        del model
+        models.write_big_checkpoint(big)
         arch = f"{HERE / 'models.py'}:wide_mlp"
         for label, limits in (
             ("default (CRC verified)", Limits()),

@@ -11,6 +11,8 @@ Only torch is imported, so the bare-process baseline pays for nothing fvis does 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -100,3 +102,15 @@ def wide_mlp(width: int = 8448, depth: int = 4) -> nn.Module:
         if i < depth - 1:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers).eval()
+
+
+def write_big_checkpoint(path: Path) -> int:
+    """A ~1.14 GB wide-MLP state dict (zeros: content does not matter, size does)."""
+    with torch.device("meta"):
+        model = wide_mlp()
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    torch.save(model.state_dict(), path)
+    return path.stat().st_size

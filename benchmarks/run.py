@@ -390,18 +390,6 @@ def _evict(path: Path) -> None:
         os.close(fd)
 
 
-def write_big_checkpoint(path: Path) -> int:
-    """A ~1.14 GB wide-MLP state dict (zeros: content does not matter, size does)."""
-    with torch.device("meta"):
-        model = models.wide_mlp()
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    torch.save(model.state_dict(), path)
-    return path.stat().st_size
-
-
 def bench_memory(report: Report, s: Settings, checkpoint: Path) -> None:
     outs, r = Outs(s.tmp), s.mem_reps
 
@@ -432,7 +420,7 @@ def bench_memory(report: Report, s: Settings, checkpoint: Path) -> None:
     stats = {name: child_stats(args, s, r, cli) for name, (args, cli) in cases.items()}
     big = s.tmp / "wide_mlp.pt"
     try:
-        size = write_big_checkpoint(big)
+        size = models.write_big_checkpoint(big)
         big_args = ["--count-forwards", "--", "layers", str(big), "--arch", BIG_ARCH]
         label = f"fvis layers BIG --arch (wide_mlp, {size / 1e9:.2f} GB), forwards counted"
         stats[label] = child_stats(big_args, s, max(r, 3))
