@@ -273,19 +273,40 @@ def _metas_from_inert(sniffed: Sniffed, obj: Any) -> dict[str, TensorMeta]:
 
 
 def _find_state_dict(obj: dict[Any, Any]) -> dict[str, TensorMeta] | None:
-    tensors = inert.fake_tensors(obj)
-    if tensors and len(tensors) >= len(obj) / 2:
+    def metas(d: dict[Any, Any]) -> dict[str, TensorMeta]:
         return {
             k: TensorMeta(k, t.shape, t.dtype, t.requires_grad or not t.is_parameter)
-            for k, t in tensors.items()
+            for k, t in (inert.fake_tensors(d) or {}).items()
         }
+
+    def module_metas(value: Any) -> dict[str, TensorMeta] | None:
+        if isinstance(value, inert.Stub) and inert.is_module_stub(value):
+            return _flatten_tree_metas(inert.tree_from_stub(value))
+        return None
+
+    return _search_state_dict(obj, metas, module_metas)
+
+
+def _search_state_dict(
+    obj: dict[Any, Any],
+    tensors_of: Callable[[dict[Any, Any]], dict[str, Any]],
+    module_state: Callable[[Any], dict[str, Any] | None],
+) -> dict[str, Any] | None:
+    """The state dict inside a checkpoint dict: the dict itself when at least half of its
+    entries are tensors, else the first one found under a usual key (``model``,
+    ``state_dict``, ``ema``...), keys prefixed with the path. ``tensors_of`` picks a dict's
+    tensors and ``module_state`` a module's (None when the value is no module): one search
+    for the inert listing and the real load, so both find the same weights."""
+    found = tensors_of(obj)
+    if found and len(found) >= len(obj) / 2:
+        return found
     for key in _NESTING_KEYS:
         value = obj.get(key)
-        if isinstance(value, dict) and (found := _find_state_dict(value)) is not None:
-            return {f"{key}.{k}": v for k, v in found.items()}
-        if isinstance(value, inert.Stub) and inert.is_module_stub(value):
-            flat = _flatten_tree_metas(inert.tree_from_stub(value))
-            return {f"{key}.{k}": v for k, v in flat.items()}
+        inner = module_state(value)
+        if inner is None and isinstance(value, dict):
+            inner = _search_state_dict(value, tensors_of, module_state)
+        if inner is not None:
+            return {f"{key}.{k}": v for k, v in inner.items()}
     return None
 
 
@@ -637,16 +658,15 @@ def _real_state_dict(path: Path, obj: dict[Any, Any]) -> dict[str, Any]:
     def tensors(d: dict[Any, Any]) -> dict[str, Any]:
         return {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
-    found = tensors(obj)
-    if found and len(found) >= len(obj) / 2:
-        return found
-    for key in _NESTING_KEYS:
-        value = obj.get(key)
-        if isinstance(value, torch.nn.Module):
-            return {f"{key}.{k}": v for k, v in value.state_dict().items()}
-        if isinstance(value, dict) and (inner := _real_state_dict(path, value)):
-            return {f"{key}.{k}": v for k, v in inner.items()}
-    raise BadFileError(f"{path} holds a dict without a state dict (keys: {_preview(list(obj))})")
+    def module_state(value: Any) -> dict[str, Any] | None:
+        return dict(value.state_dict()) if isinstance(value, torch.nn.Module) else None
+
+    found = _search_state_dict(obj, tensors, module_state)
+    if found is None:
+        raise BadFileError(
+            f"{path} holds a dict without a state dict (keys: {_preview(list(obj))})"
+        )
+    return found
 
 
 def _torch_load(

@@ -202,6 +202,20 @@ def test_training_checkpoint_notes_say_what_was_unwrapped(zoo: Path) -> None:
     assert "stripped prefix 'module.'" in notes
 
 
+def test_listing_and_loading_find_the_same_nested_state_dict(tmp_path: Path) -> None:
+    """A usual key without weights ('model' holding metadata) comes before the one with them:
+    both the inert listing and the real load go on to 'ema' (the load used to stop)."""
+    model = build_sample()
+    path = tmp_path / "ema.pt"
+    torch.save({"model": {"epoch": 1}, "ema": model.state_dict()}, path)
+    options = LoadOptions(arch="fvis.sample:OuterModel")
+    listed = inspect_model(path, options)
+    loaded = load_model(path, options)
+    assert "under key 'ema'" in listed.source_note
+    assert any("under key 'ema'" in note for note in loaded.source.notes)
+    assert torch.equal(run(loaded.module, "inner_outer")[""], run(model, "inner_outer")[""])
+
+
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
 def test_prefixed_plain_state_dict_is_stripped(tmp_path: Path, prefix: str) -> None:
     model = build_sample()
