@@ -446,7 +446,7 @@ class _Session:
         the cut and not called frozen. Only module boundaries are seen: a functional op between
         a cut and a layer hides the link."""
         if record.is_cut:
-            edges = (_edge(t) for _, t in flatten_tensors(args) if t.requires_grad)
+            edges = (gradient_edge(t) for _, t in flatten_tensors(args) if t.requires_grad)
             self.cut_inputs[record.call_id] = tuple(e for e in edges if e is not None)
             origin = record.call_id
         elif self.cut_outputs and not record.outputs_require_grad:
@@ -472,7 +472,7 @@ class _Session:
             else None
         )
         if tensor.requires_grad and record.grad_enabled:
-            edge = _edge(tensor)
+            edge = gradient_edge(tensor)
             if edge is not None:
                 self.edges[(layer, call, path)] = edge
         ref: Callable[[], torch.Tensor | None] | None = None
@@ -589,7 +589,7 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return [t for _, t in flatten_tensors(value)]
 
 
-def _edge(tensor: torch.Tensor) -> tuple[Any, int] | None:
+def gradient_edge(tensor: torch.Tensor) -> tuple[Any, int] | None:
     """The autograd edge a gradient would flow into, or None where there is none to follow."""
     node = tensor.grad_fn
     if node is not None:  # what get_gradient_edge returns, without its cost (a hot path)

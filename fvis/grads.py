@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from fvis.capture import CallRecord, Capture, CaptureResult, Mode, flatten_tensors
+from fvis.capture import (
+    CallRecord,
+    Capture,
+    CaptureResult,
+    Mode,
+    flatten_tensors,
+    gradient_edge,
+)
 
 
 class Cause(StrEnum):
@@ -67,14 +74,8 @@ class Verdict:
 
 def reachable_edges(output: Any) -> set[tuple[int, int]]:
     """Every ``(id(node), output_nr)`` gradient edge reachable back from the model's output."""
-    import torch
-
-    starts = [
-        torch.autograd.graph.get_gradient_edge(t)
-        for _, t in flatten_tensors(output)
-        if t.requires_grad
-    ]
-    return _walk([(e.node, e.output_nr) for e in starts])
+    edges = (gradient_edge(t) for _, t in flatten_tensors(output) if t.requires_grad)
+    return _walk([e for e in edges if e is not None])
 
 
 def _walk(starts: Iterable[tuple[Any, int]]) -> set[tuple[int, int]]:

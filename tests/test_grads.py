@@ -299,6 +299,24 @@ def test_reachable_edges_of_output_without_grad_is_empty() -> None:
     assert reachable_edges("not a tensor") == set()
 
 
+class _ReturnsParameterView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.p = nn.Parameter(torch.ones(1, 2))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            frozen = self.p.view(2)  # requires grad, but no grad_fn and no node to reach
+        return self.lin(x), frozen
+
+
+def test_an_output_without_a_reachable_node_does_not_crash_the_diagnosis() -> None:
+    result = capture(_ReturnsParameterView(), [torch.randn(1, 2)], ["lin"])
+    assert len(reachable_edges(result.output)) > 0
+    assert diagnose(result)["lin"].connected
+
+
 def test_tiny_transformer_dict_output_everything_connected() -> None:
     result = capture(
         build("tiny_transformer"),
