@@ -101,9 +101,7 @@ def prepare_inputs(loaded: LoadedModel, inputs: InputOptions) -> Prepared:
     from fvis.sample import SAMPLE_INPUT_SHAPE
 
     if loaded.source.path is None and not inputs.sources and not inputs.shape:
-        from dataclasses import replace
-
-        inputs = replace(inputs, shape=SAMPLE_INPUT_SHAPE)
+        inputs = dataclasses.replace(inputs, shape=SAMPLE_INPUT_SHAPE)
     return prepare(loaded.module, inputs, loaded.source.example_inputs)
 
 
@@ -235,8 +233,6 @@ def _run_dump(
     options: DumpOptions,
     progress: Callable[[Any], None] | None = None,
 ) -> _DumpRun:
-    from dataclasses import replace
-
     from fvis.backward import merge_flows
     from fvis.capture import Mode, capture
     from fvis.gallery import Gallery
@@ -246,7 +242,7 @@ def _run_dump(
     loaded = open_model(ref)
     prepared = prepare_inputs(loaded, inputs)
     sample = _which_sample(options.sample, prepared)
-    options = replace(options, sample=sample)
+    options = dataclasses.replace(options, sample=sample)
     tree = ModelTree.of(node_from_module(loaded.module))
     layers, notes, missing = choose_layers(tree, options, ref.label)
     gallery = Gallery.from_options(options, prepared.labels)
@@ -275,7 +271,7 @@ def _run_dump(
         # Analyse each pass before the next: its autograd graph is released with `result`.
         captures += result.captures
         verdicts.update(verdict_dicts(diagnose(result)))
-        flows.append(_backward(loaded, result, options))
+        flows.append(_backward(loaded, result, options, sample))
         never_sets.append(result.never_ran)
         del result
     never_ran = tuple(n for n in never_sets[0] if all(n in s for s in never_sets))
@@ -342,7 +338,7 @@ def _require_grad(prepared: Prepared) -> None:
             tensor.requires_grad_(True)
 
 
-def _backward(loaded: LoadedModel, result: Any, options: DumpOptions) -> Any:
+def _backward(loaded: LoadedModel, result: Any, options: DumpOptions, sample: int | None) -> Any:
     if not (options.backward or options.gradcam):
         return None
     from fvis.backward import BackwardResult, run_backward
@@ -355,7 +351,6 @@ def _backward(loaded: LoadedModel, result: Any, options: DumpOptions) -> Any:
             (),
             {},
         )
-    sample = options.sample if not isinstance(options.sample, str) else 0
     return run_backward(loaded.module, result, options.target, sample)
 
 
@@ -479,9 +474,7 @@ def check(
     >>> result.passed
     True
     """
-    import dataclasses
     import json
-    from dataclasses import replace
 
     from fvis.baseline import compare, make_baseline, read_baseline
     from fvis.gates import evaluate
@@ -489,7 +482,7 @@ def check(
 
     names = {g.name for g in gates.gates}
     # Unknown layers fail the `missing` gate (exit 1) when it is on, else are a usage error.
-    options = replace(
+    options = dataclasses.replace(
         options, missing_ok="missing" in names, backward=options.backward or "no-grad-flow" in names
     )
     baseline = read_baseline(gates.baseline) if gates.baseline else None  # fail before work

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fvis.capture import CaptureResult, flatten_tensors
+from fvis.capture import CaptureResult, flatten_tensors, sample_values
 from fvis.errors import first_line
 
 
@@ -80,7 +80,7 @@ def run_backward(
         return BackwardResult(label, f"backward failed: {first[:300]}", {}, _param_flow(params), {})
     capture_grads = dict(zip([k for k, _ in keyed], grads[: len(keyed)], strict=True))
     flows = {c.label: _flow(capture_grads.get(c.label)) for c in result.captures}
-    shown = {k: _sample(g, sample) for k, g in capture_grads.items() if g is not None}
+    shown = {k: sample_values(g, sample) for k, g in capture_grads.items() if g is not None}
     received = iter(grads[len(keyed) :])
     param_flows = tuple(
         ParamFlow(layer, len(group), sum(_nonzero(next(received)) for _ in group))
@@ -130,13 +130,6 @@ def _flow(grad: torch.Tensor | None) -> GradFlow:
 
 def _nonzero(grad: torch.Tensor | None) -> bool:
     return grad is not None and bool(grad.detach().abs().sum() > 0)
-
-
-def _sample(grad: torch.Tensor, sample: int | None) -> np.ndarray:
-    data = grad.detach()
-    if sample is not None and data.dim() >= 2:
-        data = data[min(sample, data.shape[0] - 1)]
-    return data.to(torch.float32).cpu().numpy()
 
 
 def gradcam(activation: np.ndarray, gradient: np.ndarray) -> np.ndarray | None:

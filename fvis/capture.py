@@ -467,9 +467,7 @@ class _Session:
         call, call_id = record.call, record.call_id
         facts = _grad_facts(tensor, record)
         values = (
-            _sample_values(tensor, self.sample)
-            if self.keep_values or self.callback_values
-            else None
+            sample_values(tensor, self.sample) if self.keep_values or self.callback_values else None
         )
         if tensor.requires_grad and record.grad_enabled:
             edge = gradient_edge(tensor)
@@ -674,7 +672,7 @@ def _device(device: torch.device) -> str:
     return str(device)
 
 
-def _sample_values(tensor: torch.Tensor, sample: int | None) -> np.ndarray:
+def sample_values(tensor: torch.Tensor, sample: int | None) -> np.ndarray:
     """A float32 numpy copy of one batch element (dim 0), or of everything."""
     with torch.no_grad():
         data = tensor.detach()
