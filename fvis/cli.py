@@ -392,9 +392,7 @@ def layers(
     ref, config = _resolve(
         model, _load_options(arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes)
     )
-    wants_run = bool(
-        input or shape or (config and (config.inputs or config.shape) and model is None)
-    )
+    wants_run = bool(input or shape or (config and (config.inputs or config.shape)))
     inputs = _input_options(input, shape, seed, size, norm, channels, config) if wants_run else None
     listing = list_layers(ref, inputs)
     if json_out:
@@ -526,12 +524,9 @@ def dump(
     ref, config = _resolve(
         model, _load_options(arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes)
     )
-    inputs = _input_options(
-        input, shape, seed, size, norm, channels, config if model is None else None
-    )
-    layers = tuple(layer or ()) or (config.layers if config and model is None else ())
-    if max_channels < 1:
-        raise UsageError("--max-channels must be at least 1")
+    inputs = _input_options(input, shape, seed, size, norm, channels, config)
+    layers = tuple(layer or ()) or (config.layers if config else ())
+    _positive(max_channels, "--max-channels")
     options = DumpOptions(
         layers=layers,
         all_leaves=all_leaves,
@@ -743,18 +738,18 @@ def check(
     ref, config = _resolve(
         model, _load_options(arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes)
     )
-    own = config if model is None else None
-    inputs = _input_options(input, shape, seed, size, norm, channels, own)
+    # config is None whenever MODEL was given (resolve_model does not read it then)
+    inputs = _input_options(input, shape, seed, size, norm, channels, config)
     gates = CheckOptions(
-        gates=parse_gates(fail_on or (own.fail_on if own and own.fail_on else DEFAULT_GATES)),
-        expectations=parse_expectations(tuple(expect or ()) or (own.expect if own else ())),
-        baseline=baseline or (own.baseline if own and not write_baseline else None),
+        gates=parse_gates(fail_on or (config and config.fail_on) or DEFAULT_GATES),
+        expectations=parse_expectations(tuple(expect or ()) or (config.expect if config else ())),
+        baseline=baseline or (config.baseline if config and not write_baseline else None),
         write_baseline=write_baseline,
         rtol=rtol,
         atol=atol,
     )
     options = DumpOptions(
-        layers=tuple(layer or ()) or (own.layers if own else ()),
+        layers=tuple(layer or ()) or (config.layers if config else ()),
         all_leaves=all_leaves,
         mode=mode.value,
         images=images,
@@ -772,7 +767,6 @@ def check(
 
 
 def _report_check(result: Any, junit: Path | None, json_out: bool, quiet: bool) -> None:
-    import dataclasses
 
     from fvis.ci_reports import junit_xml, step_summary
     from fvis.output import write_file_atomic
@@ -791,9 +785,10 @@ def _report_check(result: Any, junit: Path | None, json_out: bool, quiet: bool) 
                 f"cannot append to GITHUB_STEP_SUMMARY {summary_path}: {exc.strerror or exc}"
             ) from None
     if json_out:
+        check = result.dump.report["check"]  # api.check put the verdict there already
         payload = {
-            "passed": result.passed,
-            "failures": [dataclasses.asdict(f) for f in failures],
+            "passed": check["passed"],
+            "failures": check["failures"],
             "report": result.dump.report,
         }
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
