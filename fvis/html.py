@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from fvis.text import for_terminal_plain, shape_text
+from fvis.text import for_terminal_plain, num_text, shape_text
 
 EMBED_LIMIT = 8 << 20  # bytes of PNG embedded before switching to relative links
 
@@ -38,7 +38,7 @@ def to_html(report: Mapping[str, Any], pngs: Mapping[str, bytes] | None = None) 
         # (autoescaping then handles <, >, & and quotes).
         finalize=_visible,
     )
-    env.filters["num"] = _num
+    env.filters["num"] = num_text
     env.filters["shape"] = shape_text
     sources = _image_sources(pngs or {})
     return env.get_template("report.html.j2").render(
@@ -65,8 +65,6 @@ def _visible(value: Any) -> Any:
     from markupsafe import Markup
 
     if not isinstance(value, str) or isinstance(value, Markup):  # Markup is ours, already safe
-        return value
-    if value.isascii() and value.isprintable():  # the common case, checked in C
         return value
     return for_terminal_plain(value)
 
@@ -128,7 +126,3 @@ def _grad_bars(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         }
         for label, norm in norms
     ]
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"

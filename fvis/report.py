@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fvis.text import for_terminal, shape_text
+from fvis.text import for_terminal, for_terminal_plain, num_text, shape_text
 
 SCHEMA = "fvis.report/1"
 
@@ -202,8 +202,8 @@ def _md_row(c: Mapping[str, Any]) -> str:
         f"`{g['grad_fn'] or '-'}`",
         str(g["requires_grad"]),
         "**yes**" if g["modified_in_place"] else "no",
-        _num(s["min"]),
-        _num(s["max"]),
+        num_text(s["min"]),
+        num_text(s["max"]),
         f"{s['zero_fraction']:.0%}",
         str(s["nan"] + s["posinf"] + s["neginf"]),
         _md(verdict),
@@ -213,7 +213,7 @@ def _md_row(c: Mapping[str, Any]) -> str:
 
 def _md(text: str) -> str:
     # Names are data: neutralise Markdown and HTML so a layer name cannot inject markup.
-    out = for_terminal_plain_md(str(text))
+    out = _plain_one_line(str(text))
     for ch in "\\`*_{}[]<>()#+!|":
         out = out.replace(ch, "\\" + ch)
     return out
@@ -222,17 +222,11 @@ def _md(text: str) -> str:
 def _code(text: str) -> str:
     """Text for inside a Markdown code span: backslash escapes are literal there, so only
     backticks (which would end the span) and pipes (which would end a table cell) change."""
-    return for_terminal_plain_md(str(text)).replace("`", "'").replace("|", "\\|")
+    return _plain_one_line(str(text)).replace("`", "'").replace("|", "\\|")
 
 
-def for_terminal_plain_md(text: str) -> str:
-    from fvis.text import for_terminal_plain
-
+def _plain_one_line(text: str) -> str:
     return for_terminal_plain(text).replace("\n", " ")
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
 
 
 # --------------------------------------------------------------------------- terminal
@@ -250,7 +244,7 @@ def to_table(report: Mapping[str, Any]) -> Any:
             for_terminal(c["label"]),
             shape_text(c["shape"]),
             for_terminal(c["grad"]["grad_fn"] or "-"),
-            f"[{_num(c['stats']['min'])}, {_num(c['stats']['max'])}]",
+            f"[{num_text(c['stats']['min'])}, {num_text(c['stats']['max'])}]",
             f"{c['stats']['zero_fraction']:.0%}",
             _row_notes(c),
         )
@@ -284,7 +278,7 @@ def _row_notes(c: Mapping[str, Any]) -> str:
     gradient = c.get("gradient")
     if gradient is not None:
         notes.append(
-            f"grad norm {_num(gradient['norm'])}"
+            f"grad norm {num_text(gradient['norm'])}"
             if gradient["reached"]
             else "[yellow]no gradient reached it[/yellow]"
         )

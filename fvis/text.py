@@ -23,7 +23,7 @@ def for_terminal(text: str) -> str:
     """
     from rich.markup import escape
 
-    return escape("".join(_visible(ch) for ch in text))
+    return escape(for_terminal_plain(text))
 
 
 def _visible(ch: str) -> str:
@@ -64,7 +64,14 @@ def unique_filenames(stems: list[str], suffix: str) -> list[str]:
 
 def for_terminal_plain(text: str) -> str:
     """Control characters escaped, for plain (non-rich) output such as error lines."""
+    if text.isascii() and text.isprintable():  # the common case, checked in C
+        return text
     return "".join(_visible(ch) for ch in text)
+
+
+def num_text(value: float | None) -> str:
+    """A statistic as the reports print it: 4 significant digits, ``-`` for none."""
+    return "-" if value is None else f"{value:.4g}"
 
 
 def shape_text(shape: Iterable[int]) -> str:
