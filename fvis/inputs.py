@@ -312,16 +312,12 @@ def _load_torch_tensor(path: Path) -> torch.Tensor:
     from fvis import inert
     from fvis.errors import RefusedError
     from fvis.formats import FileKind, sniff
-    from fvis.loading import untrusted_globals
+    from fvis.loading import read_inert, untrusted_globals
 
     sniffed = sniff(path)
     if sniffed.kind in (FileKind.TORCHSCRIPT, FileKind.EXPORT_PROGRAM):
         raise _model_as_input(path, sniffed.kind.value)
-    peek = (
-        inert.read_legacy_pickle(path)
-        if sniffed.kind is FileKind.LEGACY_PICKLE
-        else inert.read_zip_pickle(path, sniffed.prefix)
-    )
+    peek = read_inert(sniffed)
     obj = peek.obj
     if inert.is_module_stub(obj):
         raise _model_as_input(path, "a pickled module")

@@ -212,7 +212,7 @@ def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Mod
         limits = dataclasses.replace(limits, verify_crc=False)
     sniffed = sniff(path, limits)
     if sniffed.kind in (FileKind.TORCH_ZIP, FileKind.LEGACY_PICKLE, FileKind.TORCHSCRIPT):
-        loaded = _read_inert(sniffed)
+        loaded = read_inert(sniffed)
         if inert.is_module_stub(loaded.obj) and not options.arch:
             buffers = (
                 inert.torchscript_buffers(path, sniffed.prefix)
@@ -246,7 +246,8 @@ def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Mod
     )
 
 
-def _read_inert(sniffed: Sniffed) -> inert.InertLoad:
+def read_inert(sniffed: Sniffed) -> inert.InertLoad:
+    """The pickle of a legacy or zip checkpoint, read with stand-ins: nothing runs."""
     if sniffed.kind is FileKind.LEGACY_PICKLE:
         return inert.read_legacy_pickle(sniffed.path)
     return inert.read_zip_pickle(sniffed.path, sniffed.prefix)
@@ -618,12 +619,11 @@ def _with_arch(
 def _load_pickle_checkpoint(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, list[str]]:
     import torch
 
-    peek = _read_inert(sniffed)
+    peek = read_inert(sniffed)
     is_module = inert.is_module_stub(peek.obj)
-    if options.trust is None and not is_module:
-        _refuse_unknown_globals(
-            sniffed.path, peek.globals_seen, options.allow_modules, what="checkpoint"
-        )
+    extra: list[Any] = []
+    if options.trust is None and not is_module:  # refused before anything else is read
+        extra = _allowed_classes(sniffed.path, peek.globals_seen, options.allow_modules)
     if is_module and options.arch and sniffed.kind is FileKind.TORCH_ZIP:
         tensors = read_tensors_as_data(sniffed)
         return _with_arch(sniffed, options, tensors, ["read the pickled module's weights as data"])
@@ -632,11 +632,6 @@ def _load_pickle_checkpoint(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.
         if not options.arch:
             return model, []
         return _with_arch(sniffed, options, model.state_dict(), [])
-    extra = (
-        []
-        if options.trust
-        else _allowed_classes(sniffed.path, peek.globals_seen, options.allow_modules)
-    )
     obj = _torch_load(sniffed, options, peek, extra)
     if isinstance(obj, torch.nn.Module):
         state: Mapping[str, Any] = obj.state_dict()
@@ -713,7 +708,9 @@ def _load_pickled_module(
     classes = (
         []
         if options.trust
-        else _allowed_classes(sniffed.path, peek.globals_seen, options.allow_modules)
+        else _allowed_classes(
+            sniffed.path, peek.globals_seen, options.allow_modules, " is a pickled module that"
+        )
     )
     model = _torch_load(sniffed, options, peek, classes)
     if not isinstance(model, torch.nn.Module):
@@ -729,51 +726,37 @@ def _needed_globals(seen: tuple[str, ...]) -> list[str]:
         allowed = set(_get_allowed_globals())
     except Exception:  # private API: fall back to the rebuild helpers we know
         allowed = set()
-    known_safe = ("torch._utils._rebuild", "torch.") if not allowed else ()
+    rebuild_helpers_safe = not allowed
     return [
         g
         for g in seen
         if g not in allowed
         and not g.endswith("Storage")
-        and not (known_safe and g.startswith(known_safe[0]))
+        and not (rebuild_helpers_safe and g.startswith("torch._utils._rebuild"))
         and g not in ("collections.OrderedDict", "builtins.set", "__builtin__.set")
     ]
 
 
-def untrusted_globals(seen: tuple[str, ...]) -> list[str]:
-    """The globals a pickle names that safe loading would refuse (no allowlist applied)."""
-    return [g for g in _needed_globals(seen) if _resolve_allowed(g, ()) is None]
+def untrusted_globals(seen: tuple[str, ...], allow_modules: tuple[str, ...] = ()) -> list[str]:
+    """The globals a pickle names that safe loading would refuse."""
+    return [g for g in _needed_globals(seen) if _resolve_allowed(g, allow_modules) is None]
 
 
 def _allowed_classes(
-    path: Path, seen: tuple[str, ...], allow_modules: tuple[str, ...]
+    path: Path,
+    seen: tuple[str, ...],
+    allow_modules: tuple[str, ...],
+    subject: str = ": the checkpoint",
 ) -> list[Any]:
-    """Resolve each needed global to a class, or refuse naming what blocked the load."""
-    classes, blocked = [], []
-    for qualname in _needed_globals(seen):
-        obj = _resolve_allowed(qualname, allow_modules)
-        if obj is None:
-            blocked.append(qualname)
-        else:
-            classes.append(obj)
+    """Resolve each needed global to a class (each once), or refuse naming what blocked."""
+    resolved = {g: _resolve_allowed(g, allow_modules) for g in _needed_globals(seen)}
+    blocked = [g for g, obj in resolved.items() if obj is None]
     if blocked:
         raise RefusedError(
-            f"{path} is a pickled module that needs globals fvis does not trust: "
-            f"{_preview(blocked, 5)}",
+            f"{path}{subject} needs globals fvis does not trust: {_preview(blocked, 5)}",
             hint=_ways_forward(path, blocked),
         )
-    return classes
-
-
-def _refuse_unknown_globals(
-    path: Path, seen: tuple[str, ...], allow_modules: tuple[str, ...], what: str
-) -> None:
-    blocked = [g for g in _needed_globals(seen) if _resolve_allowed(g, allow_modules) is None]
-    if blocked:
-        raise RefusedError(
-            f"{path}: the {what} needs globals fvis does not trust: {_preview(blocked, 5)}",
-            hint=_ways_forward(path, blocked),
-        )
+    return list(resolved.values())
 
 
 def _resolve_allowed(qualname: str, allow_modules: tuple[str, ...]) -> Any:
@@ -909,9 +892,7 @@ def _refuse_export_pickles(sniffed: Sniffed, options: LoadOptions) -> None:
     they load under forced ``weights_only`` when they name only safe globals."""
     pickled, inputs = _export_pickled_members(sniffed)
     seen, unreadable = _globals_of_members(sniffed, [*pickled.values(), *inputs])
-    blocked = [
-        g for g in _needed_globals(seen) if _resolve_allowed(g, options.allow_modules) is None
-    ]
+    blocked = untrusted_globals(seen, options.allow_modules)
     if not (pickled or blocked or unreadable):
         return
     named = [_preview(blocked, 5)] if blocked else []
