@@ -109,28 +109,12 @@ class OutputDir:
         self._staged[name] = self._complete_temporary(name, writer)
 
     def _complete_temporary(self, name: str, writer: Callable[[IO[bytes]], object]) -> Path:
-        try:
-            fd, tmp_name = tempfile.mkstemp(
-                prefix=f".{name[:40]}.", suffix=".fvis-tmp", dir=self.root
-            )
-        except OSError as exc:
-            raise OutputError(f"cannot write {self.root / name}: {exc.strerror or exc}") from None
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                writer(fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, self._mode)
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)  # closing may fail again (a full disk): unlink anyway
-            if isinstance(exc, OSError):
-                raise OutputError(
-                    f"cannot write {self.root / name}: {exc.strerror or exc}",
-                    hint="check free space and permissions of the output folder",
-                ) from None
-            raise
-        return tmp
+        return _write_temporary(
+            self.root / name,
+            writer,
+            self._mode,
+            hint="check free space and permissions of the output folder",
+        )
 
     def commit(self, extra: dict[str, object] | None = None) -> Path:
         """Move every staged file into place, the manifest last; all or nothing.
@@ -198,27 +182,41 @@ class OutputDir:
 
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Replace one file the user named (a baseline, a JUnit report) atomically."""
-    folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise OutputError(f"{path} is a folder, not a file")
+    tmp = _write_temporary(path, lambda fh: fh.write(data), 0o666 & ~_umask())
     try:
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{path.name[:40]}.", suffix=".fvis-tmp", dir=folder
-        )
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_temporary(
+    target: Path, writer: Callable[[IO[bytes]], object], mode: int, hint: str | None = None
+) -> Path:
+    """``writer(file)`` writes ``target``'s content completely into a synced temporary beside
+    it, for the caller to rename into place; on any failure the temporary is gone."""
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name[:40]}.", suffix=".fvis-tmp", dir=target.parent
+        )
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            writer(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # closing may fail again (a full disk): unlink anyway
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {target}: {exc.strerror or exc}", hint=hint) from None
+        raise
+    return tmp
 
 
 def _is_temp(name: str) -> bool:
