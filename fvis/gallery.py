@@ -7,7 +7,6 @@ known once every call has happened.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,9 @@ if TYPE_CHECKING:
     from fvis.output import OutputDir
     from fvis.render import RenderInfo, RenderOptions
 
+    _Ranges = tuple[tuple[int, float | None, float | None], ...]  # (channel, min, max)
+    _Picture = tuple[int | None, Image.Image, RenderInfo, _Ranges]
+
 
 @dataclass
 class Gallery:
@@ -31,14 +33,10 @@ class Gallery:
     all_samples: bool = False
     batch_size: int = 0  # samples per forward pass when inputs ran in several batches
     sample_index: int = 0  # the sample drawn when not all_samples
-    _pictures: dict[
-        tuple[int | None, str, int, str], list[tuple[int | None, Image.Image, RenderInfo]]
-    ] = field(default_factory=dict)
+    # (batch, layer, call, path) -> per drawn sample: (sample, picture, info, channel ranges)
+    _pictures: dict[tuple[int | None, str, int, str], list[_Picture]] = field(default_factory=dict)
     _files: list[tuple[str, Image.Image]] = field(default_factory=list)
     _cams: list[tuple[str, str, Image.Image]] = field(default_factory=list)  # label, stem, image
-    _ranges: dict[int, tuple[tuple[int, float | None, float | None], ...]] = field(
-        default_factory=dict
-    )  # id(image) -> per shown channel (index, min, max)
     _input: Image.Image | None = None
     input_file: str | None = None
     encoded: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG bytes
@@ -75,12 +73,12 @@ class Gallery:
             for index in range(values.shape[0]):
                 label = self._sample(offset + index)
                 image, info = render(values[index], f"{title} @{label}", self.options)
-                self._remember_ranges(image, values[index], info)
-                self._pictures.setdefault(key, []).append((offset + index, image, info))
+                ranges = _channel_ranges(values[index], info)
+                self._pictures.setdefault(key, []).append((offset + index, image, info, ranges))
         else:
             image, info = render(values, title, self.options)
-            self._remember_ranges(image, values, info)
-            self._pictures.setdefault(key, []).append((None, image, info))
+            ranges = _channel_ranges(values, info)
+            self._pictures.setdefault(key, []).append((None, image, info, ranges))
 
     def add_input(self, display: Any) -> None:
         """The input image as the model saw it (after resize; normalisation undone)."""
@@ -90,11 +88,6 @@ class Gallery:
         mode = "L" if array.shape[2] == 1 else "RGB"
         self._input = Image.fromarray(array[..., 0] if mode == "L" else array, mode=mode)
         self.input_file = "input.png"
-
-    def _remember_ranges(self, image: Image.Image, values: Any, info: RenderInfo) -> None:
-        if str(info.layout) != "grid" or getattr(values, "ndim", 0) != 3:
-            return
-        self._ranges[id(image)] = tuple(_channel_range(values, c) for c in info.shown_channels)
 
     def add_gradcams(
         self, captures: Sequence[Capture], grads: Mapping[str, Any], displays: Sequence[Any]
@@ -131,19 +124,19 @@ class Gallery:
         """Give every picture a safe, unique file name; returns refs by capture label."""
         entries = []
         for capture in captures:
-            for sample, image, info in self._pictures.get(_key(capture), []):
+            for sample, image, info, ranges in self._pictures.get(_key(capture), []):
                 stem = (
                     capture.label
                     if sample is None
                     else (f"{capture.label}@{Path(self._sample(sample)).stem}")
                 )
-                entries.append((capture.label, stem, sample, image, info))
+                entries.append((capture.label, stem, sample, image, info, ranges))
         stems = [stem for _, stem, *_ in entries] + [f"gradcam_{stem}" for _, stem, _ in self._cams]
         reserved = ["input"] if self._input is not None else []  # input.png is taken
         names = unique_filenames([*reserved, *stems], ".png")[len(reserved) :]
         refs: dict[str, list[ImageRef]] = {}
         self._files = []
-        for (label, _, sample, image, info), name in zip(entries, names, strict=False):
+        for (label, _, sample, image, info, ranges), name in zip(entries, names, strict=False):
             refs.setdefault(label, []).append(
                 ImageRef(
                     name,
@@ -152,7 +145,7 @@ class Gallery:
                     len(info.shown_channels),
                     info.total_channels,
                     info.note,
-                    self._ranges.get(id(image), ()),
+                    ranges,
                 )
             )
             self._files.append((name, image))
@@ -166,6 +159,8 @@ class Gallery:
 
     def write(self, folder: OutputDir) -> None:
         """Encode every picture (kept in ``encoded`` for the HTML page) and stage it."""
+        from fvis.render import encode_png
+
         pictures = [*self._files, *([("input.png", self._input)] if self._input else [])]
         for name, image in pictures:
             self.encoded[name] = encode_png(image)
@@ -191,6 +186,13 @@ def render_capture(capture: Capture, options: RenderOptions | None = None) -> Im
     return image
 
 
+def _channel_ranges(values: Any, info: RenderInfo) -> _Ranges:
+    """Per shown channel of a grid picture: (index, min, max) over its finite values."""
+    if str(info.layout) != "grid" or getattr(values, "ndim", 0) != 3:
+        return ()
+    return tuple(_channel_range(values, c) for c in info.shown_channels)
+
+
 def _channel_range(values: Any, channel: int) -> tuple[int, float | None, float | None]:
     import numpy as np
 
@@ -199,14 +201,6 @@ def _channel_range(values: Any, channel: int) -> tuple[int, float | None, float 
     if finite.size == 0:
         return (channel, None, None)
     return (channel, float(finite.min()), float(finite.max()))
-
-
-def encode_png(image: Image.Image) -> bytes:
-    """PNG bytes; ``compress_level=1`` is several times faster than the default for files only
-    a little larger."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 def tensors_file(captures: Sequence[Capture]) -> bytes:
