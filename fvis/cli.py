@@ -94,6 +94,14 @@ TrustShaOpt = Annotated[
         show_default=False,
     ),
 ]
+StrictOpt = Annotated[
+    bool,
+    typer.Option(
+        "--strict/--no-strict",
+        help="Fail when the weights do not fit the architecture (default); --no-strict loads "
+        "what fits and lists missing and unexpected keys as warnings.",
+    ),
+]
 MaxBytesOpt = Annotated[
     int | None,
     typer.Option(
@@ -281,6 +289,7 @@ def _load_options(
     trust: bool,
     trust_sha256: str | None,
     max_model_bytes: int | None = None,
+    strict: bool = True,
 ) -> Any:
     from fvis.formats import Limits
     from fvis.loading import LoadOptions, Trust, check_allow_modules
@@ -301,6 +310,7 @@ def _load_options(
         arch_kwargs=kwargs,
         allow_modules=tuple(allow_module or ()),
         trust=Trust.from_flags(trust, trust_sha256),
+        strict=strict,
         limits=Limits(max_model_bytes=max_model_bytes),
     )
 
@@ -366,6 +376,7 @@ def layers(
     trust: TrustOpt = False,
     trust_sha256: TrustShaOpt = None,
     max_model_bytes: MaxBytesOpt = None,
+    strict: StrictOpt = True,
     input: InputOpt = None,
     shape: ShapeOpt = None,
     seed: SeedOpt = 0,
@@ -390,7 +401,9 @@ def layers(
     from fvis.listing import to_json, to_rich
 
     ref, config = _resolve(
-        model, _load_options(arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes)
+        model, _load_options(
+            arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes, strict
+        )
     )
     wants_run = bool(input or shape or (config and (config.inputs or config.shape)))
     inputs = _input_options(input, shape, seed, size, norm, channels, config) if wants_run else None
@@ -511,6 +524,7 @@ def dump(
     trust: TrustOpt = False,
     trust_sha256: TrustShaOpt = None,
     max_model_bytes: MaxBytesOpt = None,
+    strict: StrictOpt = True,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")
     ] = False,
@@ -522,7 +536,9 @@ def dump(
     from fvis.api import dump as run_dump
 
     ref, config = _resolve(
-        model, _load_options(arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes)
+        model, _load_options(
+            arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes, strict
+        )
     )
     inputs = _input_options(input, shape, seed, size, norm, channels, config)
     layers = tuple(layer or ()) or (config.layers if config else ())
@@ -725,6 +741,7 @@ def check(
     trust: TrustOpt = False,
     trust_sha256: TrustShaOpt = None,
     max_model_bytes: MaxBytesOpt = None,
+    strict: StrictOpt = True,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the report and the failures as JSON to stdout.")
     ] = False,
@@ -736,7 +753,9 @@ def check(
     from fvis.gates import DEFAULT_GATES, parse_expectations, parse_gates
 
     ref, config = _resolve(
-        model, _load_options(arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes)
+        model, _load_options(
+            arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes, strict
+        )
     )
     # config is None whenever MODEL was given (resolve_model does not read it then)
     inputs = _input_options(input, shape, seed, size, norm, channels, config)

@@ -4,6 +4,8 @@ model's first layer. Every input says in words what was done to it (``Prepared.d
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import re
 from collections.abc import Sequence
@@ -100,8 +102,8 @@ def prepare(
         prepared = _random(shape, options.seed, f"synthesized from the first layer{dtype_note}:")
         if dtype_note:  # embeddings take integer ids
             ids = torch.randint(0, _vocab(model), shape, generator=_gen(options.seed))
-            return Prepared((ids,), description=prepared.description, labels=prepared.labels)
-        return prepared
+            prepared = Prepared((ids,), description=prepared.description, labels=prepared.labels)
+        return with_decoder_start(model, prepared)
     keyword = [s for s in options.sources if _is_keyword(s)]
     positional = [s for s in options.sources if not _is_keyword(s)]
     channels = options.channels or expected_channels(model)
@@ -119,7 +121,38 @@ def prepare(
         kwargs[name] = tensor
         notes.append(f"{name}={note}")
     args, kwargs, cast = _match_dtype(model, args, kwargs)
-    return Prepared(args, kwargs, "; ".join([*notes, *cast]), labels, displays)
+    return with_decoder_start(
+        model, Prepared(args, kwargs, "; ".join([*notes, *cast]), labels, displays)
+    )
+
+
+_DECODER_KEYS = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+
+
+def with_decoder_start(model: nn.Module, prepared: Prepared) -> Prepared:
+    """An encoder-decoder model (T5, BART) given only encoder ids gets ``decoder_input_ids``:
+    its config's decoder start token, one per sample; the description says so."""
+    config = getattr(model, "config", None)
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(config, "pad_token_id", None)
+    if (
+        not getattr(config, "is_encoder_decoder", False)
+        or not isinstance(start, int)
+        or any(key in prepared.kwargs for key in _DECODER_KEYS)
+    ):
+        return prepared
+    ids = torch.full((prepared.batch_size, 1), start, dtype=torch.long)
+    note = f"decoder_input_ids synthesized: the decoder start token {start}, one per sample"
+    # Keyword form throughout: the positional inputs take the names of forward's parameters.
+    names = list(inspect.signature(model.forward).parameters)
+    named = dict(zip(names, prepared.args, strict=False))
+    return dataclasses.replace(
+        prepared,
+        args=(),
+        kwargs={**named, **prepared.kwargs, "decoder_input_ids": ids},
+        description="; ".join(filter(None, [prepared.description, note])),
+    )
 
 
 def _match_dtype(
@@ -193,6 +226,9 @@ def synth_shape(model: nn.Module) -> tuple[tuple[int, ...], str]:
     layer = first_layer(model)
     if isinstance(layer, nn.modules.conv._ConvNd):
         spatial = {1: (256,), 2: (224, 224), 3: (16, 112, 112)}[len(layer.kernel_size)]
+        size = _configured_image_size(model)
+        if size is not None and len(spatial) == 2:
+            return (1, int(layer.in_channels), *size), " (image size from the model's config)"
         return (1, int(layer.in_channels), *spatial), ""
     if isinstance(layer, nn.Linear):
         return (1, int(layer.in_features)), ""
@@ -204,6 +240,20 @@ def synth_shape(model: nn.Module) -> tuple[tuple[int, ...], str]:
         "cannot guess an input for this model (no conv, linear or embedding layer)",
         hint="give --input FILE or --shape 1,3,224,224",
     )
+
+
+def _configured_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """``config.image_size`` of a Hugging Face vision model (ViT needs exactly that size)."""
+    size = getattr(getattr(model, "config", None), "image_size", None)
+    if isinstance(size, int) and not isinstance(size, bool) and 0 < size <= 4096:
+        return size, size
+    if (
+        isinstance(size, (list, tuple))
+        and len(size) == 2
+        and all(isinstance(d, int) and 0 < d <= 4096 for d in size)
+    ):
+        return int(size[0]), int(size[1])
+    return None
 
 
 def _vocab(model: nn.Module) -> int:

@@ -28,6 +28,7 @@ class TensorMeta:
     dtype: str
     requires_grad: bool = True
     is_buffer: bool = False
+    key: int = 0  # identity of a live tensor, so a tied weight is counted once; 0: unknown
 
     @property
     def numel(self) -> int:
@@ -114,7 +115,7 @@ def _node_from_module(module: nn.Module, memo: dict[int, ModuleNode]) -> ModuleN
         return memo[id(module)]
     cls = type(module)
     tensors = [
-        TensorMeta(n, tuple(p.shape), _dtype_name(p.dtype), bool(p.requires_grad))
+        TensorMeta(n, tuple(p.shape), _dtype_name(p.dtype), bool(p.requires_grad), key=id(p))
         for n, p in module._parameters.items()
         if p is not None
     ]
@@ -246,10 +247,22 @@ def _unique_nodes(node: ModuleNode) -> list[ModuleNode]:
     return list(found.values())
 
 
+def _distinct(tensors: Iterable[TensorMeta]) -> list[TensorMeta]:
+    """Each tensor once: a weight tied between two modules (``lm_head`` and ``wte``) is one."""
+    seen: set[int] = set()
+    out = []
+    for meta in tensors:
+        if meta.key and meta.key in seen:
+            continue
+        seen.add(meta.key)
+        out.append(meta)
+    return out
+
+
 def _layer_info(
     name: str, depth: int, node: ModuleNode, subtree: list[ModuleNode], all_names: list[str]
 ) -> LayerInfo:
-    params = [t for n in subtree for t in n.tensors if not t.is_buffer]
+    params = _distinct(t for n in subtree for t in n.tensors if not t.is_buffer)
     trainable = sum(t.numel for t in params if t.requires_grad)
     total = sum(t.numel for t in params)
     return LayerInfo(

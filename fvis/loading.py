@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fvis import inert
+from fvis import hf, inert
 from fvis.errors import BadFileError, ModelInputError, RefusedError, UsageError, first_line
 from fvis.formats import ZIP_ERRORS, FileKind, Limits, Sniffed, read_safetensors_header, sniff
 from fvis.layers import (
@@ -205,6 +205,9 @@ def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Mod
     ['inner', 'inner.linear']
     """
     path = Path(path)
+    folder = _hf_folder(path)
+    if folder is not None:
+        return _inspect_folder(folder, options)
     # Listing reads data.pkl only (zipfile checks that member's CRC as it reads it); verifying
     # every CRC would read all the tensor data, which listing promises not to do.
     limits = options.limits
@@ -238,12 +241,62 @@ def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Mod
     state, notes = unwrap_state_dict(metas)
     if options.arch:
         model = build_arch(options.arch, options.arch_kwargs, device="meta")
-        check_state_dict(path, _metas_of_module(model), state, options.strict)
+        expected = _metas_of_module(model)
+        check_state_dict(path, expected, fill_tied(expected, state)[0], options.strict)
         return ModelTree.of(node_from_module(model), "; ".join(notes), kind=sniffed.kind.value)
     note = "state dict only: parameter-free modules (ReLU, pooling) are not visible"
     return ModelTree.of(
         node_from_state_dict(state), "; ".join([*notes, note]), kind=sniffed.kind.value
     )
+
+
+def _hf_folder(path: Path) -> hf.HFFolder | None:
+    """A Hugging Face folder (or one of its shards or index files, which name the folder)."""
+    if hf.is_folder(path):
+        return hf.read_folder(path)
+    owner = hf.shard_folder(path)
+    if owner is not None:
+        raise UsageError(
+            f"{path} is one part of the sharded model in {owner}",
+            hint=f"pass the folder: {owner}",
+        )
+    return None
+
+
+def _inspect_folder(folder: hf.HFFolder, options: LoadOptions) -> ModelTree:
+    if options.arch:
+        model = build_arch(options.arch, options.arch_kwargs, device="meta")
+        state, notes = unwrap_state_dict(hf.header_metas(folder))
+        expected = _metas_of_module(model)
+        check_state_dict(folder.path, expected, fill_tied(expected, state)[0], options.strict)
+        return ModelTree.of(node_from_module(model), "; ".join(notes), kind="hf-folder")
+    if folder.config is not None and hf.have_transformers():
+        model = hf.build_on_meta(folder, trusted=options.trust is not None)
+        return ModelTree.of(node_from_module(model), folder.describe(), kind="hf-folder")
+    note = (
+        "no config.json: the tree comes from the weights"
+        if folder.config is None
+        else "transformers is not installed (pip install 'fvis[hf]')"
+    )
+    return ModelTree.of(
+        node_from_state_dict(hf.header_metas(folder)),
+        f"{folder.describe()}; {note}: parameter-free modules (ReLU, pooling) are not visible",
+        kind="hf-folder",
+    )
+
+
+def _load_folder(folder: hf.HFFolder, options: LoadOptions) -> LoadedModel:
+    if options.trust is not None and options.trust.sha256 is not None:
+        raise UsageError("--trust-sha256 names one file; a folder can only be trusted whole",
+                         hint="use --trust")
+    if options.arch:
+        state = hf.read_shards(folder)
+        sniffed = Sniffed(folder.path, FileKind.SAFETENSORS)
+        module, notes = _with_arch(sniffed, options, state, [folder.describe()])
+    else:
+        module, notes = hf.load_folder(folder, options.trust is not None, options.strict)
+    module.eval()
+    return LoadedModel(module, ModelSource(folder.path, "hf-folder", "", tuple(notes)))
 
 
 def read_inert(sniffed: Sniffed) -> inert.InertLoad:
@@ -397,9 +450,28 @@ def _export_config(sniffed: Sniffed, member: str) -> dict[str, Any]:
 
 def _metas_of_module(model: nn.Module) -> dict[str, TensorMeta]:
     return {
-        name: TensorMeta(name, tuple(t.shape), str(t.dtype))
+        name: TensorMeta(name, tuple(t.shape), str(t.dtype), key=id(t))
         for name, t in model.state_dict(keep_vars=True).items()
     }
+
+
+def fill_tied(
+    expected: Mapping[str, TensorMeta], state: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """Tied weights are stored once (``lm_head.weight`` is ``wte.weight``): a missing name of
+    a tied tensor takes the value stored under another of its names.
+
+    >>> fill_tied(_metas_of_module(gpt2), {"transformer.wte.weight": w})[1]   # doctest: +SKIP
+    ['lm_head.weight is tied to transformer.wte.weight (stored once)']
+    """
+    stored_by_key = {expected[k].key: k for k in expected if k in state and expected[k].key}
+    out, notes = dict(state), []
+    for name, meta in expected.items():
+        source = stored_by_key.get(meta.key) if meta.key else None
+        if name not in out and source is not None:
+            out[name] = out[source]
+            notes.append(f"{name} is tied to {source} (stored once)")
+    return out, notes
 
 
 # --------------------------------------------------------------------------- state dicts
@@ -431,8 +503,9 @@ def unwrap_state_dict(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[st
 
 def check_state_dict(
     path: Path, expected: Mapping[str, TensorMeta], found: Mapping[str, Any], strict: bool = True
-) -> None:
-    """Raise one readable ``ModelInputError`` listing missing, unexpected and mismatched keys."""
+) -> list[str]:
+    """Raise one readable ``ModelInputError`` listing missing, unexpected and mismatched keys;
+    with ``strict=False`` missing and unexpected keys come back as warnings instead."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     mismatched = [
@@ -445,16 +518,20 @@ def check_state_dict(
         if (mismatched)
         else []
     )
+    loose = []
+    if missing:
+        loose.append(f"{_count(missing, 'missing key')}: {_preview(missing)}")
+    if unexpected:
+        loose.append(f"{_count(unexpected, 'unexpected key')}: {_preview(unexpected)}")
     if strict:
-        if missing:
-            problems.append(f"{_count(missing, 'missing key')}: {_preview(missing)}")
-        if unexpected:
-            problems.append(f"{_count(unexpected, 'unexpected key')}: {_preview(unexpected)}")
+        problems += loose
     if problems:
         raise ModelInputError(
             f"{path} does not fit the architecture: " + "; ".join(problems),
-            hint="check --arch and --arch-kwargs (checkpoint shape vs model shape)",
+            hint="check --arch and --arch-kwargs (checkpoint shape vs model shape)"
+            + ("" if mismatched else ", or pass --no-strict to load what fits"),
         )
+    return [f"warning: {item} (--no-strict)" for item in loose]
 
 
 def _count(items: list[Any], noun: str, plural: str = "s") -> str:
@@ -557,6 +634,9 @@ def load_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Loaded
     """
     path = Path(path)
     check_allow_modules(options.allow_modules)
+    folder = _hf_folder(path)
+    if folder is not None:
+        return _load_folder(folder, options)
     sniffed = sniff(path, options.limits)
     digest = sha256_of(path)
     _check_trust_binding(path, digest, options.trust)
@@ -608,12 +688,14 @@ def _with_arch(
     assert options.arch  # callers check
     state, more = unwrap_state_dict(state)
     model = build_arch(options.arch, options.arch_kwargs)
-    check_state_dict(sniffed.path, _metas_of_module(model), state, options.strict)
+    expected = _metas_of_module(model)
+    state, tied = fill_tied(expected, state)
+    warned = check_state_dict(sniffed.path, expected, state, options.strict)
     try:
         model.load_state_dict(state, strict=options.strict, assign=False)
     except RuntimeError as exc:
         raise ModelInputError(f"{sniffed.path}: {str(exc).splitlines()[0]}") from None
-    return model, [*notes, *more]
+    return model, [*notes, *more, *tied, *warned]
 
 
 def _load_pickle_checkpoint(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, list[str]]:
