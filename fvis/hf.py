@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import pickle
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -225,7 +226,7 @@ def load_folder(
                 weights_only=not trusted,
                 output_loading_info=True,
             )
-        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, pickle.PickleError) as exc:
             raise _load_error(folder, exc) from None
     return model, [folder.describe(), *_fit_notes(folder, info, strict)]
 

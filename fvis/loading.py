@@ -294,9 +294,23 @@ def _load_folder(folder: hf.HFFolder, options: LoadOptions) -> LoadedModel:
         sniffed = Sniffed(folder.path, FileKind.SAFETENSORS)
         module, notes = _with_arch(sniffed, options, state, [folder.describe()])
     else:
+        if options.trust is None:
+            _refuse_untrusted_shards(folder, options)
         module, notes = hf.load_folder(folder, options.trust is not None, options.strict)
     module.eval()
     return LoadedModel(module, ModelSource(folder.path, "hf-folder", "", tuple(notes)))
+
+
+def _refuse_untrusted_shards(folder: hf.HFFolder, options: LoadOptions) -> None:
+    """Pickled ``.bin`` shards pass the same inert scan as any checkpoint before transformers
+    reads them (it loads with ``weights_only=True``; fvis names what blocked, and why)."""
+    if folder.weight_format == "safetensors":
+        return
+    for shard in folder.weights:
+        sniffed = sniff(shard, options.limits)
+        if sniffed.kind not in (FileKind.TORCH_ZIP, FileKind.LEGACY_PICKLE):
+            raise BadFileError(f"{shard} is a {sniffed.kind.value} file, not pickled weights")
+        _allowed_classes(shard, read_inert(sniffed).globals_seen, options.allow_modules)
 
 
 def read_inert(sniffed: Sniffed) -> inert.InertLoad:

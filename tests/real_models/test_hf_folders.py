@@ -1,0 +1,318 @@
+"""``save_pretrained`` folders of real transformers models open with no ``--arch``.
+
+Each tiny model is saved plain and sharded; fvis must list it with the parameter count
+``model.parameters()`` gives (tied weights once), and dump a deep layer whose values equal an
+independent forward hook on the original model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers as T
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import RunCli
+
+
+def _gpt2() -> Any:
+    config = T.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=100,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return T.GPT2LMHeadModel(config)
+
+
+def _bert() -> Any:
+    config = T.BertConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=32,
+    )
+    return T.BertModel(config)
+
+
+def _llama() -> Any:
+    config = T.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
+    return T.LlamaForCausalLM(config)
+
+
+def _qwen2() -> Any:
+    config = T.Qwen2Config(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
+    return T.Qwen2ForCausalLM(config)
+
+
+def _t5() -> Any:
+    config = T.T5Config(
+        num_layers=2,
+        num_decoder_layers=2,
+        d_model=32,
+        d_ff=64,
+        num_heads=2,
+        d_kv=16,
+        vocab_size=100,
+        decoder_start_token_id=0,
+    )
+    return T.T5ForConditionalGeneration(config)
+
+
+def _vit() -> Any:
+    config = T.ViTConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
+    return T.ViTModel(config)
+
+
+IDS = torch.tensor([[5, 17, 42, 3, 99, 0, 64, 8]])
+PIXELS = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+# name -> (builder, deep layer to dump, input)
+MODELS: dict[str, tuple[Callable[[], Any], str, torch.Tensor]] = {
+    "gpt2": (_gpt2, "transformer.h.1.attn.c_attn", IDS),
+    "bert": (_bert, "encoder.layer.1.attention.self.query", IDS),
+    "llama": (_llama, "model.layers.0.self_attn.q_proj", IDS),
+    "qwen2": (_qwen2, "model.layers.1.self_attn.q_proj", IDS),
+    "t5": (_t5, "encoder.block.1.layer.0.SelfAttention.q", IDS),
+    "vit": (_vit, "layers.1.attention.q_proj", PIXELS),  # saved as encoder.layer.1.*
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tuple[Any, Path]]:
+    """Every model saved plain and sharded (small shards: several files each)."""
+    out = {}
+    for name, (build, _, _) in MODELS.items():
+        torch.manual_seed(0)
+        model = build().eval()
+        root = tmp_path_factory.mktemp(name)
+        model.save_pretrained(root / "plain")
+        model.save_pretrained(root / "sharded", max_shard_size="40KB")
+        out[(name, "plain")] = (model, root / "plain")
+        out[(name, "sharded")] = (model, root / "sharded")
+    return out
+
+
+CASES = [pytest.param(n, v, id=f"{n}-{v}") for n in MODELS for v in ("plain", "sharded")]
+
+
+def hooked_output(model: Any, layer: str, inputs: torch.Tensor) -> torch.Tensor:
+    """The layer's output by an independent forward hook (the ground truth), in grad mode as
+    ``fvis dump`` runs by default (some kernels differ in the last bit under ``no_grad``)."""
+    found: list[torch.Tensor] = []
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda _m, _i, out: found.append(out.detach().clone())
+    )
+    try:
+        if model.config.is_encoder_decoder:
+            model(input_ids=inputs, decoder_input_ids=torch.zeros((1, 1), dtype=torch.long))
+        else:
+            model(inputs)
+    finally:
+        handle.remove()
+    return found[0]
+
+
+@pytest.mark.parametrize(("name", "variant"), CASES)
+def test_layers_lists_the_folder_with_true_parameter_counts(
+    saved: dict[tuple[str, str], tuple[Any, Path]], cli: RunCli, name: str, variant: str
+) -> None:
+    model, folder = saved[(name, variant)]
+    if variant == "sharded":
+        assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+    code, out, err = cli("layers", folder, "--json")
+    assert code == 0, err
+    listing = json.loads(out)
+    assert listing["totals"]["params"] == sum(p.numel() for p in model.parameters())
+    names = {row["name"] for row in listing["layers"]}
+    assert {n for n, _ in model.named_modules()} <= names
+
+
+@pytest.mark.parametrize(("name", "variant"), CASES)
+def test_dump_captures_a_deep_layer_exactly(
+    saved: dict[tuple[str, str], tuple[Any, Path]],
+    cli: RunCli,
+    tmp_path: Path,
+    name: str,
+    variant: str,
+) -> None:
+    model, folder = saved[(name, variant)]
+    _, layer, inputs = MODELS[name]
+    torch.save(inputs, tmp_path / "input.pt")
+    out = tmp_path / "out"
+    code, _, err = cli(
+        "dump",
+        folder,
+        "--layer",
+        layer,
+        "--input",
+        tmp_path / "input.pt",
+        "--save-tensors",
+        "--no-images",
+        "--out",
+        out,
+        "--quiet",
+    )
+    assert code == 0, err
+    captured = load_file(str(out / "activations.safetensors"))[layer]
+    assert torch.equal(captured, hooked_output(model, layer, inputs)[0])
+
+
+def test_legacy_key_names_load_through_the_library_conversion(
+    saved: dict[tuple[str, str], tuple[Any, Path]], cli: RunCli, tmp_path: Path
+) -> None:
+    """Old BERT checkpoints name LayerNorm parameters gamma/beta; from_pretrained renames them,
+    a raw load_state_dict would not."""
+    model, folder = saved[("bert", "plain")]
+    old = tmp_path / "bert-old"
+    old.mkdir()
+    (old / "config.json").write_bytes((folder / "config.json").read_bytes())
+    state = load_file(str(folder / "model.safetensors"))
+    renamed = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): v
+        for k, v in state.items()
+    }
+    assert renamed.keys() != state.keys()
+    save_file(renamed, str(old / "model.safetensors"), metadata={"format": "pt"})
+    torch.save(IDS, tmp_path / "ids.pt")
+    layer = "encoder.layer.0.output.LayerNorm"
+    code, _, err = cli(
+        "dump",
+        old,
+        "--layer",
+        layer,
+        "--input",
+        tmp_path / "ids.pt",
+        "--save-tensors",
+        "--no-images",
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+    )
+    assert code == 0, err
+    captured = load_file(str(tmp_path / "out" / "activations.safetensors"))[layer]
+    assert torch.equal(captured, hooked_output(model, layer, IDS)[0])
+
+
+def test_missing_weights_fail_strict_and_load_with_no_strict(
+    saved: dict[tuple[str, str], tuple[Any, Path]], cli: RunCli, tmp_path: Path
+) -> None:
+    _, folder = saved[("gpt2", "plain")]
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_bytes((folder / "config.json").read_bytes())
+    state = load_file(str(folder / "model.safetensors"))
+    del state["transformer.h.0.mlp.c_fc.bias"]
+    save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    torch.save(IDS, tmp_path / "ids.pt")
+    args = ("dump", partial, "--input", tmp_path / "ids.pt", "--layer", "transformer.h.0")
+    code, _, err = cli(*args, "--out", tmp_path / "a")
+    assert code == 5
+    assert "transformer.h.0.mlp.c_fc.bias" in err and "--no-strict" in err
+    code, out, err = cli(*args, "--no-strict", "--out", tmp_path / "b", "--json")
+    assert code == 0, err
+    assert "missing keys (randomly initialised): transformer.h.0.mlp.c_fc.bias" in out
+
+
+def test_remote_code_is_refused_without_trust(
+    saved: dict[tuple[str, str], tuple[Any, Path]], cli: RunCli, tmp_path: Path
+) -> None:
+    _, folder = saved[("gpt2", "plain")]
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil"}
+    (evil / "config.json").write_text(json.dumps(config))
+    (evil / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    marker = tmp_path / "MARKER"
+    (evil / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    for command in (("layers", evil), ("dump", evil, "--out", tmp_path / "out")):
+        code, _, err = cli(*command)
+        assert code == 4, err
+        assert "asks for custom model code from the folder (auto_map)" in err
+        assert not marker.exists()
+
+
+def _bin_folder(source: Path, folder: Path, weights: Any) -> Path:
+    """A folder with pickled ``pytorch_model.bin`` weights (transformers 5 no longer writes
+    them, but checkpoints on disk still have them)."""
+    folder.mkdir()
+    (folder / "config.json").write_bytes((source / "config.json").read_bytes())
+    torch.save(weights, folder / "pytorch_model.bin")
+    return folder
+
+
+def test_pickled_bin_weights_load_weights_only(
+    saved: dict[tuple[str, str], tuple[Any, Path]], cli: RunCli, tmp_path: Path
+) -> None:
+    model, plain = saved[("gpt2", "plain")]
+    folder = _bin_folder(plain, tmp_path / "bin", load_file(str(plain / "model.safetensors")))
+    torch.save(IDS, tmp_path / "ids.pt")
+    layer = "transformer.h.1.mlp.c_fc"
+    code, _, err = cli(
+        "dump",
+        folder,
+        "--layer",
+        layer,
+        "--input",
+        tmp_path / "ids.pt",
+        "--save-tensors",
+        "--no-images",
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+    )
+    assert code == 0, err
+    captured = load_file(str(tmp_path / "out" / "activations.safetensors"))[layer]
+    assert torch.equal(captured, hooked_output(model, layer, IDS)[0])
+
+
+def test_a_payload_in_bin_weights_is_refused(
+    saved: dict[tuple[str, str], tuple[Any, Path]], cli: RunCli, tmp_path: Path
+) -> None:
+    from tests.payloads import SystemPayload
+
+    _, plain = saved[("gpt2", "plain")]
+    marker = tmp_path / "MARKER"
+    state = {**load_file(str(plain / "model.safetensors")), "x": SystemPayload(marker)}
+    folder = _bin_folder(plain, tmp_path / "evil", state)
+    code, _, err = cli("dump", folder, "--out", tmp_path / "out")
+    assert code == 4, err
+    assert not marker.exists()
+    assert "weights_only=False" not in err
