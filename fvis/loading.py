@@ -23,10 +23,10 @@ import re
 import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fvis import hf, inert
 from fvis.errors import BadFileError, ModelInputError, RefusedError, UsageError, first_line
@@ -229,21 +229,26 @@ def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Mod
                 else ("pickled module (read without running it)")
             )
             return ModelTree.of(tree, note, kind=sniffed.kind.value)
-        metas = _metas_from_inert(sniffed, loaded.obj)
+        found = _metas_from_inert(sniffed, loaded.obj)
     elif sniffed.kind is FileKind.SAFETENSORS:
-        metas = _metas_from_safetensors(path)
+        found = Nested(_metas_from_safetensors(path), ())
     else:
-        metas = _metas_from_export(sniffed)
+        found = Nested(_metas_from_export(sniffed), ())
         if not options.arch:
             return ModelTree.of(
-                _tree_from_export(sniffed, metas), "torch.export program", kind=sniffed.kind.value
+                _tree_from_export(sniffed, found.state),
+                "torch.export program",
+                kind=sniffed.kind.value,
             )
-    state, notes = unwrap_state_dict(metas)
     if options.arch:
         model = build_arch(options.arch, options.arch_kwargs, device="meta")
         expected = _metas_of_module(model)
+        state, notes = unwrap_state_dict(found.state, expected)
         check_state_dict(path, expected, fill_tied(expected, state)[0], options.strict)
+        notes = [*found.notes, *notes]
         return ModelTree.of(node_from_module(model), "; ".join(notes), kind=sniffed.kind.value)
+    state, notes = unwrap_state_dict(found.state)
+    notes = [*found.notes, *notes]
     note = "state dict only: parameter-free modules (ReLU, pooling) are not visible"
     return ModelTree.of(
         node_from_state_dict(state), "; ".join([*notes, note]), kind=sniffed.kind.value
@@ -266,8 +271,8 @@ def _hf_folder(path: Path) -> hf.HFFolder | None:
 def _inspect_folder(folder: hf.HFFolder, options: LoadOptions) -> ModelTree:
     if options.arch:
         model = build_arch(options.arch, options.arch_kwargs, device="meta")
-        state, notes = unwrap_state_dict(hf.header_metas(folder))
         expected = _metas_of_module(model)
+        state, notes = unwrap_state_dict(hf.header_metas(folder), expected)
         check_state_dict(folder.path, expected, fill_tied(expected, state)[0], options.strict)
         return ModelTree.of(node_from_module(model), "; ".join(notes), kind="hf-folder")
     if folder.config is not None and hf.have_transformers():
@@ -287,8 +292,9 @@ def _inspect_folder(folder: hf.HFFolder, options: LoadOptions) -> ModelTree:
 
 def _load_folder(folder: hf.HFFolder, options: LoadOptions) -> LoadedModel:
     if options.trust is not None and options.trust.sha256 is not None:
-        raise UsageError("--trust-sha256 names one file; a folder can only be trusted whole",
-                         hint="use --trust")
+        raise UsageError(
+            "--trust-sha256 names one file; a folder can only be trusted whole", hint="use --trust"
+        )
     if options.arch:
         state = hf.read_shards(folder)
         sniffed = Sniffed(folder.path, FileKind.SAFETENSORS)
@@ -320,9 +326,9 @@ def read_inert(sniffed: Sniffed) -> inert.InertLoad:
     return inert.read_zip_pickle(sniffed.path, sniffed.prefix)
 
 
-def _metas_from_inert(sniffed: Sniffed, obj: Any) -> dict[str, TensorMeta]:
+def _metas_from_inert(sniffed: Sniffed, obj: Any) -> Nested:
     if inert.is_module_stub(obj):  # a pickled module used as weights for --arch
-        return _flatten_tree_metas(inert.tree_from_stub(obj))
+        return Nested(_flatten_tree_metas(inert.tree_from_stub(obj)), ())
     if isinstance(obj, inert.FakeTensor):
         raise BadFileError(
             f"{sniffed.path} holds a single tensor {list(obj.shape)}, not a model or state dict",
@@ -340,7 +346,7 @@ def _metas_from_inert(sniffed: Sniffed, obj: Any) -> dict[str, TensorMeta]:
     return found
 
 
-def _find_state_dict(obj: dict[Any, Any]) -> dict[str, TensorMeta] | None:
+def _find_state_dict(obj: dict[Any, Any]) -> Nested | None:
     def metas(d: dict[Any, Any]) -> dict[str, TensorMeta]:
         return {
             k: TensorMeta(k, t.shape, t.dtype, t.requires_grad or not t.is_parameter)
@@ -359,23 +365,36 @@ def _search_state_dict(
     obj: dict[Any, Any],
     tensors_of: Callable[[dict[Any, Any]], dict[str, Any]],
     module_state: Callable[[Any], dict[str, Any] | None],
-) -> dict[str, Any] | None:
+) -> Nested | None:
     """The state dict inside a checkpoint dict: the dict itself when at least half of its
     entries are tensors, else the first one found under a usual key (``model``,
     ``state_dict``, ``ema``...), keys prefixed with the path. ``tensors_of`` picks a dict's
     tensors and ``module_state`` a module's (None when the value is no module): one search
     for the inert listing and the real load, so both find the same weights."""
     found = tensors_of(obj)
-    if found and len(found) >= len(obj) / 2:
-        return found
+    if not obj or (found and len(found) >= len(obj) / 2):  # {} is a parameter-free model's
+        return Nested(found, ())
     for key in _NESTING_KEYS:
         value = obj.get(key)
         inner = module_state(value)
-        if inner is None and isinstance(value, dict):
-            inner = _search_state_dict(value, tensors_of, module_state)
-        if inner is not None:
-            return {f"{key}.{k}": v for k, v in inner.items()}
+        nested = Nested(inner, (key,)) if inner is not None else None
+        if nested is None and isinstance(value, dict):
+            deeper = _search_state_dict(value, tensors_of, module_state)
+            nested = deeper and Nested(deeper.state, (key, *deeper.path))
+        if nested is not None:
+            return nested
     return None
+
+
+class Nested(NamedTuple):
+    """A state dict found inside a checkpoint dict, and the keys it was found under."""
+
+    state: dict[str, Any]
+    path: tuple[str, ...]
+
+    @property
+    def notes(self) -> list[str]:
+        return [f"took the state dict under key {'.'.join(self.path)!r}"] if self.path else []
 
 
 def _flatten_tree_metas(node: Any, prefix: str = "") -> dict[str, TensorMeta]:
@@ -491,28 +510,33 @@ def fill_tied(
 # --------------------------------------------------------------------------- state dicts
 
 
-def unwrap_state_dict(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Strip the nesting key and ``module.`` / ``_orig_mod.`` prefixes; say what was done.
+def unwrap_state_dict(
+    state: Mapping[str, Any], expected: Collection[str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Strip ``module.`` / ``_orig_mod.`` wrapper prefixes and a flat nesting prefix
+    (``model.``), but only as far as it makes the keys fit ``expected`` (the architecture's
+    keys): a model whose child is called ``model`` keeps its names. Without ``expected`` only
+    the wrapper prefixes go. Says what was done.
 
-    >>> unwrap_state_dict({"model.module.fc.weight": w})[1]     # doctest: +SKIP
-    ["took the state dict under key 'model'", "stripped prefix 'module.' from 1 keys"]
+    >>> unwrap_state_dict({"model.module.fc.weight": w}, {"fc.weight"})[1]    # doctest: +SKIP
+    ["stripped prefix 'model.' from 1 keys", "stripped prefix 'module.' from 1 keys"]
     """
-    notes: list[str] = []
-    out = dict(state)
-    for key in _NESTING_KEYS:
-        if out and all(k.startswith(key + ".") for k in out):
-            out = {k[len(key) + 1 :]: v for k, v in out.items()}
-            notes.append(f"took the state dict under key {key!r}")
+    chain = [(dict(state), [])]
+    prefixes = (*_PREFIXES, *(key + "." for key in _NESTING_KEYS)) if expected else _PREFIXES
+    while True:
+        current, notes = chain[-1]
+        prefix = next(
+            (p for p in prefixes if current and all(k.startswith(p) for k in current)), None
+        )
+        if prefix is None:
             break
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if out and all(k.startswith(prefix) for k in out):
-                out = {k[len(prefix) :]: v for k, v in out.items()}
-                notes.append(f"stripped prefix {prefix!r} from {len(out)} keys")
-                changed = True
-    return out, notes
+        stripped = {k[len(prefix) :]: v for k, v in current.items()}
+        chain.append((stripped, [*notes, f"stripped prefix {prefix!r} from {len(stripped)} keys"]))
+    if expected is None:
+        return chain[-1]
+    wanted = set(expected)
+    fits = [len(wanted.intersection(candidate)) for candidate, _ in chain]
+    return chain[fits.index(max(fits))] if max(fits) else chain[-1]
 
 
 def check_state_dict(
@@ -700,9 +724,9 @@ def _with_arch(
     sniffed: Sniffed, options: LoadOptions, state: Mapping[str, Any], notes: list[str]
 ) -> tuple[nn.Module, list[str]]:
     assert options.arch  # callers check
-    state, more = unwrap_state_dict(state)
     model = build_arch(options.arch, options.arch_kwargs)
     expected = _metas_of_module(model)
+    state, more = unwrap_state_dict(state, expected)
     state, tied = fill_tied(expected, state)
     warned = check_state_dict(sniffed.path, expected, state, options.strict)
     try:
@@ -730,9 +754,9 @@ def _load_pickle_checkpoint(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.
         return _with_arch(sniffed, options, model.state_dict(), [])
     obj = _torch_load(sniffed, options, peek, extra)
     if isinstance(obj, torch.nn.Module):
-        state: Mapping[str, Any] = obj.state_dict()
+        found = Nested(obj.state_dict(), ())
     elif isinstance(obj, dict):
-        state = _real_state_dict(sniffed.path, obj)
+        found = _real_state_dict(sniffed.path, obj)
     else:
         raise BadFileError(f"{sniffed.path} holds a {type(obj).__name__}, not a state dict")
     if not options.arch:
@@ -740,10 +764,10 @@ def _load_pickle_checkpoint(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.
             f"{sniffed.path} holds a state dict, which has weights but no architecture",
             hint="give the model class: --arch pkg.module:ClassName (or path/file.py:build)",
         )
-    return _with_arch(sniffed, options, state, [])
+    return _with_arch(sniffed, options, found.state, found.notes)
 
 
-def _real_state_dict(path: Path, obj: dict[Any, Any]) -> dict[str, Any]:
+def _real_state_dict(path: Path, obj: dict[Any, Any]) -> Nested:
     import torch
 
     def tensors(d: dict[Any, Any]) -> dict[str, Any]:
