@@ -241,9 +241,10 @@ def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Mod
                 kind=sniffed.kind.value,
             )
     if options.arch:
-        model = build_arch(options.arch, options.arch_kwargs, device="meta")
+        model, built = build_arch_for_listing(options.arch, options.arch_kwargs)
         expected = _metas_of_module(model)
         state, notes = unwrap_state_dict(found.state, expected)
+        notes = [*built, *notes]
         check_state_dict(path, expected, fill_tied(expected, state)[0], options.strict)
         notes = [*found.notes, *notes]
         return ModelTree.of(node_from_module(model), "; ".join(notes), kind=sniffed.kind.value)
@@ -270,9 +271,10 @@ def _hf_folder(path: Path) -> hf.HFFolder | None:
 
 def _inspect_folder(folder: hf.HFFolder, options: LoadOptions) -> ModelTree:
     if options.arch:
-        model = build_arch(options.arch, options.arch_kwargs, device="meta")
+        model, built = build_arch_for_listing(options.arch, options.arch_kwargs)
         expected = _metas_of_module(model)
         state, notes = unwrap_state_dict(hf.header_metas(folder), expected)
+        notes = [*built, *notes]
         check_state_dict(folder.path, expected, fill_tied(expected, state)[0], options.strict)
         return ModelTree.of(node_from_module(model), "; ".join(notes), kind="hf-folder")
     if folder.config is not None and hf.have_transformers():
@@ -605,12 +607,25 @@ def build_arch(spec: str, kwargs: Mapping[str, Any], device: str = "cpu") -> nn.
         with torch.device(device):
             model = factory(**dict(kwargs))
     except TypeError as exc:
-        raise UsageError(f"--arch {spec}: {exc}", hint="check --arch-kwargs") from None
+        raise UsageError(f"--arch {spec}: {first_line(exc)}", hint="check --arch-kwargs") from None
     except Exception as exc:
-        raise ModelInputError(f"--arch {spec} failed to build the model: {exc}") from None
+        raise ModelInputError(
+            f"--arch {spec} failed to build the model: {first_line(exc)}"
+        ) from None
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"--arch {spec} returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def build_arch_for_listing(spec: str, kwargs: Mapping[str, Any]) -> tuple[nn.Module, list[str]]:
+    """The architecture on the meta device (no memory, no data); a builder that cannot run
+    there (it copies weights in, as ``from_pretrained`` or torchvision's RegNet do) is built
+    for real instead, and the note says so."""
+    try:
+        return build_arch(spec, kwargs, device="meta"), []
+    except ModelInputError as exc:
+        model = build_arch(spec, kwargs)
+        return model, [f"built on the CPU: the builder fails on the meta device ({exc.message})"]
 
 
 def _import_callable(spec: str) -> Callable[..., Any]:
@@ -633,10 +648,10 @@ def import_user(module_name: str) -> Any:
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
-        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+        raise UsageError(f"cannot import {module_name!r}: {first_line(exc)}") from None
     except Exception as exc:  # the user's module raised while importing: their bug, not ours
         raise UsageError(
-            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}",
+            f"importing {module_name!r} failed: {type(exc).__name__}: {first_line(exc)}",
             hint="run --debug to see the traceback",
         ) from None
 
@@ -655,7 +670,7 @@ def _import_user_file(path: Path) -> Any:
     except Exception as exc:  # the user's file raised while importing
         del sys.modules[name]
         raise UsageError(
-            f"--arch: importing {path} failed: {type(exc).__name__}: {exc}",
+            f"--arch: importing {path} failed: {type(exc).__name__}: {first_line(exc)}",
             hint="run --debug to see the traceback",
         ) from None
     return module

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fvis.loading import LoadOptions, inspect_model, load_model, unwrap_state_dict
+from tests.conftest import RunCli
 
 ARCH_SOURCE = """
 import torch
@@ -98,3 +99,41 @@ def test_an_empty_state_dict_is_valid_for_a_parameter_free_model(
     loaded = load_model(path, LoadOptions(arch=f"{arch}:Empty"))
     assert torch.equal(loaded.module(torch.tensor([-1.0, 2.0])), torch.tensor([0.0, 2.0]))
     assert inspect_model(path, LoadOptions(arch=f"{arch}:Empty")).names() == []
+
+
+BUILDERS = """
+import torch
+from torch import nn
+
+def copies_weights_in():
+    '''Like a builder calling from_pretrained: it copies real values into the parameters.'''
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2, device="cpu"))
+    model.bias.data.fill_(float(model.weight.sum().item()))
+    return model
+
+def raises_two_lines():
+    raise ValueError("first line\\nsecond line")
+"""
+
+
+def test_a_builder_that_fails_on_meta_is_built_for_real_to_list(
+    tmp_path: Path, cli: RunCli
+) -> None:
+    (tmp_path / "builders.py").write_text(BUILDERS)
+    path = saved(tmp_path, dict(nn.Linear(2, 2).state_dict()))
+    tree = inspect_model(path, LoadOptions(arch=f"{tmp_path / 'builders.py'}:copies_weights_in"))
+    assert tree.layers[0].params == 6
+    assert "built on the CPU: the builder fails on the meta device" in tree.source_note
+    code, out, _ = cli("layers", path, "--arch", f"{tmp_path / 'builders.py'}:copies_weights_in")
+    assert code == 0 and "built on the CPU" in out
+
+
+def test_a_multi_line_builder_error_is_one_line(tmp_path: Path, cli: RunCli) -> None:
+    (tmp_path / "builders.py").write_text(BUILDERS)
+    path = saved(tmp_path, dict(nn.Linear(2, 2).state_dict()))
+    code, _, err = cli("layers", path, "--arch", f"{tmp_path / 'builders.py'}:raises_two_lines")
+    assert code == 5
+    assert err.splitlines()[0].endswith("failed to build the model: first line")
+    assert "\\x0a" not in err and "second line" not in err
