@@ -43,6 +43,8 @@ _EXPORTS = {
     "diagnose": "fvis.grads",
     "Verdict": "fvis.grads",
     "resolve_model": "fvis.api",
+    "watch": "fvis.watching",
+    "Watch": "fvis.watching",
 }
 
 __all__ = sorted(_EXPORTS)

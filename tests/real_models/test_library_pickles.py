@@ -1,0 +1,134 @@
+"""Pickled modules written by real libraries load with ``--allow-module <library>``.
+
+``torch.save(model)`` of torchvision and transformers models names harmless callables
+(``functools.partial`` norm layers, ``torch._C._nn.gelu``) and private classes in submodules
+(``torchvision.models.densenet._DenseBlock``). They must load safely with the library allowed,
+while a ``partial`` wrapping something dangerous is still refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torchvision
+import transformers as T
+from safetensors.torch import load_file
+from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+from tests.conftest import RunCli
+
+
+def _vit() -> nn.Module:
+    return VisionTransformer(
+        image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64
+    )
+
+
+def _densenet() -> nn.Module:
+    return torchvision.models.DenseNet(
+        growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2, num_classes=3
+    )
+
+
+def _convnext() -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3)
+
+
+def _gpt2() -> nn.Module:
+    config = T.GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0,
+        eos_token_id=0,
+    )
+    return T.GPT2LMHeadModel(config)
+
+
+def _bert() -> nn.Module:
+    config = T.BertConfig(
+        num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, max_position_embeddings=32,
+    )
+    return T.BertModel(config)
+
+
+IDS = torch.tensor([[1, 5, 9, 3]])
+IMAGE = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+# name -> (builder, library to allow, a layer, input)
+PICKLES: dict[str, tuple[Callable[[], nn.Module], str, str, torch.Tensor]] = {
+    "vit": (_vit, "torchvision", "encoder.layers.encoder_layer_0.ln_1", IMAGE),
+    "densenet": (_densenet, "torchvision", "features.denseblock1.denselayer1.conv1", IMAGE),
+    "convnext": (_convnext, "torchvision", "features.1.0.block.0", IMAGE),
+    "gpt2": (_gpt2, "transformers", "transformer.h.0.mlp.c_fc", IDS),
+    "bert": (_bert, "transformers", "encoder.layer.0.intermediate", IDS),
+}
+
+
+def reference(model: nn.Module, layer: str, inputs: torch.Tensor) -> torch.Tensor:
+    found: list[torch.Tensor] = []
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda _m, _i, out: found.append(out.detach().clone())
+    )
+    try:
+        model(inputs)
+    finally:
+        handle.remove()
+    return found[0]
+
+
+@pytest.mark.parametrize("name", list(PICKLES))
+def test_library_pickle_loads_with_the_library_allowed(
+    tmp_path: Path, cli: RunCli, name: str
+) -> None:
+    build, library, layer, inputs = PICKLES[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(inputs, tmp_path / "input.pt")
+    code, _, err = cli(
+        "dump", tmp_path / "model.pt", "--allow-module", library, "--layer", layer,
+        "--input", tmp_path / "input.pt", "--save-tensors", "--no-images",
+        "--out", tmp_path / "out", "--quiet",
+    )
+    assert code == 0, err
+    captured = load_file(str(tmp_path / "out" / "activations.safetensors"))[layer]
+    assert torch.equal(captured, reference(model, layer, inputs)[0])
+
+
+@pytest.mark.parametrize("name", list(PICKLES))
+def test_refusal_names_every_needed_prefix_in_one_hint(
+    tmp_path: Path, cli: RunCli, name: str
+) -> None:
+    build, library, _, _ = PICKLES[name]
+    torch.save(build(), tmp_path / "model.pt")
+    code, _, err = cli("dump", tmp_path / "model.pt", "--out", tmp_path / "out")
+    assert code == 4
+    assert f"--allow-module {library}" in err
+    assert "dangerous" not in err and "--allow-module functools" not in err
+
+
+class _Holder(nn.Module):
+    def __init__(self, payload: Any) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.payload = payload
+
+
+def test_a_partial_of_a_dangerous_function_is_still_refused(tmp_path: Path, cli: RunCli) -> None:
+    marker = tmp_path / "MARKER"
+    payload = functools.partial(os.system, f"touch {shlex.quote(str(marker))}")
+    torch.save(_Holder(payload), tmp_path / "model.pt")
+    code, _, err = cli(
+        "dump", tmp_path / "model.pt", "--allow-module", "tests", "--out", tmp_path / "out"
+    )
+    assert code == 4
+    assert not marker.exists()
+    assert "system" in err
