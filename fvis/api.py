@@ -31,9 +31,12 @@ class ModelRef:
     path: Path | None
     load: LoadOptions = field(default_factory=LoadOptions)
     origin: str = ""  # "" (the argument), "pyproject.toml [tool.fvis]" or BUNDLED
+    module: Any = field(default=None, compare=False)  # a live nn.Module (check_module)
 
     @property
     def label(self) -> str:
+        if self.module is not None:
+            return f"<live {type(self.module).__name__}>"
         return str(self.path) if self.path else f"<{BUNDLED}>"
 
 
@@ -63,6 +66,8 @@ def resolve_model(
 
 def open_model(ref: ModelRef) -> LoadedModel:
     """Load the referenced model, ready to run (safely; see ``fvis.loading``)."""
+    if ref.module is not None:
+        return LoadedModel(ref.module, ModelSource(None, "live module", "", ()))
     if ref.path is None:
         from fvis.sample import build_sample
 
@@ -229,7 +234,7 @@ def dump(
 
 def _run_dump(
     ref: ModelRef,
-    inputs: InputOptions,
+    inputs: InputOptions | Prepared,
     options: DumpOptions,
     progress: Callable[[Any], None] | None = None,
 ) -> _DumpRun:
@@ -237,10 +242,11 @@ def _run_dump(
     from fvis.capture import Mode, capture
     from fvis.gallery import Gallery
     from fvis.grads import diagnose, verdict_dicts
+    from fvis.inputs import Prepared
     from fvis.report import build_report
 
     loaded = open_model(ref)
-    prepared = prepare_inputs(loaded, inputs)
+    prepared = inputs if isinstance(inputs, Prepared) else prepare_inputs(loaded, inputs)
     sample = _which_sample(options.sample, prepared)
     options = dataclasses.replace(options, sample=sample)
     tree = ModelTree.of(node_from_module(loaded.module))
@@ -460,7 +466,7 @@ def _baseline_checks(baseline: Any, current: Any) -> int:
 
 def check(
     ref: ModelRef,
-    inputs: InputOptions,
+    inputs: InputOptions | Prepared,
     options: DumpOptions,
     gates: CheckOptions,
     out: Path | None = None,
@@ -505,3 +511,30 @@ def check(
         files = _write_outputs(folder, run, options) if folder is not None else []
     result = DumpResult(run.report, tuple(files), out, run.notes, run.missing)
     return CheckResult(result, outcome, regressions)
+
+
+def check_module(
+    module: Any,
+    inputs: Any,
+    options: DumpOptions | None = None,
+    gates: CheckOptions | None = None,
+) -> CheckResult:
+    """``check`` on a live ``nn.Module`` with tensors you made (a list, a tuple or a dict of
+    keyword inputs, or one tensor): what the pytest fixture ``fvis_check`` runs.
+
+    >>> check_module(model, [torch.randn(1, 10)]).passed            # doctest: +SKIP
+    True
+    """
+    from collections.abc import Mapping
+
+    from fvis.gates import DEFAULT_GATES, parse_gates
+    from fvis.inputs import Prepared
+
+    if isinstance(inputs, Mapping):
+        prepared = Prepared((), dict(inputs), "keyword inputs given in Python")
+    else:
+        args = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
+        prepared = Prepared(args, {}, "inputs given in Python")
+    gates = gates or CheckOptions(gates=parse_gates(DEFAULT_GATES))
+    ref = ModelRef(None, LoadOptions(), "live module", module=module)
+    return check(ref, prepared, options or DumpOptions(), gates)
