@@ -401,9 +401,10 @@ def layers(
     from fvis.listing import to_json, to_rich
 
     ref, config = _resolve(
-        model, _load_options(
+        model,
+        _load_options(
             arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes, strict
-        )
+        ),
     )
     wants_run = bool(input or shape or (config and (config.inputs or config.shape)))
     inputs = _input_options(input, shape, seed, size, norm, channels, config) if wants_run else None
@@ -536,9 +537,10 @@ def dump(
     from fvis.api import dump as run_dump
 
     ref, config = _resolve(
-        model, _load_options(
+        model,
+        _load_options(
             arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes, strict
-        )
+        ),
     )
     inputs = _input_options(input, shape, seed, size, norm, channels, config)
     layers = tuple(layer or ()) or (config.layers if config else ())
@@ -753,9 +755,10 @@ def check(
     from fvis.gates import DEFAULT_GATES, parse_expectations, parse_gates
 
     ref, config = _resolve(
-        model, _load_options(
+        model,
+        _load_options(
             arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes, strict
-        )
+        ),
     )
     # config is None whenever MODEL was given (resolve_model does not read it then)
     inputs = _input_options(input, shape, seed, size, norm, channels, config)

@@ -17,7 +17,7 @@ import fvis.stats  # noqa: F401
 
 pytest_plugins = ["pytester"]
 
-MODELS = '''
+MODELS = """
 import torch
 from torch import nn
 
@@ -44,7 +44,7 @@ class Fine(nn.Module):
 class Detaching(Fine):
     def forward(self, x):
         return self.head(self.inner(x).detach())
-'''
+"""
 
 
 @pytest.fixture

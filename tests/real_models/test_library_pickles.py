@@ -46,7 +46,12 @@ def _convnext() -> nn.Module:
 
 def _gpt2() -> nn.Module:
     config = T.GPT2Config(
-        n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0,
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        vocab_size=100,
+        n_positions=32,
+        bos_token_id=0,
         eos_token_id=0,
     )
     return T.GPT2LMHeadModel(config)
@@ -54,8 +59,12 @@ def _gpt2() -> nn.Module:
 
 def _bert() -> nn.Module:
     config = T.BertConfig(
-        num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-        vocab_size=100, max_position_embeddings=32,
+        num_hidden_layers=1,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=32,
     )
     return T.BertModel(config)
 
@@ -94,9 +103,19 @@ def test_library_pickle_loads_with_the_library_allowed(
     torch.save(model, tmp_path / "model.pt")
     torch.save(inputs, tmp_path / "input.pt")
     code, _, err = cli(
-        "dump", tmp_path / "model.pt", "--allow-module", library, "--layer", layer,
-        "--input", tmp_path / "input.pt", "--save-tensors", "--no-images",
-        "--out", tmp_path / "out", "--quiet",
+        "dump",
+        tmp_path / "model.pt",
+        "--allow-module",
+        library,
+        "--layer",
+        layer,
+        "--input",
+        tmp_path / "input.pt",
+        "--save-tensors",
+        "--no-images",
+        "--out",
+        tmp_path / "out",
+        "--quiet",
     )
     assert code == 0, err
     captured = load_file(str(tmp_path / "out" / "activations.safetensors"))[layer]
