@@ -57,6 +57,10 @@ def resolve_model(
             arch=load.arch or config.arch,
             arch_kwargs=load.arch_kwargs or config.arch_kwargs,
             allow_modules=load.allow_modules or config.allow_modules,
+            arch_config=config.file if config.arch and not load.arch else None,
+            allow_modules_config=(
+                config.file if config.allow_modules and not load.allow_modules else None
+            ),
         )
         return ModelRef(config.model, merged, f"{config.file} [tool.fvis]"), config
     if load.arch:

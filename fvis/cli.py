@@ -242,7 +242,7 @@ def boundary(func: F) -> F:
 
 def _show_warning(message: Any, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:
     """fvis's own warnings (``--trust``) as one line; others as Python prints them."""
-    from fvis.loading import TrustWarning
+    from fvis.trust import TrustWarning
 
     if issubclass(category, TrustWarning):
         _note(f"warning: {message}")
@@ -398,7 +398,8 @@ def layers(
     that never ran. Without, nothing from the file runs and no tensor data is read.
     """
     from fvis.api import list_layers
-    from fvis.listing import to_json, to_rich
+    from fvis.errors import MaliciousFileError
+    from fvis.listing import refusal_json, to_json, to_rich
 
     ref, config = _resolve(
         model,
@@ -408,7 +409,12 @@ def layers(
     )
     wants_run = bool(input or shape or (config and (config.inputs or config.shape)))
     inputs = _input_options(input, shape, seed, size, norm, channels, config) if wants_run else None
-    listing = list_layers(ref, inputs)
+    try:
+        listing = list_layers(ref, inputs)
+    except MaliciousFileError as exc:
+        if json_out:  # the verdict on stdout for scripts; the error line on stderr as usual
+            sys.stdout.write(json.dumps(refusal_json(exc), indent=2) + "\n")
+        raise
     if json_out:
         sys.stdout.write(json.dumps(to_json(listing, depth, filter), indent=2) + "\n")
         return

@@ -74,7 +74,7 @@ def _parse(path: Path, table: dict[str, Any]) -> Config:
         model=base / _str(path, "model", model) if model is not None else None,
         arch=_arch(base, _opt_str(path, "arch", table.get("arch"))),
         arch_kwargs=_dict(path, "arch-kwargs", table.get("arch-kwargs", {})),
-        allow_modules=_strs(path, "allow-modules", table.get("allow-modules", [])),
+        allow_modules=_allow_modules(path, table.get("allow-modules", [])),
         inputs=tuple(_input(base, s) for s in _strs(path, "input", table.get("input", []))),
         shape=_opt_str(path, "shape", table.get("shape")),
         layers=_strs(path, "layers", table.get("layers", [])),
@@ -92,6 +92,15 @@ def _arch(base: Path, spec: str | None) -> str | None:
     if sep and target.endswith(".py") and not Path(target).is_absolute():
         return f"{base / target}:{attr}"
     return spec
+
+
+def _allow_modules(path: Path, value: Any) -> tuple[str, ...]:
+    """The same policy as ``--allow-module``: never the standard library or a code-runner."""
+    from fvis.trust import check_allow_modules
+
+    modules = _strs(path, "allow-modules", value)
+    check_allow_modules(modules, source=f"{path}: [tool.fvis] allow-modules")
+    return modules
 
 
 def _input(base: Path, source: str) -> str:

@@ -6,7 +6,9 @@ optional ``hint:`` line. Anything else is a bug (exit 70, traceback shown).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import IntEnum
+from typing import Any
 
 
 class ExitStatus(IntEnum):
@@ -52,6 +54,27 @@ class RefusedError(FvisError):
     """Refused for safety: loading would run code the user has not trusted."""
 
     exit_status = ExitStatus.REFUSED
+
+
+class MaliciousFileError(RefusedError):
+    """Refused as malicious: the file names globals that would run commands or code.
+
+    ``findings`` are ``fvis.trust.Finding`` records; ``file`` and ``kind`` say which file and
+    format, for the ``--json`` verdict.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        findings: Sequence[Any] = (),
+        file: str = "",
+        kind: str = "",
+    ) -> None:
+        super().__init__(message, hint)
+        self.findings = tuple(findings)
+        self.file = file
+        self.kind = kind
 
 
 class ModelInputError(FvisError):

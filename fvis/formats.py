@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from fvis.errors import BadFileError, UsageError
+from fvis.errors import BadFileError, RefusedError, UsageError
 
 # The largest safetensors header we accept (the format's own limit is 100 MB).
 _MAX_SAFETENSORS_HEADER = 100_000_000
@@ -167,20 +167,45 @@ def _sniff_zip(path: Path, limits: Limits = Limits()) -> Sniffed:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             preflight_zip(path, archive, limits)
+            twice = duplicate_members(archive)
     except ZIP_ERRORS as exc:
         raise BadFileError(
             f"{path} is a corrupt or truncated zip archive ({exc})",
             hint="copy or download the checkpoint again",
         ) from None
     prefix = _single_top_folder(path, names)
-    entries = set(names)
+    kind = _zip_kind(path, prefix, set(names))
+    if twice and kind is not FileKind.EXPORT_PROGRAM:  # .pt2 archives are checked on loading
+        # zipfile reads the last copy of a name and torch's reader may pick another one, so
+        # what fvis checks need not be what torch loads; torch.save never writes a name twice.
+        raise RefusedError(
+            f"{path} holds more than one zip entry named {', '.join(twice[:3])}: "
+            "zip readers disagree on which copy is real, so fvis cannot vouch for what would "
+            "be loaded",
+            hint="torch.save never writes this; get the checkpoint again from its source",
+        )
+    return Sniffed(path, kind, prefix)
+
+
+def _zip_kind(path: Path, prefix: str, entries: set[str]) -> FileKind:
     if f"{prefix}constants.pkl" in entries:
-        return Sniffed(path, FileKind.TORCHSCRIPT, prefix)
+        return FileKind.TORCHSCRIPT
     if f"{prefix}archive_format" in entries or f"{prefix}models/model.json" in entries:
-        return Sniffed(path, FileKind.EXPORT_PROGRAM, prefix)
+        return FileKind.EXPORT_PROGRAM
     if f"{prefix}data.pkl" in entries:
-        return Sniffed(path, FileKind.TORCH_ZIP, prefix)
+        return FileKind.TORCH_ZIP
     raise BadFileError(f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl)")
+
+
+def duplicate_members(archive: zipfile.ZipFile) -> list[str]:
+    """Names that occur more than once in the archive's directory, each listed once."""
+    seen: set[str] = set()
+    twice: dict[str, None] = {}
+    for name in archive.namelist():
+        if name in seen:
+            twice[name] = None
+        seen.add(name)
+    return list(twice)
 
 
 def preflight_zip(path: Path, archive: zipfile.ZipFile, limits: Limits = Limits()) -> None:

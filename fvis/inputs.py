@@ -362,12 +362,13 @@ def _load_torch_tensor(path: Path) -> torch.Tensor:
     from fvis import inert
     from fvis.errors import RefusedError
     from fvis.formats import FileKind, sniff
-    from fvis.loading import read_inert, untrusted_globals
+    from fvis.loading import read_inert, screen, untrusted_globals
 
     sniffed = sniff(path)
     if sniffed.kind in (FileKind.TORCHSCRIPT, FileKind.EXPORT_PROGRAM):
         raise _model_as_input(path, sniffed.kind.value)
     peek = read_inert(sniffed)
+    screen(path, peek.globals_seen, trusted=False, kind=sniffed.kind.value)  # inputs: never
     obj = peek.obj
     if inert.is_module_stub(obj):
         raise _model_as_input(path, "a pickled module")

@@ -11,6 +11,16 @@ JSON schema ``fvis.layers/1`` (stable; fields are only ever added)::
      "never_ran": [names] | null}
 
 ``calls`` and ``output_shapes`` are ``null`` without an input (no forward pass ran).
+
+A file refused as malicious (exit 4: it names globals that would run commands or code when
+fully unpickled) is still answered on stdout, with the verdict instead of the layers; the
+one-line error goes to stderr as usual::
+
+    {"schema": "fvis.layers/1", "model": {"file", "format"},
+     "refused": {"exit_code": 4, "reason": "dangerous-globals", "message": str,
+                 "findings": [{"global": "posix.system", "effect": "would run a shell command"}]}}
+
+Any other error prints nothing on stdout.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fvis.errors import MaliciousFileError
 from fvis.layers import LayerInfo, ModelTree
 from fvis.text import for_terminal, shape_text
 
@@ -93,6 +104,20 @@ def to_json(
             _layer_json(listing, info) for info in select(listing.tree.layers, depth, pattern)
         ],
         "never_ran": never_ran(listing) if listing.runs is not None else None,
+    }
+
+
+def refusal_json(error: MaliciousFileError) -> dict[str, Any]:
+    """The ``--json`` answer for a file refused as malicious (see the module docstring)."""
+    return {
+        "schema": SCHEMA,
+        "model": {"file": error.file, "format": error.kind},
+        "refused": {
+            "exit_code": int(error.exit_status),
+            "reason": "dangerous-globals",
+            "message": error.message,
+            "findings": [{"global": f.qualname, "effect": f.effect} for f in error.findings],
+        },
     }
 
 

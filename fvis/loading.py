@@ -26,7 +26,7 @@ import zipfile
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from fvis import hf, inert
 from fvis.errors import BadFileError, ModelInputError, RefusedError, UsageError, first_line
@@ -38,6 +38,17 @@ from fvis.layers import (
     node_from_module,
     node_from_paths,
     node_from_state_dict,
+)
+from fvis.text import preview as _preview
+from fvis.trust import (  # the policy lives in fvis.trust; these names stay importable here
+    TrustWarning,
+    allowed_classes,
+    check_allow_modules,
+    import_user,
+    screen,
+    torch_reason,
+    untrusted_globals,
+    ways_forward,
 )
 
 if TYPE_CHECKING:
@@ -58,70 +69,6 @@ _NESTING_KEYS = (
     "params",
 )
 _PREFIXES = ("module.", "_orig_mod.")
-# Never allowlisted, whatever the user asks: these run code or touch the system.
-_DANGEROUS_ROOTS = frozenset(
-    {
-        "builtins",
-        "__builtin__",
-        "commands",  # Python 2 names that pickle protocol 2 still writes
-        "copy_reg",
-        "thread",
-        "_thread",
-        "popen2",
-        "posixpath",
-        "ntpath",
-        "os",
-        "posix",
-        "nt",
-        "sys",
-        "subprocess",
-        "importlib",
-        "pickle",
-        "_pickle",
-        "shutil",
-        "socket",
-        "ctypes",
-        "runpy",
-        "code",
-        "codeop",
-        "pty",
-        "io",
-        "pathlib",
-        "shlex",
-        "types",
-        "marshal",
-        "inspect",
-        "functools",
-        "operator",
-        "multiprocessing",
-        "signal",
-        "webbrowser",
-        "tempfile",
-        "codecs",
-        "_codecs",
-        "platform",
-        "asyncio",
-        "threading",
-        "glob",
-        "pdb",
-        "bdb",
-        "timeit",
-        "trace",
-        "cProfile",
-        "profile",
-        "urllib",
-        "http",
-        "ftplib",
-        "smtplib",
-        "telnetlib",
-        "requests",
-        "numpy",
-        "copyreg",
-        "dill",
-        "cloudpickle",
-        "joblib",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -162,6 +109,10 @@ class LoadOptions:
     trust: Trust | None = None
     strict: bool = True
     limits: Limits = field(default_factory=Limits)
+    # The pyproject.toml that supplied ``arch`` / ``allow_modules`` (None: a flag or the
+    # caller did): importing code a checkout names is announced with a TrustWarning.
+    arch_config: Path | None = None
+    allow_modules_config: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +167,7 @@ def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Mod
     sniffed = sniff(path, limits)
     if sniffed.kind in (FileKind.TORCH_ZIP, FileKind.LEGACY_PICKLE, FileKind.TORCHSCRIPT):
         loaded = read_inert(sniffed)
+        screen(path, loaded.globals_seen, options.trust is not None, sniffed.kind.value)
         if inert.is_module_stub(loaded.obj) and not options.arch:
             buffers = (
                 inert.torchscript_buffers(path, sniffed.prefix)
@@ -241,12 +193,11 @@ def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Mod
                 kind=sniffed.kind.value,
             )
     if options.arch:
-        model, built = build_arch_for_listing(options.arch, options.arch_kwargs)
+        model, built = _build_arch_for_listing(options)
         expected = _metas_of_module(model)
         state, notes = unwrap_state_dict(found.state, expected)
-        notes = [*built, *notes]
         check_state_dict(path, expected, fill_tied(expected, state)[0], options.strict)
-        notes = [*found.notes, *notes]
+        notes = [*found.notes, *built, *notes]
         return ModelTree.of(node_from_module(model), "; ".join(notes), kind=sniffed.kind.value)
     state, notes = unwrap_state_dict(found.state)
     notes = [*found.notes, *notes]
@@ -271,7 +222,7 @@ def _hf_folder(path: Path) -> hf.HFFolder | None:
 
 def _inspect_folder(folder: hf.HFFolder, options: LoadOptions) -> ModelTree:
     if options.arch:
-        model, built = build_arch_for_listing(options.arch, options.arch_kwargs)
+        model, built = _build_arch_for_listing(options)
         expected = _metas_of_module(model)
         state, notes = unwrap_state_dict(hf.header_metas(folder), expected)
         notes = [*built, *notes]
@@ -318,7 +269,9 @@ def _refuse_untrusted_shards(folder: hf.HFFolder, options: LoadOptions) -> None:
         sniffed = sniff(shard, options.limits)
         if sniffed.kind not in (FileKind.TORCH_ZIP, FileKind.LEGACY_PICKLE):
             raise BadFileError(f"{shard} is a {sniffed.kind.value} file, not pickled weights")
-        _allowed_classes(shard, read_inert(sniffed).globals_seen, options.allow_modules)
+        seen = read_inert(sniffed).globals_seen
+        screen(shard, seen, False, sniffed.kind.value)
+        allowed_classes(shard, seen, options.allow_modules)
 
 
 def read_inert(sniffed: Sniffed) -> inert.InertLoad:
@@ -587,11 +540,6 @@ def _shape_str(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def _preview(items: list[Any], limit: int = 3) -> str:
-    shown = ", ".join(str(i) for i in items[:limit])
-    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
-
-
 # --------------------------------------------------------------------------- architectures
 
 
@@ -617,14 +565,43 @@ def build_arch(spec: str, kwargs: Mapping[str, Any], device: str = "cpu") -> nn.
     return model
 
 
-def build_arch_for_listing(spec: str, kwargs: Mapping[str, Any]) -> tuple[nn.Module, list[str]]:
+def _build_arch(options: LoadOptions, device: str = "cpu") -> nn.Module:
+    assert options.arch  # callers check
+    if options.arch_config is not None:
+        _warn_config_code(f"importing {options.arch}", "arch", options.arch_config)
+    return build_arch(options.arch, options.arch_kwargs, device=device)
+
+
+def _note_config_classes(options: LoadOptions, classes: list[Any]) -> None:
+    """Announce classes imported from a module that ``[tool.fvis] allow-modules`` allowed."""
+    if options.allow_modules_config is None:
+        return
+    modules = sorted({getattr(c, "__module__", "") for c in classes} - {""})
+    allowed = [
+        m for m in modules if any(m == a or m.startswith(a + ".") for a in options.allow_modules)
+    ]
+    if allowed:
+        what = f"imported {_preview(allowed)} for the file's classes"
+        _warn_config_code(what, "allow-modules", options.allow_modules_config)
+
+
+def _warn_config_code(what: str, key: str, config: Path) -> None:
+    warnings.warn(
+        f"{what} because [tool.fvis] {key} in {config} says so (code from this checkout runs)",
+        TrustWarning,
+        stacklevel=3,
+    )
+
+
+def _build_arch_for_listing(options: LoadOptions) -> tuple[nn.Module, list[str]]:
     """The architecture on the meta device (no memory, no data); a builder that cannot run
     there (it copies weights in, as ``from_pretrained`` or torchvision's RegNet do) is built
     for real instead, and the note says so."""
+    assert options.arch  # callers check
     try:
-        return build_arch(spec, kwargs, device="meta"), []
+        return _build_arch(options, device="meta"), []
     except ModelInputError as exc:
-        model = build_arch(spec, kwargs)
+        model = build_arch(options.arch, options.arch_kwargs)
         return model, [f"built on the CPU: the builder fails on the meta device ({exc.message})"]
 
 
@@ -639,21 +616,6 @@ def _import_callable(spec: str) -> Callable[..., Any]:
     if not callable(factory):
         raise UsageError(f"--arch {spec}: {target} has no callable {attr!r}")
     return factory
-
-
-def import_user(module_name: str) -> Any:
-    """Import a module the user named (their code, their decision); the cwd is searchable."""
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        return importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"cannot import {module_name!r}: {first_line(exc)}") from None
-    except Exception as exc:  # the user's module raised while importing: their bug, not ours
-        raise UsageError(
-            f"importing {module_name!r} failed: {type(exc).__name__}: {first_line(exc)}",
-            hint="run --debug to see the traceback",
-        ) from None
 
 
 def _import_user_file(path: Path) -> Any:
@@ -731,15 +693,11 @@ def _warn_trusted(path: Path, digest: str) -> None:
     )
 
 
-class TrustWarning(UserWarning):
-    """Emitted once per load that runs code from a file because the user trusted it."""
-
-
 def _with_arch(
     sniffed: Sniffed, options: LoadOptions, state: Mapping[str, Any], notes: list[str]
 ) -> tuple[nn.Module, list[str]]:
     assert options.arch  # callers check
-    model = build_arch(options.arch, options.arch_kwargs)
+    model = _build_arch(options)
     expected = _metas_of_module(model)
     state, more = unwrap_state_dict(state, expected)
     state, tied = fill_tied(expected, state)
@@ -755,10 +713,12 @@ def _load_pickle_checkpoint(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.
     import torch
 
     peek = read_inert(sniffed)
+    screen(sniffed.path, peek.globals_seen, options.trust is not None, sniffed.kind.value)
     is_module = inert.is_module_stub(peek.obj)
     extra: list[Any] = []
     if options.trust is None and not is_module:  # refused before anything else is read
-        extra = _allowed_classes(sniffed.path, peek.globals_seen, options.allow_modules)
+        extra = allowed_classes(sniffed.path, peek.globals_seen, options.allow_modules)
+        _note_config_classes(options, extra)
     if is_module and options.arch and sniffed.kind is FileKind.TORCH_ZIP:
         tensors = read_tensors_as_data(sniffed)
         return _with_arch(sniffed, options, tensors, ["read the pickled module's weights as data"])
@@ -822,17 +782,29 @@ def _torch_load(
     except Exception as exc:
         if isinstance(exc, RefusedError):
             raise
-        first = first_line(exc)
-        if options.trust is None and "Unsupported global" in str(exc):
-            blocked = untrusted_globals(peek.globals_seen) or ["(unknown)"]
-            raise RefusedError(  # never torch's wording: it advises weights_only=False
-                f"{sniffed.path} needs globals fvis does not allow: {_preview(blocked, 5)}",
-                hint=_ways_forward(sniffed.path, blocked),
-            ) from None
-        raise BadFileError(f"{sniffed.path} could not be read: {first[:300]}") from None
+        _refuse_torch_error(sniffed, options, peek, exc)
     finally:
         if source is not sniffed.path:
             source.close()
+
+
+def _refuse_torch_error(
+    sniffed: Sniffed, options: LoadOptions, peek: inert.InertLoad, exc: Exception
+) -> NoReturn:
+    """fvis's own message for a failed ``torch.load``, never torch's wording: it advises
+    ``weights_only=False``, even for files that carry payloads."""
+    text = str(exc)
+    if options.trust is None and "unsupported global" in text.lower():
+        blocked = untrusted_globals(peek.globals_seen) or ["(unknown)"]
+        raise RefusedError(
+            f"{sniffed.path} needs globals fvis does not allow: {_preview(blocked, 5)}",
+            hint=ways_forward(sniffed.path, blocked),
+        ) from None
+    if options.trust is None and "Weights only load failed" in text:
+        raise RefusedError(
+            f"{sniffed.path}: torch's safe loader refused it ({torch_reason(exc)})"
+        ) from None
+    raise BadFileError(f"{sniffed.path} could not be read: {torch_reason(exc)}") from None
 
 
 def _load_pickled_module(
@@ -843,128 +815,15 @@ def _load_pickled_module(
     classes = (
         []
         if options.trust
-        else _allowed_classes(
+        else allowed_classes(
             sniffed.path, peek.globals_seen, options.allow_modules, " is a pickled module that"
         )
     )
+    _note_config_classes(options, classes)
     model = _torch_load(sniffed, options, peek, classes)
     if not isinstance(model, torch.nn.Module):
         raise BadFileError(f"{sniffed.path} did not load as a module")
     return model
-
-
-def _needed_globals(seen: tuple[str, ...]) -> list[str]:
-    """The globals a file names that ``weights_only`` loading does not allow by itself."""
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        allowed = set(_get_allowed_globals())
-    except Exception:  # private API: fall back to the rebuild helpers we know
-        allowed = set()
-    rebuild_helpers_safe = not allowed
-    return [
-        g
-        for g in seen
-        if g not in allowed
-        and not g.endswith("Storage")
-        and not (rebuild_helpers_safe and g.startswith("torch._utils._rebuild"))
-        and g not in ("collections.OrderedDict", "builtins.set", "__builtin__.set")
-    ]
-
-
-def untrusted_globals(seen: tuple[str, ...], allow_modules: tuple[str, ...] = ()) -> list[str]:
-    """The globals a pickle names that safe loading would refuse."""
-    return [g for g in _needed_globals(seen) if _resolve_allowed(g, allow_modules) is None]
-
-
-def _allowed_classes(
-    path: Path,
-    seen: tuple[str, ...],
-    allow_modules: tuple[str, ...],
-    subject: str = ": the checkpoint",
-) -> list[Any]:
-    """Resolve each needed global to a class (each once), or refuse naming what blocked."""
-    resolved = {g: _resolve_allowed(g, allow_modules) for g in _needed_globals(seen)}
-    blocked = [g for g, obj in resolved.items() if obj is None]
-    if blocked:
-        raise RefusedError(
-            f"{path}{subject} needs globals fvis does not trust: {_preview(blocked, 5)}",
-            hint=_ways_forward(path, blocked),
-        )
-    return list(resolved.values())
-
-
-def _resolve_allowed(qualname: str, allow_modules: tuple[str, ...]) -> Any:
-    """The class for ``qualname`` if policy allows it: torch.nn modules, or classes from a
-    module the user allowed. Functions and dangerous modules never pass."""
-    import torch
-
-    module_name, _, attr = qualname.rpartition(".")
-    if _is_dangerous(qualname) and not module_name.startswith("torch.nn."):
-        return None
-    user_allowed = any(module_name == m or module_name.startswith(m + ".") for m in allow_modules)
-    if not (module_name.startswith("torch.nn.") or user_allowed):
-        return None
-    try:
-        module = import_user(module_name) if user_allowed else importlib.import_module(module_name)
-    except (ImportError, UsageError):  # a name the file made up: simply not allowed
-        return None
-    obj = getattr(module, attr, None)
-    if not isinstance(obj, type):
-        return None
-    if not user_allowed and not issubclass(obj, torch.nn.Module):
-        return None
-    return obj
-
-
-def _ways_forward(path: Path, blocked: list[str] | None = None) -> str:
-    """The hint for a refused file: never ``--trust`` when a blocked global can run code."""
-    if blocked and any(_is_dangerous(g) for g in blocked):
-        return "the file names dangerous globals that can run commands or code; do not trust it"
-    modules = sorted({g.rpartition(".")[0] for g in blocked or []} - {""})
-    allow = None
-    if modules and _allowable(modules[0]):
-        allow = f"--allow-module {modules[0]}"
-    options = ["save a state dict and pass --arch", allow, f"--trust if you trust {path.name}"]
-    return "; ".join(o for o in options if o)
-
-
-def _is_dangerous(qualname: str) -> bool:
-    """Globals that can run code when unpickled: system modules, any torch global that is
-    not a plain ``torch.nn`` module class, and anything that is not named like a class
-    (functions run when a pickle REDUCEs them)."""
-    module_name, _, attr = qualname.rpartition(".")
-    if module_name.split(".")[0] in _DANGEROUS_ROOTS:
-        return True
-    if module_name.split(".")[0] == "torch" and not module_name.startswith("torch.nn.modules"):
-        return True
-    return not attr[:1].isupper()
-
-
-def _allowable(module_name: str) -> bool:
-    try:
-        check_allow_modules((module_name,))
-    except UsageError:
-        return False
-    return True
-
-
-def check_allow_modules(modules: tuple[str, ...]) -> None:
-    """``--allow-module`` takes a user's own module; system modules and wildcards are refused."""
-    for name in modules:
-        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name):
-            raise UsageError(
-                f"--allow-module {name!r} must be a dotted module name such as "
-                "mypkg.models (no wildcards)"
-            )
-        if name.split(".")[0] in _DANGEROUS_ROOTS or name == "torch" or name.startswith("torch."):
-            raise UsageError(
-                f"--allow-module {name}: refusing to allowlist a module that can "
-                "run commands or code"
-                if name.split(".")[0] in _DANGEROUS_ROOTS
-                else f"--allow-module {name}: torch.nn classes are allowed "
-                "already; other torch globals are not allowlisted"
-            )
 
 
 def _load_safetensors(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, list[str]]:
@@ -986,6 +845,8 @@ def _load_torchscript(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module
             hint="give the Python class with --arch (its weights are loaded into it), "
             "or re-export the model with torch.export",
         )
+    peek = read_inert(sniffed)  # the tensors are read as data, but a payload is still news
+    screen(sniffed.path, peek.globals_seen, options.trust is not None, sniffed.kind.value)
     state = read_tensors_as_data(sniffed)
     return _with_arch(sniffed, options, state, ["loaded TorchScript weights into --arch"])
 
@@ -1011,9 +872,8 @@ def _load_export(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, lis
             # Decompose so in-place ops (aten.relu_) become real values, then rebuild the tree.
             module = torch.export.unflatten(program.run_decompositions())
     except Exception as exc:
-        first = first_line(exc)
         raise BadFileError(
-            f"{sniffed.path}: torch.export program could not be loaded: {first[:300]}"
+            f"{sniffed.path}: torch.export program could not be loaded: {torch_reason(exc)}"
         ) from None
     notes = ["torch.export program: decomposed and unflattened to its module tree"]
     if options.arch:
@@ -1034,7 +894,7 @@ def _refuse_export_pickles(sniffed: Sniffed, options: LoadOptions) -> None:
     named += [f"unreadable {_preview(unreadable)}"] if unreadable else []
     members = _preview(list(pickled) or [m.removeprefix(sniffed.prefix) for m in inputs])
     if blocked:
-        hint = _ways_forward(sniffed.path, blocked)
+        hint = ways_forward(sniffed.path, blocked)
     elif unreadable:
         hint = f"fvis could not check them; only --trust {sniffed.path.name} if you made it"
     else:

@@ -77,3 +77,10 @@ def num_text(value: float | None) -> str:
 def shape_text(shape: Iterable[int]) -> str:
     """``(1, 3, 224, 224)``: how shapes read everywhere fvis prints them."""
     return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def preview(items: Iterable[object], limit: int = 3) -> str:
+    """The first ``limit`` items, comma-separated, and how many more: ``a, b, ... (+2 more)``."""
+    items = list(items)
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")

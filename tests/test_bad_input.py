@@ -47,7 +47,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from payloads import ExecPayload, SubprocessPayload, SystemPayload, TorchExecPayload
+from payloads import (
+    ExecPayload,
+    OpenForWritingPayload,
+    SubprocessPayload,
+    SystemPayload,
+    TorchExecPayload,
+    duplicate_pickle,
+    file_openers,
+    module_holding,
+    swap_pickle,
+)
 from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
@@ -310,7 +320,7 @@ def _second_program(
     return [*entries, *extra]
 
 
-def _payload_files(root: Path, markers: Path) -> None:
+def _payload_files(root: Path, markers: Path, zoo: Path) -> None:
     state = build_sample().state_dict()
     for name, cls in PAYLOADS.items():
         for layout in ("zip", "legacy"):
@@ -324,6 +334,17 @@ def _payload_files(root: Path, markers: Path) -> None:
     objects = np.array([SystemPayload(markers / "npy")], dtype=object)
     np.save(root / "payload.npy", objects, allow_pickle=True)
     _save(SystemPayload(markers / "input-pt"), root / "payload-input.pt")
+    ts_payload = pickle.dumps(SystemPayload(markers / "torchscript"), protocol=2)
+    swap_pickle(zoo / "nested_cnn.torchscript.pt", root / "payload.torchscript.pt", ts_payload)
+    clean = _save({"w": torch.zeros(2)}, root / "clean.pt")
+    evil = io.BytesIO()
+    torch.save({"w": torch.zeros(2), "x": SystemPayload(markers / "twice")}, evil)
+    with zipfile.ZipFile(evil) as archive:
+        duplicate_pickle(clean, root / "twice.pt", archive.read("archive/data.pkl"))
+    # the victim lives in the kit, whose every file the contract checks byte for byte
+    opener = OpenForWritingPayload(file_openers()["_io"], root / "victim.txt")
+    (root / "victim.txt").write_text("precious\n")
+    _save(module_holding(opener), root / "file-opener.pt")
 
 
 def _escape_files(root: Path) -> None:
@@ -399,7 +420,7 @@ def kit(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Kit:
     _model_files(root, zoo)
     _zip_attacks(root, zoo)
     _pt2_variants(root, zoo, markers)
-    _payload_files(root, markers)
+    _payload_files(root, markers, zoo)
     _escape_files(root)
     _fake_torch_global(root)
     _arch_files(root)
@@ -645,7 +666,8 @@ TRUST_BOUNDARY = [
             f"payload-{name}-{layout}{'-arch' if arch else ''}",
             dump(f"{{kit}}/{name}.{layout}.pt", *arch),
             REFUSED,
-            (f"{name}.{layout}.pt", "not trust", GLOBAL_NAMED[name]),
+            (f"{name}.{layout}.pt", "dangerous globals", GLOBAL_NAMED[name], "would "),
+            hint=("dangerous",),
             fixed_bug=(
                 "BUG: fvis/loading.py _ways_forward: a torch global that runs code "
                 "(torch.fx.graph_module._exec_with_source) is not in _DANGEROUS_ROOTS, so the "
@@ -667,6 +689,37 @@ TRUST_BOUNDARY = [
         "before checking the magic number, so a plain pickle.dumps file is reported as 'a "
         "corrupt or truncated checkpoint (Ran out of input)' instead of 'a Python pickle, not "
         "a PyTorch checkpoint'",
+    ),
+    Case(
+        "torchscript-payload-arch",
+        dump("{kit}/payload.torchscript.pt", "--arch", CNN_ARCH),
+        REFUSED,
+        ("{kit}/payload.torchscript.pt", "posix.system"),
+        fixed_bug="BUG: fvis/loading.py _load_torchscript read a TorchScript archive whose "
+        "data.pkl calls os.system as data for --arch and ran silently, exit 0",
+    ),
+    Case(
+        "duplicate-data-pkl",
+        dump("{kit}/twice.pt", "--arch", IO_ARCH),
+        REFUSED,
+        ("{kit}/twice.pt", "more than one zip entry named"),
+        fixed_bug="BUG: fvis/loading.py _torch_load relayed torch's 'Re-running torch.load with "
+        "weights_only set to False will likely succeed' for a zip whose second data.pkl "
+        "(the one torch reads, not the one fvis checked) calls os.system",
+    ),
+    Case(
+        "file-opener-module",
+        dump("{kit}/file-opener.pt"),
+        REFUSED,
+        ("{kit}/file-opener.pt", "_io.FileIO (would open, write or delete files)"),
+        fixed_bug="BUG: fvis/loading.py _ways_forward hinted '--allow-module _io' for a "
+        "pickled module holding _io.FileIO(victim, 'w'); following it truncated the victim",
+    ),
+    Case(
+        "file-opener-module-allowed",
+        dump("{kit}/file-opener.pt", "--allow-module", "_io"),
+        USAGE,
+        ("--allow-module _io", "standard-library"),
     ),
     Case(
         "payload-named-safetensors",
@@ -904,7 +957,26 @@ LAYERS = [
         dump("{zoo}/shared_mixed.state_dict.pt", "--arch", "sample_models.zoo:SharedMixed"),
         OK,
     ),
-    Case("layers-payload-listed", ("layers", "{kit}/os.system.zip.pt"), OK, ("67 params",)),
+    Case(
+        "layers-payload-refused",
+        ("layers", "{kit}/os.system.zip.pt"),
+        REFUSED,
+        ("{kit}/os.system.zip.pt", "posix.system (would run a shell command)"),
+        fixed_bug="BUG: fvis/loading.py inspect_model listed a file whose pickle calls "
+        "os.system as a normal checkpoint, exit 0: nothing told the user it is malicious",
+    ),
+    Case(
+        "layers-torchscript-payload-refused",
+        ("layers", "{kit}/payload.torchscript.pt"),
+        REFUSED,
+        ("{kit}/payload.torchscript.pt", "posix.system (would run a shell command)"),
+    ),
+    Case(
+        "layers-payload-trusted",
+        ("layers", "{kit}/os.system.zip.pt", "--trust"),
+        OK,
+        ("67 params",),
+    ),
     Case("layers-pt2-payload-listed", ("layers", "{kit}/sample-inputs-payload.pt2"), OK),
     Case(
         "layers-payload-run",

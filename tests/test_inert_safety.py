@@ -23,7 +23,7 @@ import pytest
 import torch
 from payloads import ExecPayload, SubprocessPayload, SystemPayload
 
-from fvis.errors import ExitStatus, FvisError, RefusedError, UsageError
+from fvis.errors import ExitStatus, FvisError, MaliciousFileError, RefusedError, UsageError
 from fvis.loading import LoadOptions, Trust, TrustWarning, inspect_model, load_model
 
 # --------------------------------------------------------------------------- payloads
@@ -36,6 +36,11 @@ PAYLOADS: dict[str, tuple[type, str]] = {
     "subprocess.call": (SubprocessPayload, "call"),
 }
 LAYOUTS = ("zip", "legacy")
+EFFECTS = {  # what fvis says each payload's global would do
+    "system": "would run a shell command",
+    "exec": "would execute Python code",
+    "call": "would run a shell command",
+}
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,22 @@ def test_payloads_are_live(evil: Evil) -> None:
     assert evil.marker.exists()
 
 
-def test_inspect_never_runs_payload(evil: Evil) -> None:
-    tree = inspect_model(evil.path)
+def test_inspect_refuses_payload_as_malicious(evil: Evil) -> None:
+    """Listing tells the user the file is malicious (a scanner's verdict), naming the global
+    and what it would do, instead of listing it as a normal checkpoint."""
+    with pytest.raises(MaliciousFileError) as info:
+        inspect_model(evil.path)
     assert not evil.marker.exists()
+    assert info.value.exit_status == ExitStatus.REFUSED
+    assert evil.word in info.value.message
+    assert [f.effect for f in info.value.findings] == [EFFECTS[evil.word]]
+    assert "--trust" not in f"{info.value.message} {info.value.hint}"
+
+
+def test_inspect_with_trust_warns_and_lists(evil: Evil) -> None:
+    with pytest.warns(TrustWarning, match=evil.word):
+        tree = inspect_model(evil.path, LoadOptions(trust=Trust()))
+    assert not evil.marker.exists()  # listing runs nothing, trusted or not
     assert tree.layers[0].params == 2 * 3 + 2  # the real tensors are still listed
 
 
@@ -139,7 +157,8 @@ def test_env_force_no_weights_only_does_not_unlock_payloads(
     evil: Evil, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    inspect_model(evil.path)
+    with pytest.raises(RefusedError):
+        inspect_model(evil.path)
     with pytest.raises(RefusedError):
         load_model(evil.path, LoadOptions(arch="fvis.sample:OuterModel"))
     assert not evil.marker.exists()
@@ -164,7 +183,8 @@ def test_trust_bound_to_right_hash_runs_the_file(tmp_path: Path) -> None:
     digest = hashlib.sha256(evil.path.read_bytes()).hexdigest()
     trust = Trust.parse(f"sha256:{digest.upper()}")
     assert trust == Trust(digest)
-    with pytest.warns(TrustWarning, match=digest), pytest.raises(UsageError):
+    warned = pytest.warns(TrustWarning, match="dangerous globals")
+    with warned, pytest.warns(TrustWarning, match=digest), pytest.raises(UsageError):
         load_model(evil.path, LoadOptions(trust=trust))  # runs, then: no --arch given
     assert evil.marker.exists()
 
@@ -350,11 +370,11 @@ def mixed_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Evil:
     return Evil(path, marker, "system")
 
 
-def test_mixed_module_is_listed_and_refused(mixed_module: Evil) -> None:
-    assert inspect_model(mixed_module.path).names() == ["fc"]
-    with pytest.raises(RefusedError) as info:
-        load_model(mixed_module.path)
-    assert "system" in info.value.message
+def test_mixed_module_is_refused_as_malicious(mixed_module: Evil) -> None:
+    for call in (inspect_model, load_model):
+        with pytest.raises(MaliciousFileError) as info:
+            call(mixed_module.path)
+        assert "posix.system (would run a shell command)" in info.value.message
     assert not mixed_module.marker.exists()
 
 
