@@ -258,7 +258,7 @@ def _is_dangerous(qualname: str) -> bool:
         return True
     if module_name.split(".")[0] == "torch" and not module_name.startswith("torch.nn.modules"):
         return True
-    return not attr[:1].isupper()
+    return not attr.lstrip("_")[:1].isupper()  # private classes (_DenseBlock) are classes
 
 
 def _needed_globals(seen: tuple[str, ...]) -> list[str]:
@@ -302,11 +302,52 @@ def allowed_classes(
     return list(resolved.values())
 
 
-def _resolve_allowed(qualname: str, allow_modules: tuple[str, ...]) -> Any:
-    """The class for ``qualname`` if policy allows it: torch.nn modules, or classes from a
-    module the user allowed. Functions, dangerous and standard-library globals never pass."""
+# torch's pure tensor functions, which libraries store as module attributes (BERT's
+# ``self.act = torch._C._nn.gelu``): computing on tensors is all they can do when called.
+_TENSOR_FUNCTION_MODULES = (
+    "torch._C._nn",
+    "torch._C._VariableFunctions",
+    "torch._C._special",
+    "torch._C._linalg",
+    "torch._C._fft",
+    "torch.nn.functional",
+)
+
+
+def _harmless_callable(qualname: str) -> Any:
+    """``functools.partial`` (torchvision's ``norm_layer=partial(LayerNorm, eps=1e-6)``) and
+    torch's pure tensor functions, else None. A partial can only wrap what the rest of the
+    file's globals allow, and the safe unpickler never calls a partial it built."""
+    import functools
+
     import torch
 
+    if qualname == "functools.partial":
+        return functools.partial
+    module_name, _, attr = qualname.rpartition(".")
+    if module_name == "torch" and attr in dir(torch._C._VariableFunctions):
+        module_name = "torch._C._VariableFunctions"
+    if module_name not in _TENSOR_FUNCTION_MODULES or attr.startswith("__"):
+        return None
+    if module_name.startswith("torch._C."):
+        module = getattr(torch._C, module_name.removeprefix("torch._C."), None)
+    else:
+        module = importlib.import_module(module_name)
+    obj = getattr(module, attr, None)
+    if callable(obj) and not isinstance(obj, type) and effect_of(qualname) is None:
+        return obj
+    return None
+
+
+def _resolve_allowed(qualname: str, allow_modules: tuple[str, ...]) -> Any:
+    """The class for ``qualname`` if policy allows it: torch.nn modules, or classes from a
+    module the user allowed, plus the harmless callables above. Other functions, dangerous
+    and standard-library globals never pass."""
+    import torch
+
+    harmless = _harmless_callable(qualname)
+    if harmless is not None:
+        return harmless
     module_name, _, attr = qualname.rpartition(".")
     if _is_dangerous(qualname) and not module_name.startswith("torch.nn."):
         return None
@@ -332,11 +373,35 @@ def ways_forward(path: Path, blocked: list[str] | None = None) -> str:
     never an ``--allow-module`` that fvis would refuse."""
     if blocked and any(_is_dangerous(g) for g in blocked):
         return "the file names dangerous globals that can run commands or code; do not trust it"
-    modules = sorted({g.rpartition(".")[0] for g in blocked or []} - {""})
-    allowable = [m for m in modules if _allowable(m)]
-    allow = f"--allow-module {allowable[0]}" if allowable else None
+    prefixes = allow_prefixes(g.rpartition(".")[0] for g in blocked or [])
+    allow = " ".join(f"--allow-module {p}" for p in prefixes) or None
     options = ["save a state dict and pass --arch", allow, f"--trust if you trust {path.name}"]
     return "; ".join(o for o in options if o)
+
+
+def allow_prefixes(modules: Iterable[str]) -> list[str]:
+    """The fewest ``--allow-module`` prefixes covering every allowable module: per top-level
+    package, the longest dotted prefix its modules share (``transformers.activations`` and
+    ``transformers.models.gpt2.modeling_gpt2`` -> ``transformers``).
+
+    >>> allow_prefixes(["mypkg.models", "mypkg.models.blocks", "other.nets"])
+    ['mypkg.models', 'other.nets']
+    """
+    by_root: dict[str, list[list[str]]] = {}
+    for module in sorted(set(modules) - {""}):
+        if _allowable(module):
+            by_root.setdefault(module.split(".")[0], []).append(module.split("."))
+    prefixes = []
+    for parts in by_root.values():
+        shared = parts[0]
+        for other in parts[1:]:
+            n = next(
+                (i for i, (a, b) in enumerate(zip(shared, other, strict=False)) if a != b),
+                min(len(shared), len(other)),
+            )
+            shared = shared[:n]
+        prefixes.append(".".join(shared))
+    return prefixes
 
 
 def import_user(module_name: str) -> Any:
