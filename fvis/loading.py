@@ -219,7 +219,7 @@ def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Mod
                 if sniffed.kind is FileKind.TORCHSCRIPT
                 else None
             )
-            tree = inert.tree_from_stub(loaded.obj, buffers)
+            tree = inert.tree_from_stub(loaded.obj, buffers, source=path)
             note = (
                 "TorchScript archive"
                 if sniffed.kind is FileKind.TORCHSCRIPT
@@ -255,7 +255,7 @@ def read_inert(sniffed: Sniffed) -> inert.InertLoad:
 
 def _metas_from_inert(sniffed: Sniffed, obj: Any) -> dict[str, TensorMeta]:
     if inert.is_module_stub(obj):  # a pickled module used as weights for --arch
-        return _flatten_tree_metas(inert.tree_from_stub(obj))
+        return _flatten_tree_metas(inert.tree_from_stub(obj, source=sniffed.path))
     if isinstance(obj, inert.FakeTensor):
         raise BadFileError(
             f"{sniffed.path} holds a single tensor {list(obj.shape)}, not a model or state dict",
@@ -621,6 +621,8 @@ def _load_pickle_checkpoint(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.
 
     peek = read_inert(sniffed)
     is_module = inert.is_module_stub(peek.obj)
+    if is_module:  # a cycle or a very deep tree is refused before torch recurses into it
+        inert.tree_from_stub(peek.obj, source=sniffed.path)
     extra: list[Any] = []
     if options.trust is None and not is_module:  # refused before anything else is read
         extra = _allowed_classes(sniffed.path, peek.globals_seen, options.allow_modules)
