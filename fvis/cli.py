@@ -98,7 +98,9 @@ MaxBytesOpt = Annotated[
     int | None,
     typer.Option(
         "--max-model-bytes",
-        help="Refuse zip checkpoints that declare more content than this many bytes.",
+        help="Refuse zip checkpoints that declare more content than this many bytes, and "
+        "pickles whose constructor calls would allocate more (default for those: twice the "
+        "file size plus 64 MiB).",
         show_default=False,
     ),
 ]
@@ -131,6 +133,16 @@ NormOpt = Annotated[
         "--norm",
         help="Image normalisation: auto (ImageNet for RGB), imagenet, "
         "none, MEAN,STD or M1,M2,M3/S1,S2,S3.",
+    ),
+]
+MaxPixelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-input-pixels",
+        min=1,
+        help="Refuse input images with more pixels than this, before decoding "
+        "(default 16,777,216 = 4096x4096).",
+        show_default=False,
     ),
 ]
 ChannelsOpt = Annotated[
@@ -282,6 +294,7 @@ def _load_options(
     trust_sha256: str | None,
     max_model_bytes: int | None = None,
 ) -> Any:
+    from fvis.config import check_nesting
     from fvis.formats import Limits
     from fvis.loading import LoadOptions, Trust, check_allow_modules
 
@@ -291,8 +304,11 @@ def _load_options(
             kwargs = json.loads(arch_kwargs)
         except json.JSONDecodeError as exc:
             raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from None
+        except RecursionError:  # json recurses per level of nesting
+            raise UsageError("--arch-kwargs is nested too deeply to read") from None
         if not isinstance(kwargs, dict):
             raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+        check_nesting(kwargs, "--arch-kwargs")
     check_allow_modules(tuple(allow_module or ()))
     if max_model_bytes is not None and max_model_bytes < 1:
         raise UsageError("--max-model-bytes must be positive")
@@ -313,8 +329,9 @@ def _input_options(
     norm: str,
     channels: int | None,
     config: Any,
+    max_pixels: int | None = None,
 ) -> Any:
-    from fvis.inputs import InputOptions, parse_shape, parse_size
+    from fvis.inputs import MAX_IMAGE_PIXELS, InputOptions, parse_shape, parse_size
 
     sources = tuple(inputs or ()) or (config.inputs if config and not shape else ())
     shape = shape or (config.shape if config and not sources else None)
@@ -325,6 +342,7 @@ def _input_options(
         size=parse_size(size) if size else None,
         norm=norm,
         channels=channels,
+        max_pixels=max_pixels or MAX_IMAGE_PIXELS,
     )
 
 
@@ -372,6 +390,7 @@ def layers(
     size: SizeOpt = None,
     norm: NormOpt = "auto",
     channels: ChannelsOpt = None,
+    max_input_pixels: MaxPixelsOpt = None,
     depth: DepthOpt = None,
     filter: Annotated[
         str | None,
@@ -393,7 +412,11 @@ def layers(
         model, _load_options(arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes)
     )
     wants_run = bool(input or shape or (config and (config.inputs or config.shape)))
-    inputs = _input_options(input, shape, seed, size, norm, channels, config) if wants_run else None
+    inputs = (
+        _input_options(input, shape, seed, size, norm, channels, config, max_input_pixels)
+        if wants_run
+        else None
+    )
     listing = list_layers(ref, inputs)
     if json_out:
         sys.stdout.write(json.dumps(to_json(listing, depth, filter), indent=2) + "\n")
@@ -453,6 +476,7 @@ def dump(
     size: SizeOpt = None,
     norm: NormOpt = "auto",
     channels: ChannelsOpt = None,
+    max_input_pixels: MaxPixelsOpt = None,
     mode: ModeOpt = Mode.GRAD,
     train: Annotated[
         bool,
@@ -524,7 +548,7 @@ def dump(
     ref, config = _resolve(
         model, _load_options(arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes)
     )
-    inputs = _input_options(input, shape, seed, size, norm, channels, config)
+    inputs = _input_options(input, shape, seed, size, norm, channels, config, max_input_pixels)
     layers = tuple(layer or ()) or (config.layers if config else ())
     _positive(max_channels, "--max-channels")
     options = DumpOptions(
@@ -702,6 +726,7 @@ def check(
     size: SizeOpt = None,
     norm: NormOpt = "auto",
     channels: ChannelsOpt = None,
+    max_input_pixels: MaxPixelsOpt = None,
     mode: ModeOpt = Mode.GRAD,
     backward: BackwardOpt = False,
     target: TargetOpt = None,
@@ -739,7 +764,7 @@ def check(
         model, _load_options(arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes)
     )
     # config is None whenever MODEL was given (resolve_model does not read it then)
-    inputs = _input_options(input, shape, seed, size, norm, channels, config)
+    inputs = _input_options(input, shape, seed, size, norm, channels, config, max_input_pixels)
     gates = CheckOptions(
         gates=parse_gates(fail_on or (config and config.fail_on) or DEFAULT_GATES),
         expectations=parse_expectations(tuple(expect or ()) or (config.expect if config else ())),

@@ -69,6 +69,7 @@ class _Budget:
 
     def __init__(self, items: int) -> None:
         self.left = items
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []  # constructors called with arguments
 
     def spend(self, args: tuple[Any, ...]) -> None:
         self.left -= len(args) + sum(len(a) for a in args if isinstance(a, _CONTAINERS))
@@ -88,6 +89,8 @@ class Stub:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if self.budget is not None:
             self.budget.spend(args)
+            if args:  # REDUCE/INST/OBJ: a real load runs this class's constructor with them
+                self.budget.calls.append((self.qualname, args))
         self.args = list(args)  # a list: SETITEMS/APPENDS on a stub stay linear
         self.state: Any = None
 
@@ -229,6 +232,8 @@ class InertLoad:
 
     obj: Any
     globals_seen: tuple[str, ...]
+    # (class, arguments) of each constructor the pickle calls: torch.load would run them
+    constructor_calls: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
 
 def read_zip_pickle(path: Path, prefix: str) -> InertLoad:
@@ -305,7 +310,8 @@ def _unpickle(path: Path, stream: Any) -> InertLoad:
     except Exception as exc:  # any malformed pickle: EOFError, UnpicklingError, ValueError...
         reason = str(exc) or type(exc).__name__
         raise BadFileError(f"{path} is a corrupt or truncated checkpoint ({reason})") from None
-    return InertLoad(obj, tuple(dict.fromkeys(unpickler.globals_seen)))
+    calls = tuple(unpickler.budget.calls)
+    return InertLoad(obj, tuple(dict.fromkeys(unpickler.globals_seen)), calls)
 
 
 def is_module_stub(obj: Any) -> bool:

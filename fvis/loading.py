@@ -674,6 +674,11 @@ def _torch_load(
 ) -> Any:
     import torch
 
+    if options.trust is None and peek.constructor_calls:  # before torch runs any of them
+        from fvis.budgets import check_constructor_calls
+
+        limit = options.limits.max_model_bytes
+        check_constructor_calls(sniffed.path, peek.constructor_calls, extra_globals or [], limit)
     mmap = sniffed.kind is FileKind.TORCH_ZIP
     # torch.load picks the safetensors reader by extension alone: hand it an open file when
     # the name says ".safetensors" but the content is torch's (we classified it by content).

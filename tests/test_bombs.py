@@ -54,7 +54,8 @@ def run_capped(args: list[str], cwd: Path, timeout: float = 120) -> tuple[int, s
 
 def assert_one_line(stderr: str, *words: str) -> None:
     """The contract: one ``fvis: error:`` line (and at most a hint), no traceback."""
-    lines = [line for line in stderr.splitlines() if line and not line.startswith("fvis: model")]
+    notes = ("fvis: model", "fvis: no model given")  # fvis's own one-line notes
+    lines = [line for line in stderr.splitlines() if line and not line.startswith(notes)]
     assert "Traceback" not in stderr, stderr
     assert lines and lines[0].startswith("fvis: error:"), stderr
     assert len(lines) <= 2 and all(line.startswith("hint:") for line in lines[1:]), stderr
@@ -243,3 +244,165 @@ def test_shared_module_rows_keep_a_bounded_alias_list() -> None:
     rows = list(walk(root))
     assert {row.alias_count for row in rows[1:]} == {4999}
     assert max(len(row.aliases) for row in rows) <= 32
+
+
+# --------------------------------------------------------------------------- A2: shared storage
+
+
+class Tied(nn.Module):
+    """600 one-element parameters, all views of one 8 MB storage."""
+
+    def __init__(self, base: torch.Tensor | None = None) -> None:
+        super().__init__()
+        base = torch.zeros(2 << 20) if base is None else base
+        for i in range(600):
+            self.register_parameter(f"p{i}", nn.Parameter(base[i : i + 1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.p0
+
+
+ARCH_FILE = """
+import torch
+from torch import nn
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        for i in range(600):
+            self.register_parameter(f"p{i}", nn.Parameter(torch.zeros(1)))
+
+    def forward(self, x):
+        return x * self.p0
+"""
+
+
+def test_storage_shared_by_600_tensors_is_read_once(tmp_path: Path) -> None:
+    path = tmp_path / "tied.pt"
+    torch.save(Tied(), path)
+    assert path.stat().st_size < 9 << 20  # torch stores the storage once
+    (tmp_path / "arch.py").write_text(ARCH_FILE)
+    args = ["dump", str(path), "--arch", "arch.py:Small", "--shape", "1,1", "--out", "o"]
+    code, stderr = run_capped(args, tmp_path)
+    assert code == 0, stderr  # was 600 copies: 4.8 GB, past the cap
+
+
+# --------------------------------------------------------------------------- A3: synthesized
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Conv2d(80_000, 1, 1, bias=False), nn.Linear(1, 1)],
+    ids=["in_channels", "in_features"],
+)
+def test_synthesized_input_obeys_the_shape_cap(tmp_path: Path, layer: nn.Module) -> None:
+    if isinstance(layer, nn.Linear):
+        layer.in_features = 4_000_000_000  # an attribute the file sets; the weight stays small
+    path = tmp_path / "wide.pt"
+    torch.save(nn.Sequential(layer), path)
+    code, stderr = run_capped(["dump", str(path), "--out", "o"], tmp_path)  # was 16 GB
+    assert code == ExitStatus.MODEL_INPUT, stderr
+    assert_one_line(stderr, "synthesized", "elements")
+    assert "--shape" in stderr and not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- A4: constructors
+
+
+class _Constructs:
+    def __init__(self, *args: int) -> None:
+        self.args = args
+
+    def __reduce__(self) -> tuple[object, tuple[int, ...]]:
+        return (nn.Linear, self.args)
+
+
+def test_constructor_called_with_huge_sizes_is_refused_before_allocating(tmp_path: Path) -> None:
+    path = tmp_path / "ctor.pt"
+    torch.save({"model": _Constructs(70_000, 70_000)}, path)  # ~20 GB of weight
+    assert path.stat().st_size < 4096
+    code, stderr = run_capped(["dump", str(path), "--shape", "1,2", "--out", "o"], tmp_path)
+    assert code == ExitStatus.BAD_FILE, stderr
+    assert_one_line(stderr, "ctor.pt", "Linear(70000, 70000)", "would allocate")
+
+
+def test_small_constructor_calls_are_not_refused(tmp_path: Path) -> None:
+    from fvis.budgets import check_constructor_calls
+
+    path = tmp_path / "small.pt"
+    path.write_bytes(b"x" * 100)
+    check_constructor_calls(path, [("torch.nn.modules.linear.Linear", (64, 64))], [nn.Linear])
+    with pytest.raises(Exception, match="more than the 1,000"):
+        calls = [("torch.nn.modules.linear.Linear", (64, 64))]
+        check_constructor_calls(path, calls, [nn.Linear], max_model_bytes=1000)
+
+
+# --------------------------------------------------------------------------- A5: images
+
+
+def _huge_png(path: Path, width: int, height: int) -> Path:
+    """A valid, highly compressible RGB PNG of ``width`` x ``height`` (all black)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    raw = zlib.compress((b"\x00" + b"\x00" * 3 * width) * height, 9)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    path.write_bytes(png)
+    return path
+
+
+def test_huge_image_is_refused_before_decoding_under_a_memory_cap(tmp_path: Path) -> None:
+    image = _huge_png(tmp_path / "big.png", 8000, 8000)
+    assert image.stat().st_size < 300_000
+    code, stderr = run_capped(["dump", "--input", str(image), "--out", "o"], tmp_path)
+    assert code == ExitStatus.BAD_FILE, stderr
+    assert_one_line(stderr, "big.png", "8000x8000")
+    assert "--max-input-pixels" in stderr
+
+
+def test_max_input_pixels_flag_lowers_and_raises_the_cap(tmp_path: Path, cli: object) -> None:
+    from fvis.inputs import InputOptions, load_input_file
+
+    image = _huge_png(tmp_path / "small.png", 64, 64)
+    args = ["layers", "--input", image, "--max-input-pixels", "4000"]
+    code, _out, stderr = cli(*args)  # type: ignore[operator]
+    assert code == ExitStatus.BAD_FILE and "64x64" in stderr, stderr
+    tensor, _note, _display = load_input_file(image, InputOptions(max_pixels=4096), 3)
+    assert tuple(tensor.shape) == (1, 3, 64, 64)
+
+
+# --------------------------------------------------------------------------- C: other tracebacks
+
+
+def test_baseline_without_captures_is_a_bad_file(tmp_path: Path, cli: object) -> None:
+    baseline = tmp_path / "base.json"
+    baseline.write_text(json.dumps({"schema": "fvis.baseline/1", "input": "x", "mode": "grad"}))
+    code, _out, stderr = cli("check", "--baseline", baseline)  # type: ignore[operator]
+    assert code == ExitStatus.BAD_FILE, stderr
+    assert_one_line(stderr, "base.json", "captures")
+
+
+def test_deep_arch_kwargs_json_is_a_usage_error(tmp_path: Path, cli: object) -> None:
+    deep = '{"a": ' + "[" * 60_000 + "]" * 60_000 + "}"
+    code, _out, stderr = cli("layers", "--arch-kwargs", deep)  # type: ignore[operator]
+    assert code == ExitStatus.USAGE, stderr
+    assert_one_line(stderr, "--arch-kwargs")
+    shallow_but_deep = '{"a": ' + "[" * 100 + "]" * 100 + "}"
+    code, _out, stderr = cli("layers", "--arch-kwargs", shallow_but_deep)  # type: ignore[operator]
+    assert code == ExitStatus.USAGE and "nested more than" in stderr, stderr
+
+
+@pytest.mark.parametrize("depth", [60_000, 100], ids=["toml-recursion", "too-deep"])
+def test_deep_pyproject_values_are_a_usage_error(chdir: Path, cli: object, depth: int) -> None:
+    value = "[" * depth + "]" * depth
+    (chdir / "pyproject.toml").write_text(
+        f'[tool.fvis]\nmodel = "m.pt"\narch-kwargs = {{a = {value}}}\n'
+    )
+    code, _out, stderr = cli("layers")  # type: ignore[operator]
+    assert code == ExitStatus.USAGE, stderr
+    assert_one_line(stderr, "pyproject.toml")
