@@ -292,6 +292,7 @@ def _search_state_dict(
     obj: dict[Any, Any],
     tensors_of: Callable[[dict[Any, Any]], dict[str, Any]],
     module_state: Callable[[Any], dict[str, Any] | None],
+    depth: int = 0,
 ) -> dict[str, Any] | None:
     """The state dict inside a checkpoint dict: the dict itself when at least half of its
     entries are tensors, else the first one found under a usual key (``model``,
@@ -304,8 +305,8 @@ def _search_state_dict(
     for key in _NESTING_KEYS:
         value = obj.get(key)
         inner = module_state(value)
-        if inner is None and isinstance(value, dict):
-            inner = _search_state_dict(value, tensors_of, module_state)
+        if inner is None and isinstance(value, dict) and depth < 16:  # deep or cyclic: stop
+            inner = _search_state_dict(value, tensors_of, module_state, depth + 1)
         if inner is not None:
             return {f"{key}.{k}": v for k, v in inner.items()}
     return None

@@ -406,3 +406,18 @@ def test_deep_pyproject_values_are_a_usage_error(chdir: Path, cli: object, depth
     code, _out, stderr = cli("layers")  # type: ignore[operator]
     assert code == ExitStatus.USAGE, stderr
     assert_one_line(stderr, "pyproject.toml")
+
+
+def test_deeply_nested_training_dict_is_a_bad_file(tmp_path: Path, cli: object) -> None:
+    nested: dict[str, object] = {"epoch": 1}
+    for _ in range(3000):
+        nested = {"model": nested}
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)  # pickling itself recurses per level
+    try:
+        torch.save(nested, tmp_path / "nested.pt")
+    finally:
+        sys.setrecursionlimit(limit)
+    code, _out, stderr = cli("layers", tmp_path / "nested.pt")  # type: ignore[operator]
+    assert code == ExitStatus.BAD_FILE, stderr
+    assert_one_line(stderr, "nested.pt")
