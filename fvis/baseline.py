@@ -28,6 +28,7 @@ from fvis.gates import Failure
 SCHEMA = "fvis.baseline/1"
 COMPARED_STATS = ("mean", "std", "min", "max")
 EXACT_STATS = ("nan", "posinf", "neginf")
+_STAT_KEYS = (*COMPARED_STATS, *EXACT_STATS)
 
 
 def make_baseline(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -60,9 +61,39 @@ def read_baseline(path: Path) -> dict[str, Any]:
         ) from None
     except (OSError, ValueError) as exc:
         raise BadFileError(f"{path} is not a readable baseline ({exc})") from None
+    except RecursionError:
+        raise BadFileError(f"{path} is not a readable baseline (nested too deeply)") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise BadFileError(f"{path} is not an fvis baseline (schema {SCHEMA} expected)")
+    problem = _schema_problem(data)
+    if problem:
+        raise BadFileError(
+            f"{path} is a damaged fvis baseline: {problem}",
+            hint="rewrite it with --write-baseline",
+        )
     return data
+
+
+_CAPTURE_KEYS = ("shape", "dtype", "calls", "connected", "cause", "stats")
+
+
+def _schema_problem(data: Mapping[str, Any]) -> str:
+    """What ``compare`` would trip over in a baseline, or ``""``."""
+    captures = data.get("captures")
+    if not isinstance(captures, dict):
+        return "'captures' is missing or not an object"
+    if not isinstance(data.get("never_ran", []), list):
+        return "'never_ran' is not a list"
+    for label, entry in captures.items():
+        if not isinstance(entry, dict) or any(k not in entry for k in _CAPTURE_KEYS):
+            return f"capture {label!r} lacks one of {', '.join(_CAPTURE_KEYS)}"
+        stats = entry["stats"]
+        if not isinstance(stats, dict) or any(k not in stats for k in _STAT_KEYS):
+            return f"capture {label!r} lacks statistics"
+        numbers = [stats[k] for k in COMPARED_STATS]
+        if not all(v is None or isinstance(v, int | float) for v in numbers):
+            return f"capture {label!r} has statistics that are not numbers"
+    return ""
 
 
 def compare(

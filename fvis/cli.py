@@ -106,7 +106,9 @@ MaxBytesOpt = Annotated[
     int | None,
     typer.Option(
         "--max-model-bytes",
-        help="Refuse zip checkpoints that declare more content than this many bytes.",
+        help="Refuse zip checkpoints that declare more content than this many bytes, and "
+        "pickles whose constructor calls would allocate more (default for those: twice the "
+        "file size plus 64 MiB).",
         show_default=False,
     ),
 ]
@@ -139,6 +141,16 @@ NormOpt = Annotated[
         "--norm",
         help="Image normalisation: auto (ImageNet for RGB), imagenet, "
         "none, MEAN,STD or M1,M2,M3/S1,S2,S3.",
+    ),
+]
+MaxPixelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-input-pixels",
+        min=1,
+        help="Refuse input images with more pixels than this, before decoding "
+        "(default 16,777,216 = 4096x4096).",
+        show_default=False,
     ),
 ]
 ChannelsOpt = Annotated[
@@ -291,6 +303,7 @@ def _load_options(
     max_model_bytes: int | None = None,
     strict: bool = True,
 ) -> Any:
+    from fvis.config import check_nesting
     from fvis.formats import Limits
     from fvis.loading import LoadOptions, Trust, check_allow_modules
 
@@ -300,8 +313,11 @@ def _load_options(
             kwargs = json.loads(arch_kwargs)
         except json.JSONDecodeError as exc:
             raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from None
+        except RecursionError:  # json recurses per level of nesting
+            raise UsageError("--arch-kwargs is nested too deeply to read") from None
         if not isinstance(kwargs, dict):
             raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+        check_nesting(kwargs, "--arch-kwargs")
     check_allow_modules(tuple(allow_module or ()))
     if max_model_bytes is not None and max_model_bytes < 1:
         raise UsageError("--max-model-bytes must be positive")
@@ -323,8 +339,9 @@ def _input_options(
     norm: str,
     channels: int | None,
     config: Any,
+    max_pixels: int | None = None,
 ) -> Any:
-    from fvis.inputs import InputOptions, parse_shape, parse_size
+    from fvis.inputs import MAX_IMAGE_PIXELS, InputOptions, parse_shape, parse_size
 
     sources = tuple(inputs or ()) or (config.inputs if config and not shape else ())
     shape = shape or (config.shape if config and not sources else None)
@@ -335,6 +352,7 @@ def _input_options(
         size=parse_size(size) if size else None,
         norm=norm,
         channels=channels,
+        max_pixels=max_pixels or MAX_IMAGE_PIXELS,
     )
 
 
@@ -383,6 +401,7 @@ def layers(
     size: SizeOpt = None,
     norm: NormOpt = "auto",
     channels: ChannelsOpt = None,
+    max_input_pixels: MaxPixelsOpt = None,
     depth: DepthOpt = None,
     filter: Annotated[
         str | None,
@@ -408,7 +427,11 @@ def layers(
         ),
     )
     wants_run = bool(input or shape or (config and (config.inputs or config.shape)))
-    inputs = _input_options(input, shape, seed, size, norm, channels, config) if wants_run else None
+    inputs = (
+        _input_options(input, shape, seed, size, norm, channels, config, max_input_pixels)
+        if wants_run
+        else None
+    )
     try:
         listing = list_layers(ref, inputs)
     except MaliciousFileError as exc:
@@ -473,6 +496,7 @@ def dump(
     size: SizeOpt = None,
     norm: NormOpt = "auto",
     channels: ChannelsOpt = None,
+    max_input_pixels: MaxPixelsOpt = None,
     mode: ModeOpt = Mode.GRAD,
     train: Annotated[
         bool,
@@ -548,7 +572,7 @@ def dump(
             arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes, strict
         ),
     )
-    inputs = _input_options(input, shape, seed, size, norm, channels, config)
+    inputs = _input_options(input, shape, seed, size, norm, channels, config, max_input_pixels)
     layers = tuple(layer or ()) or (config.layers if config else ())
     _positive(max_channels, "--max-channels")
     options = DumpOptions(
@@ -726,6 +750,7 @@ def check(
     size: SizeOpt = None,
     norm: NormOpt = "auto",
     channels: ChannelsOpt = None,
+    max_input_pixels: MaxPixelsOpt = None,
     mode: ModeOpt = Mode.GRAD,
     backward: BackwardOpt = False,
     target: TargetOpt = None,
@@ -767,7 +792,7 @@ def check(
         ),
     )
     # config is None whenever MODEL was given (resolve_model does not read it then)
-    inputs = _input_options(input, shape, seed, size, norm, channels, config)
+    inputs = _input_options(input, shape, seed, size, norm, channels, config, max_input_pixels)
     gates = CheckOptions(
         gates=parse_gates(fail_on or (config and config.fail_on) or DEFAULT_GATES),
         expectations=parse_expectations(tuple(expect or ()) or (config.expect if config else ())),

@@ -9,6 +9,7 @@ from typing import Any
 
 from fvis.errors import UsageError
 
+MAX_NESTING = 32  # for --arch-kwargs and [tool.fvis] values: far beyond any real argument
 KNOWN_KEYS = (
     "model",
     "arch",
@@ -49,6 +50,8 @@ def find_config(folder: Path) -> Config | None:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path} is not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per level of nested arrays and tables
+        raise UsageError(f"{path} nests values too deeply to read") from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     tool = data.get("tool", {})
@@ -132,4 +135,18 @@ def _strs(path: Path, key: str, value: Any) -> tuple[str, ...]:
 def _dict(path: Path, key: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UsageError(f"{path}: [tool.fvis] {key} must be a table")
+    check_nesting(value, f"{path}: [tool.fvis] {key}")
     return dict(value)
+
+
+def check_nesting(value: Any, what: str, limit: int = MAX_NESTING) -> None:
+    """Refuse values nested deeper than ``limit`` (the report and --arch callables recurse
+    into them); checked without recursion."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            raise UsageError(f"{what} is nested more than {limit} levels deep")
+        children = item.values() if isinstance(item, dict) else item
+        if isinstance(item, dict | list | tuple):
+            pending.extend((child, depth + 1) for child in children)

@@ -29,10 +29,11 @@ def read_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
-                if opened.width * opened.height > max_pixels:
+                if opened.width * opened.height > max_pixels:  # from the header: no decoding
                     raise BadFileError(
                         f"{path} is {opened.width}x{opened.height} pixels, "
-                        f"more than fvis reads ({max_pixels:,})"
+                        f"more than fvis decodes ({max_pixels:,})",
+                        hint="resize the image, or raise the cap with --max-input-pixels",
                     )
                 image = ImageOps.exif_transpose(opened)
                 image.load()

@@ -9,11 +9,13 @@ becomes a harmless record, and the user's classes need not be importable.
 from __future__ import annotations
 
 import io
+import itertools
 import pickle
+import pickletools
 import re
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,18 @@ from typing import Any
 from fvis.errors import BadFileError
 from fvis.formats import ZIP_ERRORS
 from fvis.layers import ModuleNode, TensorMeta, looks_like_buffer
+
+# A state dict takes about 30 pickle operations per tensor, so 4M is some 130k tensors: far
+# more than any real checkpoint, while 4M one-byte EMPTY_SETs would otherwise hold ~1 GB.
+MAX_PICKLE_OPS = 4_000_000
+# Items the reader may copy while building objects (container constructors and the arguments
+# of each call): a memoized tuple passed to 1M calls must not copy 1M times.
+MAX_COPIED_ITEMS = MAX_PICKLE_OPS
+# Deeper module trees are refused: every tree walk in fvis and torch recurses per level.
+MAX_MODULE_DEPTH = 128
+_CONTAINERS = (tuple, list, dict, set, frozenset)  # what a call may copy item by item
+# A dimension or element count no tensor can have (torch sizes are int64).
+_MAX_NUMEL = (1 << 63) - 1
 
 # Containers that are safe to build for real: they run no code from the file.
 _SAFE_BUILTINS: dict[tuple[str, str], Any] = {
@@ -50,26 +64,47 @@ class FakeTensor:
     is_parameter: bool = False
 
 
+class _Budget:
+    """Items one read may still copy; spending past it refuses the file as a resource bomb."""
+
+    def __init__(self, items: int) -> None:
+        self.left = items
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []  # constructors called with arguments
+
+    def spend(self, args: tuple[Any, ...]) -> None:
+        self.left -= len(args) + sum(len(a) for a in args if isinstance(a, _CONTAINERS))
+        if self.left < 0:
+            raise BadFileError(
+                f"the pickle builds more than {MAX_COPIED_ITEMS:,} items; "
+                "refusing a possible resource bomb"
+            )
+
+
 class Stub:
     """An instance of a class named in the file. It keeps its state and never runs code."""
 
     qualname = "?"
+    budget: _Budget | None = None  # set on the classes each read creates
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
+        if self.budget is not None:
+            self.budget.spend(args)
+            if args:  # REDUCE/INST/OBJ: a real load runs this class's constructor with them
+                self.budget.calls.append((self.qualname, args))
+        self.args = list(args)  # a list: SETITEMS/APPENDS on a stub stay linear
         self.state: Any = None
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
     def __setitem__(self, key: Any, value: Any) -> None:  # SETITEM on a stub dict subclass
-        self.args = (*self.args, (key, value))
+        self.args.append((key, value))
 
     def append(self, value: Any) -> None:  # APPEND on a stub list subclass
-        self.args = (*self.args, value)
+        self.args.append(value)
 
     def extend(self, values: Any) -> None:
-        self.args = (*self.args, *values)
+        self.args.extend(values)
 
 
 class _StubUnpickler(pickle.Unpickler):
@@ -77,25 +112,36 @@ class _StubUnpickler(pickle.Unpickler):
         super().__init__(stream)
         self.globals_seen: list[str] = []
         self._classes: dict[str, type[Stub]] = {}
+        self.budget = _Budget(MAX_COPIED_ITEMS)
 
     def find_class(self, module: str, name: str) -> Any:
         qualname = f"{module}.{name}"
         self.globals_seen.append(qualname)
         if (module, name) in _SAFE_BUILTINS:
-            return _SAFE_BUILTINS[(module, name)]
+            return self.counted(_SAFE_BUILTINS[(module, name)])
         if module.startswith("torch") and name.endswith("Storage"):
             return _storage_type(name)
         if module == "torch._utils" and name.startswith("_rebuild"):
-            return _REBUILDERS.get(name, _rebuild_unknown)
+            return self.counted(_REBUILDERS.get(name, _rebuild_unknown))
         if module == "torch._tensor" and name == "_rebuild_from_type_v2":
-            return _rebuild_from_type_v2
+            return self.counted(_rebuild_from_type_v2)
         if module == "copyreg" and name == "_reconstructor":
-            return _reconstructor
+            return self.counted(_reconstructor)
         return self._stub_class(qualname)
+
+    def counted(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        """``func`` charging its arguments (and the items of each) to this read's budget."""
+
+        def call(*args: Any) -> Any:
+            self.budget.spend(args)
+            return func(*args)
+
+        return call
 
     def _stub_class(self, qualname: str) -> type[Stub]:
         if qualname not in self._classes:
-            self._classes[qualname] = type("Stub", (Stub,), {"qualname": qualname})
+            attrs = {"qualname": qualname, "budget": self.budget}
+            self._classes[qualname] = type("Stub", (Stub,), attrs)
         return self._classes[qualname]
 
     def persistent_load(self, pid: Any) -> Any:
@@ -128,9 +174,21 @@ def _storage_type(name: str) -> FakeStorage:
 
 def _shape(value: Any) -> tuple[int, ...]:
     try:
-        return tuple(int(d) for d in value)
+        shape = tuple(int(d) for d in value)
     except (TypeError, ValueError):
         return ()
+    numel = 1
+    for d in shape:  # stops growing at the first impossible size, however big the ints
+        numel *= d
+        if d < 0 or numel > _MAX_NUMEL:
+            raise BadFileError(f"a tensor has an impossible shape {_short(shape)}")
+    return shape
+
+
+def _short(shape: tuple[int, ...]) -> str:
+    """A shape for a message: huge dimensions by their digit count, not their digits."""
+    dims = [str(d) if abs(d) < 10**20 else f"<{len(str(abs(d)))}-digit number>" for d in shape]
+    return "[" + ", ".join(dims[:8]) + (", ..." if len(dims) > 8 else "") + "]"
 
 
 def _rebuild_tensor(storage: Any, _offset: Any = 0, size: Any = (), *_rest: Any) -> FakeTensor:
@@ -174,6 +232,8 @@ class InertLoad:
 
     obj: Any
     globals_seen: tuple[str, ...]
+    # (class, arguments) of each constructor the pickle calls: torch.load would run them
+    constructor_calls: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
 
 def read_zip_pickle(path: Path, prefix: str) -> InertLoad:
@@ -219,16 +279,39 @@ def read_legacy_pickle(path: Path) -> InertLoad:
         return _unpickle(path, stream)
 
 
+def check_pickle_ops(path: Path, stream: Any) -> None:
+    """Refuse a pickle of more than ``MAX_PICKLE_OPS`` operations before building anything.
+
+    The scan reads the opcodes only (no objects) and leaves ``stream`` where it was; a damaged
+    pickle is left for the real read to report.
+    """
+    start = stream.tell()
+    try:
+        ops = sum(1 for _ in itertools.islice(pickletools.genops(stream), MAX_PICKLE_OPS + 1))
+    except Exception:  # damaged: the real read below names the problem
+        ops = 0
+    stream.seek(start)
+    if ops > MAX_PICKLE_OPS:
+        raise BadFileError(
+            f"{path} holds a pickle of more than {MAX_PICKLE_OPS:,} operations, more than any "
+            "checkpoint needs; refusing a possible resource bomb"
+        )
+
+
 def _unpickle(path: Path, stream: Any) -> InertLoad:
+    check_pickle_ops(path, stream)
     unpickler = _StubUnpickler(stream)
     try:
         obj = unpickler.load()
     except RecursionError:
         raise BadFileError(f"{path} is nested too deeply to read") from None
+    except BadFileError as exc:  # a limit, or an impossible tensor
+        raise BadFileError(f"{path}: {exc.message}") from None
     except Exception as exc:  # any malformed pickle: EOFError, UnpicklingError, ValueError...
         reason = str(exc) or type(exc).__name__
         raise BadFileError(f"{path} is a corrupt or truncated checkpoint ({reason})") from None
-    return InertLoad(obj, tuple(dict.fromkeys(unpickler.globals_seen)))
+    calls = tuple(unpickler.budget.calls)
+    return InertLoad(obj, tuple(dict.fromkeys(unpickler.globals_seen)), calls)
 
 
 def is_module_stub(obj: Any) -> bool:
@@ -239,18 +322,44 @@ def is_module_stub(obj: Any) -> bool:
     return isinstance(state, dict) and ("_modules" in state or "training" in state)
 
 
-def tree_from_stub(root: Stub, buffers: Mapping[str, frozenset[str]] | None = None) -> ModuleNode:
+def tree_from_stub(
+    root: Stub, buffers: Mapping[str, frozenset[str]] | None = None, source: object = "the file"
+) -> ModuleNode:
     """The module tree of a pickled module (``nn.Module`` state or TorchScript attributes).
 
     ``buffers`` maps TorchScript class names to their ``__buffers__`` (see
     ``torchscript_buffers``); without it buffers are told from parameters by name and dtype.
+    Built without recursion; a module that contains itself, or a tree deeper than
+    ``MAX_MODULE_DEPTH``, raises ``BadFileError`` naming ``source``.
     """
     memo: dict[int, ModuleNode] = {}
-    return _node(root, memo, buffers or {})
+    buffers = buffers or {}
+    on_path: set[int] = set()
+    pending: list[tuple[Stub, str, int, bool]] = [(root, "", 0, False)]
+    while pending:
+        stub, name, depth, children_done = pending.pop()
+        if children_done:
+            on_path.discard(id(stub))
+            memo[id(stub)] = _node(stub, memo, buffers)
+            continue
+        if id(stub) in memo:
+            continue
+        if id(stub) in on_path:
+            raise BadFileError(f"{source}: module {name!r} contains itself (a cycle)")
+        if depth > MAX_MODULE_DEPTH:
+            raise BadFileError(
+                f"{source}: modules are nested more than {MAX_MODULE_DEPTH} levels deep"
+            )
+        on_path.add(id(stub))
+        pending.append((stub, name, depth, True))
+        for child_name, child in reversed(_parts(stub, buffers)[0]):
+            child_path = f"{name}.{child_name}" if name else child_name
+            pending.append((child, child_path, depth + 1, False))
+    return memo[id(root)]
 
 
 _CLASS_RE = re.compile(r"^class (\w+)\(", re.M)
-_BUFFERS_RE = re.compile(r"^\s+__buffers__ = \[([^\]]*)\]", re.M)
+_BUFFERS_RE = re.compile(r"^[ \t]+__buffers__ = \[([^\]\n]*)\]", re.M)
 
 
 def torchscript_buffers(path: Path, prefix: str) -> dict[str, frozenset[str]]:
@@ -278,10 +387,22 @@ def torchscript_buffers(path: Path, prefix: str) -> dict[str, frozenset[str]]:
 
 
 def _node(
-    stub: Stub, memo: dict[int, ModuleNode], buffers: Mapping[str, frozenset[str]]
+    stub: Stub, memo: Mapping[int, ModuleNode], buffers: Mapping[str, frozenset[str]]
 ) -> ModuleNode:
-    if id(stub) in memo:
-        return memo[id(stub)]
+    """One module's node; its children are in ``memo`` already."""
+    children, tensors = _parts(stub, buffers)
+    return ModuleNode(
+        _clean_class_name(stub.qualname),
+        id(stub),
+        tuple(tensors),
+        tuple((name, memo[id(child)]) for name, child in children),
+    )
+
+
+def _parts(
+    stub: Stub, buffers: Mapping[str, frozenset[str]]
+) -> tuple[list[tuple[str, Stub]], list[TensorMeta]]:
+    """A module's ``(name, child)`` submodules and its tensors, from its pickled state."""
     state = stub.state if isinstance(stub.state, dict) else {}
     if "_modules" in state:  # a pickled nn.Module: its __dict__
         children_src = state.get("_modules") or {}
@@ -299,14 +420,9 @@ def _node(
 
         tensors = _metas({k: v for k, v in attributes.items() if not is_buffer(k, v)}, buffer=False)
         tensors += _metas({k: v for k, v in attributes.items() if is_buffer(k, v)}, buffer=True)
-    children = tuple(
-        (str(name), _node(child, memo, buffers))
-        for name, child in children_src.items()
-        if isinstance(child, Stub)
-    )
-    node = ModuleNode(_clean_class_name(stub.qualname), id(stub), tuple(tensors), children)
-    memo[id(stub)] = node
-    return node
+    items = children_src.items() if isinstance(children_src, dict) else ()
+    children = [(str(name), child) for name, child in items if isinstance(child, Stub)]
+    return children, tensors
 
 
 def _metas(items: dict[str, Any], buffer: bool) -> list[TensorMeta]:

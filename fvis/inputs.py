@@ -22,8 +22,10 @@ from fvis.errors import BadFileError, ModelInputError, UsageError
 IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-# A sane cap on decoded pixels (Pillow's own bomb limit stays on as well).
-MAX_IMAGE_PIXELS = 64_000_000
+# A cap on decoded pixels, checked from the header before decoding (Pillow's own bomb limit
+# stays on as well): a 186 KB 8000x8000 PNG would otherwise take ~3 GB as float RGB and its
+# conversions. --max-input-pixels raises it.
+MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_SHAPE_ELEMENTS = 1 << 30  # 4 GiB of float32: a typo such as 1,3,2240,2240,3 is caught
 
 
@@ -37,6 +39,7 @@ class InputOptions:
     size: tuple[int, int] | None = None
     norm: str = "auto"  # auto | imagenet | none | "m1,m2,m3/s1,s2,s3" or "MEAN,STD"
     channels: int | None = None
+    max_pixels: int = MAX_IMAGE_PIXELS  # per image file (--max-input-pixels)
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ def prepare(
         return _from_examples(examples, options.seed)
     if not options.sources:
         shape, dtype_note = synth_shape(model)
+        check_synthesized(shape, "the model's first layer")
         prepared = _random(shape, options.seed, f"synthesized from the first layer{dtype_note}:")
         if dtype_note:  # embeddings take integer ids
             ids = torch.randint(0, _vocab(model), shape, generator=_gen(options.seed))
@@ -195,6 +199,8 @@ def _random(shape: tuple[int, ...], seed: int, what: str) -> Prepared:
 def _from_examples(examples: Sequence[tuple[tuple[int, ...], str]], seed: int) -> Prepared:
     """Random inputs shaped like a torch.export program's example inputs (it is traced for
     exactly those shapes); integer inputs become zeros."""
+    for shape, _dtype in examples:
+        check_synthesized(shape, "the program's example inputs")
     generator = _gen(seed)
     tensors = tuple(
         torch.randn(shape, generator=generator)
@@ -206,6 +212,17 @@ def _from_examples(examples: Sequence[tuple[tuple[int, ...], str]], seed: int) -
     return Prepared(
         tensors, description=f"synthesized from the program's example inputs: {shapes}, seed {seed}"
     )
+
+
+def check_synthesized(shape: tuple[int, ...], source: str) -> None:
+    """The ``--shape`` element cap, for a shape fvis made up itself (exit 5 with a hint)."""
+    elements = math.prod(shape)
+    if elements > MAX_SHAPE_ELEMENTS:
+        raise ModelInputError(
+            f"the input synthesized from {source} would be {shape} = {elements:,} elements, "
+            f"more than fvis synthesizes ({MAX_SHAPE_ELEMENTS:,})",
+            hint="give a smaller input with --shape or a file with --input",
+        )
 
 
 def first_layer(model: nn.Module) -> nn.Module | None:
@@ -410,7 +427,7 @@ def _load_image(
 ) -> tuple[torch.Tensor, str, np.ndarray]:
     from fvis.images import read_image
 
-    array, notes = read_image(path, channels, options.size, MAX_IMAGE_PIXELS)
+    array, notes = read_image(path, channels, options.size, options.max_pixels)
     tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
     tensor, norm_note = _normalise(tensor, options.norm)
     display = (array * 255).round().clip(0, 255).astype(np.uint8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,11 @@ from fvis.errors import UsageError
 
 if TYPE_CHECKING:
     from torch import nn
+
+
+# Other names kept per row of a shared module: a module with 100k names must not make every
+# one of its rows carry the other 100k (quadratic); ``alias_count`` keeps the true number.
+MAX_ALIASES = 32
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,9 @@ class LayerInfo:
     trainable: int
     frozen: int
     buffers: int
-    aliases: tuple[str, ...] = ()  # other names of the same (shared) module
+    aliases: tuple[str, ...] = ()  # other names of the same (shared) module, MAX_ALIASES at most
     first_name: str = ""  # the name a shared module was first reached by
+    alias_count: int = 0  # how many other names it has (``aliases`` may hold fewer)
 
     @property
     def short_class(self) -> str:
@@ -208,75 +215,164 @@ def walk(root: ModuleNode) -> Iterator[LayerInfo]:
 
     A shared module is listed under each of its names (its children only under the first);
     parameters are counted once per subtree, so the root's total matches
-    ``sum(p.numel() for p in model.parameters())``.
+    ``sum(p.numel() for p in model.parameters())``. Linear in names plus modules, without
+    recursion: each module's totals are computed once, however many names it has.
     """
     names_by_key: dict[int, list[str]] = {}
-    order: list[tuple[str, int, ModuleNode]] = []
-    _collect(root, "", 0, names_by_key, order)
+    order = _collect(root, names_by_key)
+    totals = subtree_counts(root)
     for name, depth, node in order:
-        yield _layer_info(name, depth, node, _unique_nodes(node), names_by_key[node.key])
+        yield _layer_info(name, depth, node, totals[node.key], names_by_key[node.key])
 
 
 def _collect(
-    node: ModuleNode,
-    name: str,
-    depth: int,
-    names_by_key: dict[int, list[str]],
-    order: list[tuple[str, int, ModuleNode]],
-) -> None:
-    seen_before = node.key in names_by_key
-    names_by_key.setdefault(node.key, []).append(name)
-    order.append((name, depth, node))
-    if seen_before:
-        return  # its subtree is already listed under its first name
-    for child_name, child in node.children:
-        _collect(
-            child, f"{name}.{child_name}" if name else child_name, depth + 1, names_by_key, order
+    root: ModuleNode, names_by_key: dict[int, list[str]]
+) -> list[tuple[str, int, ModuleNode]]:
+    """Every (name, depth, node) in depth-first order; a module seen before is listed again
+    by its new name, but its subtree only under its first name."""
+    order: list[tuple[str, int, ModuleNode]] = []
+    pending: list[tuple[str, int, ModuleNode]] = [("", 0, root)]
+    while pending:
+        name, depth, node = pending.pop()
+        seen_before = node.key in names_by_key
+        names_by_key.setdefault(node.key, []).append(name)
+        order.append((name, depth, node))
+        if seen_before:
+            continue  # its subtree is already listed under its first name
+        pending.extend(
+            (f"{name}.{child_name}" if name else child_name, depth + 1, child)
+            for child_name, child in reversed(node.children)
+        )
+    return order
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Parameter and buffer element counts of a set of modules."""
+
+    params: int = 0
+    trainable: int = 0
+    buffers: int = 0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(
+            self.params + other.params,
+            self.trainable + other.trainable,
+            self.buffers + other.buffers,
         )
 
 
-def _unique_nodes(node: ModuleNode) -> list[ModuleNode]:
-    found: dict[int, ModuleNode] = {}
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        if current.key in found:
-            continue
-        found[current.key] = current
-        stack.extend(child for _, child in current.children)
-    return list(found.values())
+def subtree_counts(root: ModuleNode) -> dict[int, Counts]:
+    """``{node.key: Counts}`` over each module's unique descendants (itself included).
+
+    A module with one parent belongs to exactly one "region" headed by the nearest shared
+    module (or the root), so each region is summed once and a module's total is its own
+    region plus the regions of the shared modules it reaches: no subtree is walked twice.
+    """
+    nodes = _post_order(root)
+    parents: dict[int, int] = {}
+    for node in nodes:
+        for child in _distinct_children(node):
+            parents[child.key] = parents.get(child.key, 0) + 1
+    tied = _tied_tensors(nodes)
+    tied_below = _tied_below(nodes, tied)
+    region: dict[int, Counts] = {}
+    reached: dict[int, frozenset[int]] = {}  # the shared modules below each module
+    totals: dict[int, Counts] = {}
+    for node in nodes:
+        own, below = _own_counts(node, tied), set()
+        for child in _distinct_children(node):
+            below |= reached[child.key]
+            if parents[child.key] > 1:
+                below.add(child.key)
+            else:
+                own += region[child.key]
+        region[node.key], reached[node.key] = own, frozenset(below)
+        total = sum((region[k] for k in below), own)
+        totals[node.key] = sum((_own_counts_of(tied[k]) for k in tied_below[node.key]), total)
+    return totals
 
 
-def _distinct(tensors: Iterable[TensorMeta]) -> list[TensorMeta]:
-    """Each tensor once: a weight tied between two modules (``lm_head`` and ``wte``) is one."""
-    seen: set[int] = set()
-    out = []
-    for meta in tensors:
-        if meta.key and meta.key in seen:
-            continue
-        seen.add(meta.key)
-        out.append(meta)
+def _tied_tensors(nodes: Sequence[ModuleNode]) -> dict[int, TensorMeta]:
+    """Tensors held by more than one module (a tied ``lm_head.weight`` is ``wte.weight``),
+    by identity: counted once in every subtree that holds them, not once per holder."""
+    holders: dict[int, int] = {}
+    metas: dict[int, TensorMeta] = {}
+    for node in nodes:
+        for meta in node.tensors:
+            if meta.key:
+                holders[meta.key] = holders.get(meta.key, 0) + 1
+                metas[meta.key] = meta
+    return {key: metas[key] for key, count in holders.items() if count > 1}
+
+
+def _tied_below(
+    nodes: Sequence[ModuleNode], tied: Mapping[int, TensorMeta]
+) -> dict[int, frozenset[int]]:
+    """Per module, the tied tensors in its subtree (children come before parents in ``nodes``;
+    nearly always empty, so nearly free)."""
+    empty: frozenset[int] = frozenset()
+    below: dict[int, frozenset[int]] = {}
+    for node in nodes:
+        keys = {meta.key for meta in node.tensors if meta.key in tied} if tied else set()
+        for child in _distinct_children(node):
+            keys |= below[child.key]
+        below[node.key] = frozenset(keys) if keys else empty
+    return below
+
+
+def _own_counts_of(meta: TensorMeta) -> Counts:
+    if meta.is_buffer:
+        return Counts(0, 0, meta.numel)
+    return Counts(meta.numel, meta.numel if meta.requires_grad else 0, 0)
+
+
+def _post_order(root: ModuleNode) -> list[ModuleNode]:
+    """Each unique module once, children before their parents (iterative)."""
+    done: set[int] = set()
+    out: list[ModuleNode] = []
+    pending: list[tuple[ModuleNode, bool]] = [(root, False)]
+    while pending:
+        node, children_done = pending.pop()
+        if children_done:
+            out.append(node)
+        elif node.key not in done:
+            done.add(node.key)
+            pending.append((node, True))
+            pending.extend((child, False) for child in _distinct_children(node))
     return out
 
 
+def _distinct_children(node: ModuleNode) -> list[ModuleNode]:
+    return list({child.key: child for _, child in node.children}.values())
+
+
+def _own_counts(node: ModuleNode, tied: Mapping[int, TensorMeta]) -> Counts:
+    tensors = [t for t in node.tensors if t.key not in tied] if tied else node.tensors
+    params = [t for t in tensors if not t.is_buffer]
+    return Counts(
+        sum(t.numel for t in params),
+        sum(t.numel for t in params if t.requires_grad),
+        sum(t.numel for t in tensors if t.is_buffer),
+    )
+
+
 def _layer_info(
-    name: str, depth: int, node: ModuleNode, subtree: list[ModuleNode], all_names: list[str]
+    name: str, depth: int, node: ModuleNode, counts: Counts, all_names: list[str]
 ) -> LayerInfo:
-    params = _distinct(t for n in subtree for t in n.tensors if not t.is_buffer)
-    trainable = sum(t.numel for t in params if t.requires_grad)
-    total = sum(t.numel for t in params)
     return LayerInfo(
         name=name,
         class_name=node.class_name,
         depth=depth,
         is_leaf=not node.children,
         is_nested_model=bool(node.children) and is_user_class(node.class_name) and depth > 0,
-        params=total,
-        trainable=trainable,
-        frozen=total - trainable,
-        buffers=sum(t.numel for n in subtree for t in n.tensors if t.is_buffer),
-        aliases=tuple(n for n in all_names if n != name),
+        params=counts.params,
+        trainable=counts.trainable,
+        frozen=counts.params - counts.trainable,
+        buffers=counts.buffers,
+        aliases=tuple(itertools.islice((n for n in all_names if n != name), MAX_ALIASES)),
         first_name=all_names[0],
+        alias_count=len(all_names) - 1,
     )
 
 

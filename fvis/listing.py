@@ -173,8 +173,10 @@ def _label(listing: Listing, info: LayerInfo, root: bool = False) -> str:
     if info.aliases and info.first_name != info.name:
         parts.append(f"[yellow]shared with {for_terminal(info.first_name)}[/yellow]")
     elif info.aliases:
+        more = info.alias_count - len(info.aliases)
+        extra = f", ... (+{more} more)" if more > 0 else ""
         parts.append(
-            f"[yellow]also named {', '.join(for_terminal(a) for a in info.aliases)}[/yellow]"
+            f"[yellow]also named {', '.join(for_terminal(a) for a in info.aliases)}{extra}[/yellow]"
         )
     parts.append(_runs_text(runs_for(listing, info)))
     if not root:

@@ -174,7 +174,7 @@ def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Mod
                 if sniffed.kind is FileKind.TORCHSCRIPT
                 else None
             )
-            tree = inert.tree_from_stub(loaded.obj, buffers)
+            tree = inert.tree_from_stub(loaded.obj, buffers, source=path)
             note = (
                 "TorchScript archive"
                 if sniffed.kind is FileKind.TORCHSCRIPT
@@ -283,7 +283,7 @@ def read_inert(sniffed: Sniffed) -> inert.InertLoad:
 
 def _metas_from_inert(sniffed: Sniffed, obj: Any) -> Nested:
     if inert.is_module_stub(obj):  # a pickled module used as weights for --arch
-        return Nested(_flatten_tree_metas(inert.tree_from_stub(obj)), ())
+        return Nested(_flatten_tree_metas(inert.tree_from_stub(obj, source=sniffed.path)), ())
     if isinstance(obj, inert.FakeTensor):
         raise BadFileError(
             f"{sniffed.path} holds a single tensor {list(obj.shape)}, not a model or state dict",
@@ -320,6 +320,7 @@ def _search_state_dict(
     obj: dict[Any, Any],
     tensors_of: Callable[[dict[Any, Any]], dict[str, Any]],
     module_state: Callable[[Any], dict[str, Any] | None],
+    depth: int = 0,
 ) -> Nested | None:
     """The state dict inside a checkpoint dict: the dict itself when at least half of its
     entries are tensors, else the first one found under a usual key (``model``,
@@ -333,8 +334,8 @@ def _search_state_dict(
         value = obj.get(key)
         inner = module_state(value)
         nested = Nested(inner, (key,)) if inner is not None else None
-        if nested is None and isinstance(value, dict):
-            deeper = _search_state_dict(value, tensors_of, module_state)
+        if nested is None and isinstance(value, dict) and depth < 16:  # deep or cyclic: stop
+            deeper = _search_state_dict(value, tensors_of, module_state, depth + 1)
             nested = deeper and Nested(deeper.state, (key, *deeper.path))
         if nested is not None:
             return nested
@@ -715,6 +716,8 @@ def _load_pickle_checkpoint(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.
     peek = read_inert(sniffed)
     screen(sniffed.path, peek.globals_seen, options.trust is not None, sniffed.kind.value)
     is_module = inert.is_module_stub(peek.obj)
+    if is_module:  # a cycle or a very deep tree is refused before torch recurses into it
+        inert.tree_from_stub(peek.obj, source=sniffed.path)
     extra: list[Any] = []
     if options.trust is None and not is_module:  # refused before anything else is read
         extra = allowed_classes(sniffed.path, peek.globals_seen, options.allow_modules)
@@ -767,6 +770,11 @@ def _torch_load(
 ) -> Any:
     import torch
 
+    if options.trust is None and peek.constructor_calls:  # before torch runs any of them
+        from fvis.budgets import check_constructor_calls
+
+        limit = options.limits.max_model_bytes
+        check_constructor_calls(sniffed.path, peek.constructor_calls, extra_globals or [], limit)
     mmap = sniffed.kind is FileKind.TORCH_ZIP
     # torch.load picks the safetensors reader by extension alone: hand it an open file when
     # the name says ".safetensors" but the content is torch's (we classified it by content).

@@ -8,15 +8,21 @@ Rules (documented in the README):
   folder holds exactly what it held before: no partial file, no new file;
 - a folder holding files fvis did not write is refused unless ``overwrite``; even then only
   files in fvis's own manifest are replaced, and a name clash with a foreign file is refused;
-- a rerun into a folder fvis wrote replaces its files and removes the ones it no longer writes.
+- a rerun into a folder fvis wrote replaces its files and removes the ones it no longer writes;
+- a symlink is never replaced or removed, and a manifest that is not a regular file holding a
+  list of names is refused (nothing is deleted on its say-so);
+- one run at a time: the folder is locked (``flock`` on the folder itself) from ``open`` to
+  ``commit``; a second run waits up to ``LOCK_WAIT_S`` seconds, then fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -25,6 +31,7 @@ from fvis.errors import OutputError
 
 MANIFEST = ".fvis-manifest.json"
 MANIFEST_SCHEMA = "fvis.manifest/1"
+LOCK_WAIT_S = 5.0  # how long a second run into the same folder waits for the first
 
 
 def _umask() -> int:
@@ -49,6 +56,7 @@ class OutputDir:
         self._written: list[str] = []
         self._mode = 0o666 & ~_umask()
         self._created: list[Path] = []  # folders open() made, removed again on abort
+        self._lock: int | None = None  # the folder's descriptor, flock()ed while in use
 
     @classmethod
     def open(cls, root: Path, overwrite: bool = False) -> OutputDir:
@@ -62,13 +70,19 @@ class OutputDir:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create --out {root}: {exc.strerror or exc}") from None
-        previous = _read_manifest(root)
+        lock = _lock_folder(root)
+        try:
+            previous = _read_manifest(root)
+        except BaseException:
+            _unlock(lock)
+            raise
         foreign = sorted(
             p.name
             for p in root.iterdir()
             if p.name != MANIFEST and p.name not in previous and not _is_temp(p.name)
         )
         if foreign and not overwrite:
+            _unlock(lock)
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise OutputError(
                 f"--out {root} holds {len(foreign)} files fvis did not write ({shown})",
@@ -77,6 +91,7 @@ class OutputDir:
             )
         folder = cls(root, previous)
         folder._created = list(reversed(created))  # outermost first
+        folder._lock = lock
         return folder
 
     def __enter__(self) -> OutputDir:
@@ -85,16 +100,29 @@ class OutputDir:
     def __exit__(self, exc_type: object, *_rest: object) -> None:
         if exc_type is not None:
             self.abort()
+        self._release()
+
+    def __del__(self) -> None:  # an OutputDir dropped without commit or abort
+        self._release()
+
+    def _release(self) -> None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        _unlock(lock)
 
     def check_names(self, names: list[str]) -> None:
-        """Refuse before writing anything if a new file would replace a file fvis did not write."""
-        clashes = [n for n in names if (self.root / n).exists() and n not in self._previous]
+        """Refuse before writing anything if a new file would replace a file fvis did not
+        write, or any symlink (even one named like fvis's own file)."""
+        clashes = [n for n in names if self._clashes(n)]
         if clashes:
             raise OutputError(
                 f"--out {self.root}: {clashes[0]} exists and was not written by "
                 "fvis; it is left untouched",
                 hint="choose another --out folder",
             )
+
+    def _clashes(self, name: str) -> bool:
+        path = self.root / name
+        return os.path.lexists(path) and (name not in self._previous or path.is_symlink())
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self.write(name, lambda fh: fh.write(data))
@@ -124,6 +152,13 @@ class OutputDir:
         wrote and this one did not are removed (they were fvis's own).
         """
         names = sorted(self._staged)
+        try:  # a symlink or a foreign file may have appeared since open()
+            self.check_names(names)
+            if (self.root / MANIFEST).is_symlink():
+                raise _bad_manifest(self.root, "is not a regular file")
+        except OutputError:
+            self.abort()
+            raise
         manifest = {"schema": MANIFEST_SCHEMA, "files": names, **(extra or {})}
         data = (json.dumps(manifest, indent=2) + "\n").encode()
         self._staged[MANIFEST] = self._complete_temporary(MANIFEST, lambda fh: fh.write(data))
@@ -132,7 +167,7 @@ class OutputDir:
         try:
             for name in [*names, MANIFEST]:
                 target = self.root / name
-                if target.exists():
+                if os.path.lexists(target):
                     backups[name] = self._aside(name)
                 os.replace(self._staged[name], target)
                 placed.append(name)
@@ -144,15 +179,21 @@ class OutputDir:
         self._staged.clear()
         self._written = names
         stale = [self.root / n for n in self._previous if n not in names]
+        stale = [p for p in stale if not p.is_symlink()]  # fvis never writes links
         for leftover in [*backups.values(), *stale]:
             with contextlib.suppress(OSError):
                 leftover.unlink()
+        self._release()
         return self.root / MANIFEST
 
     def _aside(self, name: str) -> Path:
         fd, aside = tempfile.mkstemp(prefix=f".{name[:40]}.", suffix=".fvis-tmp", dir=self.root)
         os.close(fd)
-        os.replace(self.root / name, aside)
+        try:
+            os.replace(self.root / name, aside)
+        except BaseException:
+            Path(aside).unlink(missing_ok=True)  # no empty temporary left behind
+            raise
         return Path(aside)
 
     def _roll_back(self, placed: list[str], backups: dict[str, Path]) -> None:
@@ -171,6 +212,7 @@ class OutputDir:
             with contextlib.suppress(OSError):
                 tmp.unlink()
         self._staged.clear()
+        self._release()
         for folder in reversed(self._created):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if still empty
@@ -224,12 +266,66 @@ def _is_temp(name: str) -> bool:
 
 
 def _read_manifest(root: Path) -> set[str]:
+    """The names the previous run wrote. A manifest that is not a regular file, or does not
+    hold a list of names, is refused: fvis deletes files on its say-so."""
     path = root / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         return set()
+    if path.is_symlink() or not path.is_file():
+        raise _bad_manifest(root, "is not a regular file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        files = data.get("files", []) if isinstance(data, dict) else []
-    except (OSError, ValueError):
-        return set()
-    return {f for f in files if isinstance(f, str) and "/" not in f and f not in ("", "..")}
+    except (OSError, ValueError, RecursionError):
+        raise _bad_manifest(root, "is not readable JSON") from None
+    files = data.get("files", []) if isinstance(data, dict) else None
+    if not isinstance(data, dict) or data.get("schema", MANIFEST_SCHEMA) != MANIFEST_SCHEMA:
+        raise _bad_manifest(root, f"is not an {MANIFEST_SCHEMA} manifest")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise _bad_manifest(root, "does not hold a list of file names")
+    if any("\0" in f for f in files):
+        raise _bad_manifest(root, "names a file with a NUL character")
+    # Entries that are not plain names in this folder are never fvis's: ignore, never delete.
+    return {f for f in files if f and "/" not in f and "\\" not in f and f not in (".", "..")}
+
+
+def _bad_manifest(root: Path, problem: str) -> OutputError:
+    return OutputError(
+        f"--out {root}: {MANIFEST} {problem}; nothing was written or deleted",
+        hint=f"if fvis wrote this folder, delete {root / MANIFEST}; else choose another --out",
+    )
+
+
+def _lock_folder(root: Path) -> int | None:
+    """An exclusive ``flock`` on the folder itself (no lock file to leave behind), waiting up
+    to ``LOCK_WAIT_S``; ``None`` where the file system cannot lock folders (some NFS)."""
+    import fcntl
+
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise OutputError(f"cannot open --out {root}: {exc.strerror or exc}") from None
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise OutputError(
+                    f"--out {root} is in use by another fvis run (waited {LOCK_WAIT_S:g} s)",
+                    hint="wait for it to finish, or choose another --out folder",
+                ) from None
+            time.sleep(0.05)
+        except OSError as exc:
+            if exc.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                os.close(fd)
+                raise OutputError(f"cannot lock --out {root}: {exc.strerror or exc}") from None
+            os.close(fd)
+            return None
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # closing the descriptor releases the flock
