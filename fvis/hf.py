@@ -263,14 +263,8 @@ def _fit_notes(folder: HFFolder, info: Mapping[str, Any], strict: bool) -> list[
 
 def header_metas(folder: HFFolder) -> dict[str, TensorMeta]:
     """Every tensor's name, shape and dtype from the shards' safetensors headers (no data)."""
-    if folder.weight_format != "safetensors":
-        raise UsageError(
-            f"{folder.path} holds pickled pytorch_model.bin weights; listing them needs "
-            "transformers",
-            hint=_EXTRA_HINT,
-        )
     metas: dict[str, TensorMeta] = {}
-    for shard in folder.weights:
+    for shard in _safetensors_shards(folder, "listing them needs transformers"):
         for name, info in read_safetensors_header(shard).items():
             shape = tuple(int(d) for d in info["shape"])  # type: ignore[attr-defined]
             metas[name] = TensorMeta(name, shape, str(info["dtype"]).lower())
@@ -281,14 +275,8 @@ def read_shards(folder: HFFolder) -> dict[str, Any]:
     """Every tensor of a safetensors folder, merged across shards (for ``--arch``)."""
     from safetensors.torch import load_file
 
-    if folder.weight_format != "safetensors":
-        raise UsageError(
-            f"{folder.path} holds pickled pytorch_model.bin weights; with --arch pass the "
-            ".bin file itself",
-            hint=_EXTRA_HINT,
-        )
     state: dict[str, Any] = {}
-    for shard in folder.weights:
+    for shard in _safetensors_shards(folder, "with --arch pass the .bin file itself"):
         try:
             state.update(load_file(str(shard)))
         except Exception as exc:  # safetensors raises its own SafetensorError
@@ -296,3 +284,12 @@ def read_shards(folder: HFFolder) -> dict[str, Any]:
                 f"{shard} is a damaged safetensors file: {first_line(exc)}"
             ) from None
     return state
+
+
+def _safetensors_shards(folder: HFFolder, otherwise: str) -> tuple[Path, ...]:
+    if folder.weight_format != "safetensors":
+        raise UsageError(
+            f"{folder.path} holds pickled pytorch_model.bin weights; {otherwise}",
+            hint=_EXTRA_HINT,
+        )
+    return folder.weights

@@ -18,31 +18,7 @@ import transformers as T
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import RunCli
-
-
-def _gpt2() -> Any:
-    config = T.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=100,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return T.GPT2LMHeadModel(config)
-
-
-def _bert() -> Any:
-    config = T.BertConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=32,
-    )
-    return T.BertModel(config)
+from tests.real_models.tiny import IDS, bert, dumped, gpt2, hooked_output
 
 
 def _llama() -> Any:
@@ -99,12 +75,11 @@ def _vit() -> Any:
     return T.ViTModel(config)
 
 
-IDS = torch.tensor([[5, 17, 42, 3, 99, 0, 64, 8]])
 PIXELS = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 # name -> (builder, deep layer to dump, input)
 MODELS: dict[str, tuple[Callable[[], Any], str, torch.Tensor]] = {
-    "gpt2": (_gpt2, "transformer.h.1.attn.c_attn", IDS),
-    "bert": (_bert, "encoder.layer.1.attention.self.query", IDS),
+    "gpt2": (gpt2, "transformer.h.1.attn.c_attn", IDS),
+    "bert": (bert, "encoder.layer.1.attention.self.query", IDS),
     "llama": (_llama, "model.layers.0.self_attn.q_proj", IDS),
     "qwen2": (_qwen2, "model.layers.1.self_attn.q_proj", IDS),
     "t5": (_t5, "encoder.block.1.layer.0.SelfAttention.q", IDS),
@@ -128,23 +103,6 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tup
 
 
 CASES = [pytest.param(n, v, id=f"{n}-{v}") for n in MODELS for v in ("plain", "sharded")]
-
-
-def hooked_output(model: Any, layer: str, inputs: torch.Tensor) -> torch.Tensor:
-    """The layer's output by an independent forward hook (the ground truth), in grad mode as
-    ``fvis dump`` runs by default (some kernels differ in the last bit under ``no_grad``)."""
-    found: list[torch.Tensor] = []
-    handle = model.get_submodule(layer).register_forward_hook(
-        lambda _m, _i, out: found.append(out.detach().clone())
-    )
-    try:
-        if model.config.is_encoder_decoder:
-            model(input_ids=inputs, decoder_input_ids=torch.zeros((1, 1), dtype=torch.long))
-        else:
-            model(inputs)
-    finally:
-        handle.remove()
-    return found[0]
 
 
 @pytest.mark.parametrize(("name", "variant"), CASES)
@@ -172,23 +130,7 @@ def test_dump_captures_a_deep_layer_exactly(
 ) -> None:
     model, folder = saved[(name, variant)]
     _, layer, inputs = MODELS[name]
-    torch.save(inputs, tmp_path / "input.pt")
-    out = tmp_path / "out"
-    code, _, err = cli(
-        "dump",
-        folder,
-        "--layer",
-        layer,
-        "--input",
-        tmp_path / "input.pt",
-        "--save-tensors",
-        "--no-images",
-        "--out",
-        out,
-        "--quiet",
-    )
-    assert code == 0, err
-    captured = load_file(str(out / "activations.safetensors"))[layer]
+    captured = dumped(cli, folder, layer, inputs, tmp_path)
     assert torch.equal(captured, hooked_output(model, layer, inputs)[0])
 
 
@@ -210,23 +152,8 @@ def test_legacy_key_names_load_through_the_library_conversion(
     }
     assert renamed.keys() != state.keys()
     save_file(renamed, str(old / "model.safetensors"), metadata={"format": "pt"})
-    torch.save(IDS, tmp_path / "ids.pt")
     layer = "encoder.layer.0.output.LayerNorm"
-    code, _, err = cli(
-        "dump",
-        old,
-        "--layer",
-        layer,
-        "--input",
-        tmp_path / "ids.pt",
-        "--save-tensors",
-        "--no-images",
-        "--out",
-        tmp_path / "out",
-        "--quiet",
-    )
-    assert code == 0, err
-    captured = load_file(str(tmp_path / "out" / "activations.safetensors"))[layer]
+    captured = dumped(cli, old, layer, IDS, tmp_path)
     assert torch.equal(captured, hooked_output(model, layer, IDS)[0])
 
 
@@ -283,23 +210,8 @@ def test_pickled_bin_weights_load_weights_only(
 ) -> None:
     model, plain = saved[("gpt2", "plain")]
     folder = _bin_folder(plain, tmp_path / "bin", load_file(str(plain / "model.safetensors")))
-    torch.save(IDS, tmp_path / "ids.pt")
     layer = "transformer.h.1.mlp.c_fc"
-    code, _, err = cli(
-        "dump",
-        folder,
-        "--layer",
-        layer,
-        "--input",
-        tmp_path / "ids.pt",
-        "--save-tensors",
-        "--no-images",
-        "--out",
-        tmp_path / "out",
-        "--quiet",
-    )
-    assert code == 0, err
-    captured = load_file(str(tmp_path / "out" / "activations.safetensors"))[layer]
+    captured = dumped(cli, folder, layer, IDS, tmp_path)
     assert torch.equal(captured, hooked_output(model, layer, IDS)[0])
 
 

@@ -18,12 +18,11 @@ from typing import Any
 import pytest
 import torch
 import torchvision
-import transformers as T
-from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 from tests.conftest import RunCli
+from tests.real_models.tiny import bert, dumped, gpt2, hooked_output
 
 
 def _vit() -> nn.Module:
@@ -44,31 +43,6 @@ def _convnext() -> nn.Module:
     return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3)
 
 
-def _gpt2() -> nn.Module:
-    config = T.GPT2Config(
-        n_layer=1,
-        n_embd=32,
-        n_head=2,
-        vocab_size=100,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return T.GPT2LMHeadModel(config)
-
-
-def _bert() -> nn.Module:
-    config = T.BertConfig(
-        num_hidden_layers=1,
-        hidden_size=32,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=32,
-    )
-    return T.BertModel(config)
-
-
 IDS = torch.tensor([[1, 5, 9, 3]])
 IMAGE = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 # name -> (builder, library to allow, a layer, input)
@@ -76,21 +50,9 @@ PICKLES: dict[str, tuple[Callable[[], nn.Module], str, str, torch.Tensor]] = {
     "vit": (_vit, "torchvision", "encoder.layers.encoder_layer_0.ln_1", IMAGE),
     "densenet": (_densenet, "torchvision", "features.denseblock1.denselayer1.conv1", IMAGE),
     "convnext": (_convnext, "torchvision", "features.1.0.block.0", IMAGE),
-    "gpt2": (_gpt2, "transformers", "transformer.h.0.mlp.c_fc", IDS),
-    "bert": (_bert, "transformers", "encoder.layer.0.intermediate", IDS),
+    "gpt2": (lambda: gpt2(1), "transformers", "transformer.h.0.mlp.c_fc", IDS),
+    "bert": (lambda: bert(1), "transformers", "encoder.layer.0.intermediate", IDS),
 }
-
-
-def reference(model: nn.Module, layer: str, inputs: torch.Tensor) -> torch.Tensor:
-    found: list[torch.Tensor] = []
-    handle = model.get_submodule(layer).register_forward_hook(
-        lambda _m, _i, out: found.append(out.detach().clone())
-    )
-    try:
-        model(inputs)
-    finally:
-        handle.remove()
-    return found[0]
 
 
 @pytest.mark.parametrize("name", list(PICKLES))
@@ -101,25 +63,10 @@ def test_library_pickle_loads_with_the_library_allowed(
     torch.manual_seed(0)
     model = build().eval()
     torch.save(model, tmp_path / "model.pt")
-    torch.save(inputs, tmp_path / "input.pt")
-    code, _, err = cli(
-        "dump",
-        tmp_path / "model.pt",
-        "--allow-module",
-        library,
-        "--layer",
-        layer,
-        "--input",
-        tmp_path / "input.pt",
-        "--save-tensors",
-        "--no-images",
-        "--out",
-        tmp_path / "out",
-        "--quiet",
+    captured = dumped(
+        cli, tmp_path / "model.pt", layer, inputs, tmp_path, "--allow-module", library
     )
-    assert code == 0, err
-    captured = load_file(str(tmp_path / "out" / "activations.safetensors"))[layer]
-    assert torch.equal(captured, reference(model, layer, inputs)[0])
+    assert torch.equal(captured, hooked_output(model, layer, inputs)[0])
 
 
 @pytest.mark.parametrize("name", list(PICKLES))
