@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import warnings
 from pathlib import Path
 
@@ -11,7 +12,6 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-import fvis.render as render_module
 from fvis.errors import OutputError, UsageError
 from fvis.render import (
     BACKGROUND_INDEX,
@@ -30,6 +30,8 @@ from fvis.render import (
     render,
     save_png,
 )
+
+render_module = importlib.import_module("fvis.render")  # `fvis.render` is the public function
 
 LAST = N_COLOURS - 1
 PATTERN = np.arange(16.0).reshape(4, 4)
