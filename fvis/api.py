@@ -254,6 +254,7 @@ def _run_dump(
     verdicts: dict[str, Any] = {}
     flows = []
     never_sets: list[tuple[str, ...]] = []
+    output_notes: dict[str, list[str]] = {}
     chunks = _batches(prepared, options.batch_size)
     for index, args in enumerate(chunks):
         result = capture(
@@ -273,6 +274,9 @@ def _run_dump(
         verdicts.update(verdict_dicts(diagnose(result)))
         flows.append(_backward(loaded, result, options, sample))
         never_sets.append(result.never_ran)
+        for layer, texts in result.output_notes.items():
+            known = output_notes.setdefault(layer, [])
+            known += [t for t in texts if t not in known]
         del result
     never_ran = tuple(n for n in never_sets[0] if all(n in s for s in never_sets))
     flow = merge_flows(flows)
@@ -280,6 +284,7 @@ def _run_dump(
         gallery.add_gradcams(captures, flow.grads, prepared.displays)
     images = gallery.name_files(captures)
     data = _report_input(loaded, prepared, tree, options, captures, never_ran, images, verdicts)
+    data = dataclasses.replace(data, output_notes=output_notes)
     if len(chunks) > 1:
         notes.append(
             f"ran {prepared.batch_size} samples in {len(chunks)} batches of at most "

@@ -136,6 +136,9 @@ class CaptureResult:
     )  # call_id of a cut -> gradient edges of its inputs that required grad
     fed_by_cut: Mapping[int, int] = field(default_factory=dict, repr=False, compare=False)
     # call_id -> call_id of the cut whose (detached) output reached this call's inputs
+    output_notes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # captured layer -> what its output held that could not be captured (no tensor, an
+    # object that could not be followed)
 
 
 class _Held:
@@ -382,6 +385,8 @@ class _Session:
         self.cut_inputs: dict[int, tuple[tuple[Any, int], ...]] = {}
         self.cut_outputs: dict[int, int] = {}  # storage pointer -> call_id of the cut
         self.fed_by_cut: dict[int, int] = {}
+        self.notes: dict[str, list[str]] = {}  # layer -> what its output held that was not kept
+        self.all_names = {name for aliases in names.values() for name in aliases}
 
     def install(self, model: nn.Module, stack: ExitStack) -> None:
         # One pair of global hooks (filtered to this model's modules) instead of a pair per
@@ -425,8 +430,32 @@ class _Session:
         if isinstance(output, torch.Tensor):  # the usual case, without the generator
             self._snapshot(key, target[0], record, "", output)
             return
-        for path, tensor in flatten_tensors(output):
-            self._snapshot(key, target[0], record, path, tensor)
+        self._snapshot_parts(key, target[0], record, output)
+
+    def _snapshot_parts(self, key: int, layer: str, record: CallRecord, output: Any) -> None:
+        """Every tensor inside a container or object output, and a note on what was not."""
+        notes: list[str] = []
+        parts = list(flatten_tensors(output, notes=notes))
+        # `head.loc` would read as the child module `head.loc`: write `head->loc` (and so
+        # every attribute of that output, for one notation per output).
+        clash = any(self._clashes(layer, path) for path, _ in parts)
+        for path, tensor in parts:
+            if clash and path.startswith("."):
+                path = "->" + path[1:]
+            self._snapshot(key, layer, record, path, tensor)
+        if not parts:
+            notes.append(f"returned {describe_value(output)}: no tensor to capture")
+        for note in notes:
+            self.notes.setdefault(layer, [])
+            if note not in self.notes[layer]:
+                self.notes[layer].append(note)
+
+    def _clashes(self, layer: str, path: str) -> bool:
+        """Whether ``layer`` + an attribute path starts like the name of a module."""
+        if not path.startswith("."):
+            return False
+        first = path[1:].split(".", 1)[0].split("[", 1)[0]
+        return f"{layer}.{first}" in self.all_names
 
     def _params_grad(self, module: nn.Module) -> bool:
         """Whether any parameter of ``module`` or its children requires grad, memoized per
@@ -531,6 +560,7 @@ class _Session:
             mode,
             self.cut_inputs,
             self.fed_by_cut,
+            {layer: tuple(notes) for layer, notes in self.notes.items()},
         )
 
 
@@ -612,32 +642,96 @@ def _storages(value: Any) -> list[int]:
     return pointers
 
 
-def flatten_tensors(
-    value: Any, path: str = "", depth: int = 0
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor in nested outputs, named by path: ``[0]``, ``.logits``, ``.hidden[1]``.
+_MAX_DEPTH = 8
+# Values that hold no tensor and need no note: nothing to follow inside them.
+_ATOMS = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device, torch.Size)
 
-    Handles tensors, mappings (incl. ``ModelOutput``), dataclasses, namedtuples, lists, tuples.
+
+def flatten_tensors(
+    value: Any, path: str = "", depth: int = 0, notes: list[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in nested outputs, named by path: ``[0]``, ``['logits']``, ``.loc``.
+
+    Follows tensors, dataclasses (incl. ``ModelOutput``) and namedtuples (``.field``),
+    mappings (``['key']``, so a key never reads like a child module's name), lists and tuples
+    (``[0]``), and any other object's attributes (``vars()`` / ``__slots__``: ``.loc`` of a
+    ``torch.distributions.Normal``, ``.tensors`` of torchvision's ``ImageList``), to a bounded
+    depth and without looping on cycles. What could not be followed is appended to ``notes``.
     """
+    yield from _flatten(value, path, depth, notes, set())
+
+
+def _flatten(
+    value: Any, path: str, depth: int, notes: list[str] | None, seen: set[int]
+) -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(value, torch.Tensor):
         yield path, value
-    elif depth > 8:
+    elif isinstance(value, _ATOMS):
         return
-    elif type(value) is tuple or type(value) is list:  # the hot path: plain args tuples
-        for i, item in enumerate(value):
-            yield from flatten_tensors(item, f"{path}[{i}]", depth + 1)
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            yield from flatten_tensors(item, f"{path}.{key}", depth + 1)
+    elif depth > _MAX_DEPTH:
+        _note(
+            notes, f"{path or 'the output'}: nested deeper than {_MAX_DEPTH} levels, not followed"
+        )
+    elif id(value) in seen:  # a cycle (or the same object twice): its tensors are listed once
+        return
+    else:
+        seen.add(id(value))
+        for sub, item in _parts(value, notes, path):
+            yield from _flatten(item, f"{path}{sub}", depth + 1, notes, seen)
+        seen.discard(id(value))
+
+
+def _parts(value: Any, notes: list[str] | None, path: str) -> Iterator[tuple[str, Any]]:
+    """The named parts of one container or object (one level)."""
+    if type(value) is tuple or type(value) is list:  # the hot path: plain args tuples
+        yield from ((f"[{i}]", item) for i, item in enumerate(value))
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            yield from flatten_tensors(getattr(value, f.name), f"{path}.{f.name}", depth + 1)
+        yield from ((f".{f.name}", getattr(value, f.name, None)) for f in dataclasses.fields(value))
     elif isinstance(value, tuple) and hasattr(value, "_fields"):
-        for key in value._fields:
-            yield from flatten_tensors(getattr(value, key), f"{path}.{key}", depth + 1)
+        yield from ((f".{key}", getattr(value, key)) for key in value._fields)
+    elif isinstance(value, Mapping):
+        yield from ((f"[{key!r}]", item) for key, item in value.items())
     elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            yield from flatten_tensors(item, f"{path}[{i}]", depth + 1)
+        yield from ((f"[{i}]", item) for i, item in enumerate(value))
+    elif isinstance(value, (nn.Module, type)) or callable(value):
+        _note(notes, f"{path or 'the output'}: a {type(value).__name__}, not followed")
+    else:
+        yield from _attributes(value, notes, path)
+
+
+def _attributes(value: Any, notes: list[str] | None, path: str) -> Iterator[tuple[str, Any]]:
+    """An object's instance attributes; private ones of torch's own classes are internals."""
+    names: dict[str, None] = dict.fromkeys(getattr(value, "__dict__", {}))
+    for klass in type(value).__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        names.update(dict.fromkeys([slots] if isinstance(slots, str) else slots))
+    if not names:
+        _note(notes, f"{path or 'the output'}: a {type(value).__name__} (no attributes to follow)")
+        return
+    internal = type(value).__module__.split(".")[0] == "torch"
+    for name in names:
+        if name.startswith("__") or (internal and name.startswith("_")):
+            continue
+        try:
+            item = getattr(value, name)
+        except AttributeError:  # an unset slot
+            continue
+        if not callable(item) or isinstance(item, torch.Tensor):
+            yield f".{name}", item
+
+
+def _note(notes: list[str] | None, text: str) -> None:
+    if notes is not None and text not in notes:
+        notes.append(text)
+
+
+def describe_value(value: Any) -> str:
+    """A short description of a value that holds no tensor: ``None``, ``a str 'abc'``."""
+    if value is None:
+        return "None"
+    text = repr(value) if isinstance(value, (str, bytes, int, float, bool)) else ""
+    text = f" {text[:40]}{'...' if len(text) > 40 else ''}" if text else ""
+    return f"a {type(value).__name__}{text}"
 
 
 # GradFacts' first seven fields, read in the hook; the dataclass is built once, at the end.

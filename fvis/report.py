@@ -17,6 +17,8 @@ Schema ``fvis.report/1`` (fields are only ever added)::
                    "images": [{"file", "sample", "layout", "shown_channels", "total_channels",
                                "note", "channels": [[index, min, max], ...]}]}],
      "never_ran": [layer, ...], "warnings": [str, ...],
+     "output_notes": [{"layer", "note"}, ...],  # what a captured layer's output held that
+                                                 # could not be captured (no tensor, ...)
      "layers": [{"name", "class", "depth", "leaf", "nested_model", "params", "shared_with"}],
      "backward": null | {"target", "error", "params": [{"layer", "trainable", "received",
                                                         "starved"}]}}
@@ -63,6 +65,7 @@ class ReportInput:
     images: Mapping[str, Sequence[ImageRef]] = field(default_factory=dict)  # by capture label
     verdicts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # by capture label
     warnings: Sequence[str] = ()
+    output_notes: Mapping[str, Sequence[str]] = field(default_factory=dict)  # by layer
 
 
 def build_report(
@@ -88,6 +91,11 @@ def build_report(
         "captures": [_capture_json(c, data) for c in data.captures],
         "never_ran": list(data.never_ran),
         "warnings": list(data.warnings),
+        "output_notes": [
+            {"layer": layer, "note": note}
+            for layer, notes in data.output_notes.items()
+            for note in notes
+        ],
         "backward": _backward_json(backward),
         "layers": _layers_json(tree),
     }
@@ -183,6 +191,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "**Never ran:** " + ", ".join(f"`{_code(n)}`" for n in report["never_ran"])]
     for warning in report["warnings"]:
         lines.append(f"\n> warning: {_md(warning)}")
+    for item in report.get("output_notes", []):
+        lines.append(f"\n> note: `{_code(item['layer'])}` {_md(item['note'])}")
     lines += ["", "## Pictures", ""]
     for c in report["captures"]:
         for image in c["images"]:
@@ -250,7 +260,15 @@ def to_table(report: Mapping[str, Any]) -> Any:
         )
     for name in report["never_ran"]:
         table.add_row(for_terminal(name), "-", "-", "-", "-", "[red]never ran[/red]")
+    for item in report.get("output_notes", []):
+        note = for_terminal(item["note"])
+        table.add_row(for_terminal(item["layer"]), "-", "-", "-", "-", f"[yellow]{note}[/yellow]")
     return table
+
+
+def output_note_lines(report: Mapping[str, Any]) -> list[str]:
+    """``layer: note`` for each captured layer whose output held something not captured."""
+    return [f"{item['layer']}: {item['note']}" for item in report.get("output_notes", [])]
 
 
 def backward_lines(report: Mapping[str, Any]) -> list[str]:
