@@ -16,7 +16,8 @@ Grids keep the ``max_channels`` channels with the most energy (mean square over 
 values), in their original order. Normalisation uses robust order-statistic percentiles
 over finite values, per channel or over all shown channels (``NormScope``; strips and
 heatmaps are always normalised as a whole). A body larger than 2048 x 2048 pixels is
-subsampled by a stride, and the note says so.
+downsampled by blocks, each drawn as its value of largest magnitude (so extremes stay
+visible), and the note says so.
 
 Colour table (256 entries): indices ``0..250`` are the colour map (low -> high), then
 
@@ -289,17 +290,33 @@ def _top_by_energy(maps: NDArray[np.floating], k: int) -> tuple[int, ...]:
 
 
 def _subsample(view: _View) -> _View:
-    """Take every n-th row and column (or value) when the body would be huge."""
+    """Shrink a huge body by blocks, keeping each block's value of largest magnitude (its
+    sign too; NaN first, then +/-Inf), so a single outlier row, column or value stays
+    visible: a stride would drop it."""
     step = math.ceil(math.sqrt(view.data.size / _MAX_BODY_PIXELS))
     if step <= 1:
         return view
     if view.data.ndim == 1:
         step = math.ceil(view.data.size / _MAX_BODY_PIXELS)
-        data, what = view.data[::step], "values"
+        data, what = _block_extremes(view.data[None, :], 1, step)[0], f"run of {step} values"
     else:
-        data, what = view.data[..., ::step, ::step], "rows and columns"
-    note = f"subsampled: 1 in {step} {what} shown"
+        data, what = _block_extremes(view.data, step, step), f"{step}x{step} block"
+    note = f"downsampled: each {what} drawn as its value of largest magnitude"
     return _View(view.layout, data, view.shown, view.total, (*view.notes, note))
+
+
+def _block_extremes(data: NDArray[np.floating], sy: int, sx: int) -> NDArray[np.floating]:
+    """The last two axes reduced by (sy, sx) blocks to the entry of largest magnitude."""
+    *lead, h, w = data.shape
+    rows, cols = -(-h // sy), -(-w // sx)
+    # Zero padding never wins: a block of zeros and padding is zero anyway.
+    padded = np.zeros((*lead, rows * sy, cols * sx), data.dtype)
+    padded[..., :h, :w] = data
+    blocks = padded.reshape(*lead, rows, sy, cols, sx)
+    blocks = np.moveaxis(blocks, -3, -2).reshape(*lead, rows, cols, sy * sx)
+    with np.errstate(invalid="ignore"):
+        pick = np.argmax(np.abs(blocks), axis=-1)  # argmax returns the first NaN if any
+    return np.take_along_axis(blocks, pick[..., None], axis=-1)[..., 0]
 
 
 # --- values to palette indices ---------------------------------------------------------
