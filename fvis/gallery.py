@@ -66,9 +66,7 @@ class Gallery:
             return
         key = _key(capture)
         offset = (capture.batch or 0) * self.batch_size  # sample index across batches
-        title = (
-            f"{capture.layer}{'#' + str(capture.call) if capture.call > 1 else ''}{capture.path}"
-        )
+        title = _title(capture, capture.call > 1)  # the first call: see name_files
         if self.all_samples and len(capture.shape) >= 2:
             for index in range(values.shape[0]):
                 label = self._sample(offset + index)
@@ -122,9 +120,13 @@ class Gallery:
 
     def name_files(self, captures: Sequence[Capture]) -> dict[str, list[ImageRef]]:
         """Give every picture a safe, unique file name; returns refs by capture label."""
+        from fvis.render import retitle
+
         entries = []
         for capture in captures:
             for sample, image, info, ranges in self._pictures.get(_key(capture), []):
+                if capture.call == 1 and capture.calls_total > 1:  # relu -> relu#1
+                    image = retitle(image, info, _title(capture, False), _title(capture, True))
                 stem = (
                     capture.label
                     if sample is None
@@ -165,6 +167,11 @@ class Gallery:
         for name, image in pictures:
             self.encoded[name] = encode_png(image)
             folder.write_bytes(name, self.encoded[name])
+
+
+def _title(capture: Capture, numbered: bool) -> str:
+    """``relu#2.out``: the label without the batch (pictures say their sample apart)."""
+    return f"{capture.layer}{f'#{capture.call}' if numbered else ''}{capture.path}"
 
 
 def _key(capture: Capture) -> tuple[int | None, str, int, str]:

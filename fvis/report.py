@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fvis.text import for_terminal, for_terminal_plain, num_text, shape_text
+from fvis.text import for_terminal, for_terminal_plain, link_target, num_text, shape_text
 
 SCHEMA = "fvis.report/1"
 
@@ -198,7 +198,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         for image in c["images"]:
             note = f" ({_md(image['note'])})" if image["note"] else ""
             lines.append(
-                f"### `{_code(c['label'])}`{note}\n\n![{_md(c['label'])}](<{image['file']}>)\n"
+                f"### `{_code(c['label'])}`{note}\n\n"
+                f"![{_md(c['label'])}](<{link_target(image['file'])}>)\n"
             )
     return "\n".join(lines) + "\n"
 

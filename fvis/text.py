@@ -77,3 +77,15 @@ def num_text(value: float | None) -> str:
 def shape_text(shape: Iterable[int]) -> str:
     """``(1, 3, 224, 224)``: how shapes read everywhere fvis prints them."""
     return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def link_target(name: str) -> str:
+    """A relative link to a file: percent-encoded, so ``relu#1.png`` is not read as the page
+    ``relu`` with the fragment ``1.png`` (``?``, ``%``, spaces and quotes likewise).
+
+    >>> link_target("relu#1@cat.png")
+    'relu%231%40cat.png'
+    """
+    from urllib.parse import quote
+
+    return quote(name, safe="")
