@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from fvis.choices import Mode
-from fvis.errors import ModelInputError, first_line
+from fvis.errors import ModelInputError, first_line, torchscript_refused
 from fvis.stats import Stats, tensor_stats
 
 
@@ -237,6 +237,7 @@ def capture(
     ``calls_total`` and the in-place facts are not known yet at that moment); with
     ``callback_values=False`` it gets no values (a progress display needs none: no copy).
     """
+    _refuse_script(model, layers)
     tree = _walk(model)
     targets = _targets(tree, layers)
     session = _Session(
@@ -265,6 +266,19 @@ def capture(
             if module.training != training:
                 module.training = training
     return session.result(output, mode)
+
+
+def _refuse_script(model: nn.Module, layers: Sequence[str]) -> None:
+    """A ScriptModule never calls Python hooks: every layer would be reported "never ran"."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise torchscript_refused(f"the model ({type(model).__name__})")
+    for layer in layers:
+        parts = layer.split(".") if layer else []
+        module: nn.Module | None = model
+        for depth, part in enumerate(parts):
+            module = getattr(module, "_modules", {}).get(part)
+            if isinstance(module, torch.jit.ScriptModule):
+                raise torchscript_refused(f"layer {'.'.join(parts[: depth + 1])!r}")
 
 
 @dataclass(frozen=True)

@@ -846,11 +846,9 @@ def _load_safetensors(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module
 
 def _load_torchscript(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, list[str]]:
     if not options.arch:
-        raise UsageError(
-            f"{sniffed.path} is a TorchScript archive: hooks do not work on ScriptModules",
-            hint="give the Python class with --arch (its weights are loaded into it), "
-            "or re-export the model with torch.export",
-        )
+        from fvis.errors import torchscript_refused  # one message with fvis.capture's refusal
+
+        raise torchscript_refused(f"{sniffed.path} (a TorchScript archive)")
     state = read_tensors_as_data(sniffed)
     return _with_arch(sniffed, options, state, ["loaded TorchScript weights into --arch"])
 

@@ -4,9 +4,11 @@ labels never collide with module names, and an output without tensors gets a not
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -15,6 +17,7 @@ from typer.testing import CliRunner
 from fvis.api import DumpOptions, ModelRef, dump
 from fvis.capture import capture, flatten_tensors
 from fvis.cli import app
+from fvis.errors import UsageError
 from fvis.grads import diagnose
 from fvis.inputs import InputOptions
 from fvis.loading import LoadOptions
@@ -192,3 +195,20 @@ def test_check_names_the_layer_that_returned_no_tensor(tmp_path: Path, monkeypat
         {"layer": "transform", "note": "returned a str 'prepared': no tensor to capture"}
     ]
     assert "transform" in (tmp_path / "out" / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- TorchScript
+
+
+def test_capture_refuses_a_scripted_model_like_the_cli() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated
+        scripted = torch.jit.script(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+        outer = nn.Sequential(nn.Linear(2, 2), torch.jit.script(nn.ReLU()))
+    x = torch.ones(1, 2)
+    with pytest.raises(UsageError, match="hooks do not work on ScriptModules") as caught:
+        capture(scripted, [x], ["0"])
+    assert "torch.export" in (caught.value.hint or "")
+    with pytest.raises(UsageError, match="layer '1' is TorchScript"):
+        capture(outer, [x], ["1"])
+    assert [c.label for c in capture(outer, [x], ["0"]).captures] == ["0"]
