@@ -492,6 +492,10 @@ def build_arch(spec: str, kwargs: Mapping[str, Any], device: str = "cpu") -> nn.
     except TypeError as exc:
         raise UsageError(f"--arch {spec}: {exc}", hint="check --arch-kwargs") from None
     except Exception as exc:
+        from fvis.downloads import download_refusal, tried_to_download
+
+        if tried_to_download(exc):
+            raise download_refusal(spec, exc) from None
         raise ModelInputError(f"--arch {spec} failed to build the model: {exc}") from None
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"--arch {spec} returned a {type(model).__name__}, not an nn.Module")
