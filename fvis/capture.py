@@ -225,12 +225,16 @@ def capture(
     on_capture: Callable[[Capture], None] | None = None,
     batch: int | None = None,
     callback_values: bool = True,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> CaptureResult:
     """Run ``model`` once and capture the outputs of the dotted ``layers``.
 
     >>> result = capture(model, [x], ["inner.relu"])          # doctest: +SKIP
     >>> [c.label for c in result.captures]
     ['inner.relu']
+
+    ``inputs`` are positional (a sequence) or keyword (a mapping); ``kwargs`` adds keyword
+    inputs to positional ones: ``capture(model, [ids], layers, kwargs={"mask": mask})``.
 
     ``sample`` picks the batch element whose values are kept for pictures (``None``: all).
     ``on_capture`` sees each capture as soon as its call returns (for streaming rendering:
@@ -257,7 +261,7 @@ def capture(
         with ExitStack() as stack:
             stack.enter_context(_grad_context(mode))
             session.install(model, stack)
-            output = _run(model, inputs, session)
+            output = _run(model, inputs, kwargs or {}, session)
             session.finish()
     finally:
         # Per module, and only where a flag changed (Module.__setattr__ is slow): model.train(x)
@@ -344,11 +348,16 @@ def _grad_context(mode: Mode) -> Iterator[None]:
             yield
 
 
-def _run(model: nn.Module, inputs: Sequence[Any] | Mapping[str, Any], session: _Session) -> Any:
+def _run(
+    model: nn.Module,
+    inputs: Sequence[Any] | Mapping[str, Any],
+    kwargs: Mapping[str, Any],
+    session: _Session,
+) -> Any:
+    if isinstance(inputs, Mapping):
+        inputs, kwargs = (), {**inputs, **kwargs}
     try:
-        if isinstance(inputs, Mapping):
-            return model(**inputs)
-        return model(*inputs)
+        return model(*inputs, **kwargs)
     except Exception as exc:
         first = first_line(exc)
         failed_in = session.stack[-1].name if session.stack else ""  # innermost unfinished
