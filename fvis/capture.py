@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fvis.axes import Axis, channel_axis, decide
 from fvis.choices import Mode
 from fvis.errors import ModelInputError, first_line, torchscript_refused
 from fvis.stats import Stats, tensor_stats
@@ -253,6 +254,7 @@ def capture(
         batch,
         hold=mode is Mode.GRAD,
         callback_values=callback_values,
+        by_name=tree.by_name,
     )
     modes = {module: module.training for module in tree.modules.values()}
     if _needs_train_call(modes, train):
@@ -384,7 +386,9 @@ class _Session:
         batch: int | None = None,
         hold: bool = False,
         callback_values: bool = True,
+        by_name: Mapping[str, nn.Module] | None = None,
     ) -> None:
+        self.by_name = by_name or {}
         self.callback_values = on_capture is not None and callback_values
         self.batch = batch
         # Grad mode: the graph keeps most captured tensors alive anyway, so hold them and
@@ -531,14 +535,34 @@ class _Session:
         device = "cpu" if tensor.is_cpu else _device(tensor.device)
         info = (tuple(tensor.shape), _dtype(tensor.dtype), device)
         seq = len(self.live) + len(self.done)
-        item = _Live(
-            key, layer, call, path, info, facts, tensor_stats(tensor), values, call_id, ref, seq
-        )
+        axis = self._axis(key, record, info[0]).dim if tensor.dim() >= 3 else 1
+        stats = tensor_stats(tensor, axis)
+        item = _Live(key, layer, call, path, info, facts, stats, values, call_id, ref, seq)
         if self.on_capture is not None:
             self.on_capture(item.capture(self.batch))
         if not self.keep_values:
             item.values = None
         self.live.append(item)
+
+    def _axis(self, key: int, record: CallRecord, shape: tuple[int, ...]) -> Axis:
+        """The channel dim of this output (``fvis.axes``), from its module or its producer."""
+
+        def producer() -> Axis | None:
+            # Calls that finished before this one started, newest first, with this shape.
+            checked = 0
+            for earlier in reversed(self.trace):
+                if earlier.call_id >= record.call_id or shape not in earlier.output_shapes:
+                    continue
+                module = self.by_name.get(earlier.name)
+                found = decide(module, shape) if module is not None else None
+                checked += 1
+                if found is not None:
+                    return Axis(found.dim, f"{found.reason} (in {earlier.name or 'the model'})")
+                if checked >= 16:
+                    break
+            return None
+
+        return channel_axis(self.targets[key][1], shape, producer)
 
     def _check_versions(self) -> None:
         # Called after every module call: an in-place op by a later module (ReLU(inplace=True))

@@ -70,12 +70,14 @@ class Gallery:
         if self.all_samples and len(capture.shape) >= 2:
             for index in range(values.shape[0]):
                 label = self._sample(offset + index)
-                image, info = render(values[index], f"{title} @{label}", self.options)
-                ranges = _channel_ranges(values[index], info)
+                shown, notes = channels_first(values[index], capture)
+                image, info = render(shown, f"{title} @{label}", self.options, notes)
+                ranges = _channel_ranges(shown, info)
                 self._pictures.setdefault(key, []).append((offset + index, image, info, ranges))
         else:
-            image, info = render(values, title, self.options)
-            ranges = _channel_ranges(values, info)
+            shown, notes = channels_first(values, capture)
+            image, info = render(shown, title, self.options, notes)
+            ranges = _channel_ranges(shown, info)
             self._pictures.setdefault(key, []).append((None, image, info, ranges))
 
     def add_input(self, display: Any) -> None:
@@ -107,6 +109,8 @@ class Gallery:
             else:
                 pairs = [(offset + self.sample_index, capture.values, grad)]
             for index, values, sample_grad in pairs:
+                # an (N, H, W, C) map and its gradient: channels first, as gradcam expects
+                values, sample_grad = (channels_first(v, capture)[0] for v in (values, sample_grad))
                 cam = gradcam(values, sample_grad)
                 if cam is None:
                     continue
@@ -167,6 +171,19 @@ class Gallery:
         for name, image in pictures:
             self.encoded[name] = encode_png(image)
             folder.write_bytes(name, self.encoded[name])
+
+
+def channels_first(values: Any, capture: Capture) -> tuple[Any, tuple[str, ...]]:
+    """One sample's values with its channels on dim 0 for a grid of tiles, and a note when
+    they were moved there: an ``(N, H, W, C)`` map is drawn as C tiles of H x W, not H tiles
+    of W x C (``fvis.axes`` says which dim holds the channels)."""
+    import numpy as np
+
+    full = len(capture.shape)
+    axis = capture.stats.channel_axis
+    if axis is None or axis != full - 1 or values.ndim < 3 or values.ndim != full - 1:
+        return values, ()
+    return np.moveaxis(values, -1, 0), (f"channels: last dim ({capture.shape[-1]})",)
 
 
 def _title(capture: Capture, numbered: bool) -> str:

@@ -160,13 +160,18 @@ class _View:
 
 
 def render(
-    values: ArrayLike, title: str, options: RenderOptions = DEFAULT_OPTIONS
+    values: ArrayLike,
+    title: str,
+    options: RenderOptions = DEFAULT_OPTIONS,
+    notes: tuple[str, ...] = (),
 ) -> tuple[Image.Image, RenderInfo]:
     """Draw one sample's activation as a palette image with a title strip.
 
     >>> image, info = render(np.arange(12.0).reshape(3, 2, 2), "inner.relu #1")
     >>> image.mode, info.layout, info.shown_channels, info.value_range
     ('P', <Layout.GRID: 'grid'>, (0, 1, 2), (0.0, 11.0))
+
+    ``notes`` (what the caller did to the values, e.g. moved channels first) lead the notes.
     """
     arr = _as_real(values)
     value_range, nan_count, posinf_count, neginf_count = _stats(arr)
@@ -176,6 +181,8 @@ def render(
     else:
         view = _subsample(_select_view(arr, options.max_channels))
         body = _draw_body(view, options)
+    if notes:
+        view = _View(view.layout, view.data, view.shown, view.total, (*notes, *view.notes))
     counts = (nan_count, posinf_count, neginf_count)
     lines = _header_lines(title, arr.shape, value_range, view.notes, counts)
     image = _compose(lines, body, options.cmap)

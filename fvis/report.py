@@ -12,7 +12,8 @@ Schema ``fvis.report/1`` (fields are only ever added)::
                             "is_leaf", "is_inference", "version", "version_after",
                             "grad_fn_after", "modified_in_place"},
                    "stats": {"numel", "min", "max", "mean", "std", "zero_fraction", "nan",
-                             "posinf", "neginf", "channels", "dead_channels"},
+                             "posinf", "neginf", "channels", "dead_channels",
+                             "channel_axis"},  # the dim counted as channels (fvis.axes)
                    "verdict": {...} | null,
                    "images": [{"file", "sample", "layout", "shown_channels", "total_channels",
                                "note", "channels": [[index, min, max], ...]}]}],
@@ -310,5 +311,9 @@ def _row_notes(c: Mapping[str, Any]) -> str:
     if s["nan"] or s["posinf"] or s["neginf"]:
         notes.append(f"[red]NaN {s['nan']}, +Inf {s['posinf']}, -Inf {s['neginf']}[/red]")
     if s["dead_channels"]:
-        notes.append(f"[yellow]{s['dead_channels']} of {s['channels']} channels all zero[/yellow]")
+        last = s.get("channel_axis") == len(c["shape"]) - 1  # features, not dim 1
+        where = " (last dim)" if last else ""
+        notes.append(
+            f"[yellow]{s['dead_channels']} of {s['channels']} channels{where} all zero[/yellow]"
+        )
     return "; ".join(notes)
