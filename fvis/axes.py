@@ -81,14 +81,35 @@ def decide(module: nn.Module, shape: tuple[int, ...], depth: int = 0) -> Axis | 
 
 
 def _by_type(module: nn.Module, shape: tuple[int, ...]) -> Axis | None:
+    """The axis a module's type implies for a tensor of ``shape`` (its own output, or its
+    parent's when the parent reshaped after it: then sizes must agree, or it says nothing)."""
     last, name = len(shape) - 1, type(module).__name__
     if isinstance(module, _FIRST) or (isinstance(module, nn.LayerNorm) and name.endswith("2d")):
-        return Axis(1, f"dim 1: {name} works on channels first")  # incl. ConvNeXt's LayerNorm2d
+        size = _channels_first_size(module)  # incl. ConvNeXt's LayerNorm2d
+        if size is None or size == shape[1]:
+            return Axis(1, f"dim 1: {name} works on channels first")
+        if size == shape[-1]:  # timm's PatchEmbed: conv, then flattened to (N, T, D)
+            return Axis(last, f"last dim: the {size} channels of {name} moved there")
+        return None
     if name == "Permute" and isinstance(getattr(module, "dims", None), (list, tuple)):
         return _permuted(list(module.dims), last)
     features = _features(module)
     if features is not None and features == shape[-1]:
         return Axis(last, f"last dim: {name}({features}) {_verb(module)} it")
+    if features is not None and features == shape[1]:  # transposed after it
+        return Axis(1, f"dim 1: the {features} features of {name} moved there")
+    return None
+
+
+def _channels_first_size(module: nn.Module) -> int | None:
+    """The channel count a channels-first module produces, where it has one."""
+    for attr in ("out_channels", "num_features", "num_channels"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    if isinstance(module, nn.LayerNorm):
+        dims = tuple(module.normalized_shape)
+        return dims[0] if len(dims) == 1 else None
     return None
 
 

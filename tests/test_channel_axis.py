@@ -132,3 +132,28 @@ def test_a_channels_last_map_is_drawn_as_one_tile_per_channel() -> None:
         plane = values[..., index]
         assert (low, high) == pytest.approx((float(plane.min()), float(plane.max())))
     assert np.asarray(values).shape == (7, 9, 4)  # the kept values are not moved
+
+
+class _PatchEmbed(nn.Module):
+    """timm's PatchEmbed: a conv, then flattened to (N, T, D) in its own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 12, 4, stride=4)
+        self.norm = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+def test_a_container_that_moves_its_conv_channels_last_says_so() -> None:
+    model = nn.Sequential(_PatchEmbed(), nn.GELU())
+    result = capture(model, [torch.randn(1, 3, 8, 8)], ["0", "0.proj", "1"])
+    got = {c.label: (c.shape, c.stats.channel_axis) for c in result.captures}
+    assert got == {"0.proj": ((1, 12, 2, 2), 1), "0": ((1, 4, 12), 2), "1": ((1, 4, 12), 2)}
+
+
+def test_sizes_that_do_not_match_decide_nothing() -> None:
+    # a conv of 12 channels cannot be the producer of (1, 5, 7): no evidence, dim 1 assumed
+    axis = channel_axis(nn.Sequential(nn.Conv2d(3, 12, 1)), (1, 5, 7))
+    assert axis.dim == 1 and "assumed" in axis.reason

@@ -200,6 +200,23 @@ def test_gpt2_and_llama_features_are_last() -> None:
     assert [(c.stats.channel_axis, c.stats.channels) for c in got] == [(2, 32), (2, 64)]
 
 
+def test_timm_vit_tokens_are_features_last() -> None:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
+    layers = ["patch_embed.proj", "patch_embed", "blocks.0.mlp.act", "blocks.0", "norm"]
+    got = capture(model, [torch.randn(IMAGE)], layers, mode="no-grad").captures
+    axes = {c.label: (c.stats.channel_axis, c.stats.channels) for c in got}
+    assert axes == {
+        "patch_embed.proj": (1, 192),  # (1, 192, 4, 4)
+        "patch_embed": (2, 192),  # flattened to (1, 16, 192) by PatchEmbed.forward
+        "blocks.0.mlp.act": (2, 768),
+        "blocks.0": (2, 192),
+        "norm": (2, 192),
+    }
+
+
 # --------------------------------------------------------------------------- output objects
 
 
