@@ -195,6 +195,7 @@ def test_check_names_the_layer_that_returned_no_tensor(tmp_path: Path, monkeypat
         {"layer": "transform", "note": "returned a str 'prepared': no tensor to capture"}
     ]
     assert "transform" in (tmp_path / "out" / "report.md").read_text()
+    assert "returned a str &#39;prepared&#39;" in (tmp_path / "out" / "report.html").read_text()
 
 
 # --------------------------------------------------------------------------- TorchScript
