@@ -102,9 +102,15 @@ def _note(notes: list[str] | None, text: str) -> None:
 
 
 def describe_value(value: Any) -> str:
-    """A short description of a value that holds no tensor: ``None``, ``a str 'abc'``."""
+    """A short description of a value that holds no tensor.
+
+    >>> describe_value(None), describe_value("abc"), describe_value((None, None))
+    ('None', "a str 'abc'", 'a tuple of 2 items')
+    """
     if value is None:
         return "None"
+    if isinstance(value, (tuple, list, Mapping)) and not isinstance(value, str):
+        return f"a {type(value).__name__} of {len(value)} items"
     text = repr(value) if isinstance(value, (str, bytes, int, float, bool)) else ""
     text = f" {text[:40]}{'...' if len(text) > 40 else ''}" if text else ""
     return f"a {type(value).__name__}{text}"
