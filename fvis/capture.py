@@ -79,6 +79,8 @@ class Capture:
     calls_total: int = 1
     batch: int | None = None  # which forward pass, when inputs ran in several batches
     call_id: int = -1  # links to the CallRecord of the call that produced it
+    # (prefix tokens, grid height, grid width) for (N, T, D) ViT tokens made from a patch grid
+    token_grid: tuple[int, int, int] | None = None
 
     @property
     def label(self) -> str:
@@ -172,6 +174,7 @@ class _Live:
         "seq",
         "stats",
         "tensor_info",
+        "token_grid",
         "values",
     )
 
@@ -192,6 +195,7 @@ class _Live:
         self.key, self.layer, self.call, self.path = key, layer, call, path
         self.tensor_info, self.facts, self.stats, self.values = tensor_info, facts, stats, values
         self.call_id, self.ref, self.seq = call_id, ref, seq
+        self.token_grid: tuple[int, int, int] | None = None
         self.last_grad_fn, self.last_version = facts[3], facts[6]
 
     def capture(self, batch: int | None, calls_total: int = 1, final: bool = False) -> Capture:
@@ -211,6 +215,7 @@ class _Live:
             calls_total,
             batch,
             self.call_id,
+            self.token_grid,
         )
 
 
@@ -414,6 +419,7 @@ class _Session:
         self.fed_by_cut: dict[int, int] = {}
         self.notes: dict[str, list[str]] = {}  # layer -> what its output held that was not kept
         self.all_names = {name for aliases in names.values() for name in aliases}
+        self.grids: dict[tuple[int, ...], tuple[int, int, int] | None] = {}
 
     def install(self, model: nn.Module, stack: ExitStack) -> None:
         # One pair of global hooks (filtered to this model's modules) instead of a pair per
@@ -538,6 +544,8 @@ class _Session:
         axis = self._axis(key, record, info[0]).dim if tensor.dim() >= 3 else 1
         stats = tensor_stats(tensor, axis)
         item = _Live(key, layer, call, path, info, facts, stats, values, call_id, ref, seq)
+        if tensor.dim() == 3 and axis == 2:
+            item.token_grid = self._token_grid(record, info[0])
         if self.on_capture is not None:
             self.on_capture(item.capture(self.batch))
         if not self.keep_values:
@@ -563,6 +571,30 @@ class _Session:
             return None
 
         return channel_axis(self.targets[key][1], shape, producer)
+
+    def _token_grid(
+        self, record: CallRecord, shape: tuple[int, ...]
+    ) -> tuple[int, int, int] | None:
+        """Where ``(N, T, D)`` tokens came from a ``(N, D, H, W)`` patch embedding that ran
+        earlier, with ``T = prefix + H * W`` and the prefix (class, distillation, register)
+        tokens found as parameters of the model: ``(prefix, H, W)``; else None."""
+        key = shape
+        if key not in self.grids:
+            self.grids[key] = find_token_grid(self.trace, record.call_id, shape, self.prefix(shape))
+        return self.grids[key]
+
+    def prefix(self, shape: tuple[int, ...]) -> int:
+        """Tokens the model prepends (``class_token``, ``cls_token``, ``dist_token``,
+        ``reg_token`` parameters of width D)."""
+        root = self.by_name.get("")
+        if root is None:
+            return 0
+        count = 0
+        for name, param in root.named_parameters():
+            last = name.rsplit(".", 1)[-1]
+            if last in _PREFIX_TOKENS and param.dim() >= 2 and param.shape[-1] == shape[-1]:
+                count += int(param.shape[-2]) if param.dim() == 3 else 1
+        return count
 
     def _check_versions(self) -> None:
         # Called after every module call: an in-place op by a later module (ReLU(inplace=True))
@@ -609,6 +641,24 @@ class _Session:
             self.fed_by_cut,
             {layer: tuple(notes) for layer, notes in self.notes.items()},
         )
+
+
+_PREFIX_TOKENS = frozenset({"class_token", "cls_token", "dist_token", "reg_token"})
+
+
+def find_token_grid(
+    trace: Sequence[CallRecord], before: int, shape: tuple[int, ...], prefix: int
+) -> tuple[int, int, int] | None:
+    """``(prefix, H, W)`` when a call that finished before call ``before`` produced
+    ``(N, D, H, W)`` with ``T == prefix + H * W`` for tokens of ``shape`` ``(N, T, D)``."""
+    n, tokens, width = shape
+    for earlier in reversed(trace):
+        if earlier.call_id >= before:
+            continue
+        for out in earlier.output_shapes:
+            if len(out) == 4 and out[:2] == (n, width) and tokens == prefix + out[2] * out[3]:
+                return (prefix, out[2], out[3])
+    return None
 
 
 class _Frame(NamedTuple):

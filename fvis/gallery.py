@@ -181,9 +181,27 @@ def channels_first(values: Any, capture: Capture) -> tuple[Any, tuple[str, ...]]
 
     full = len(capture.shape)
     axis = capture.stats.channel_axis
+    if capture.token_grid is not None and values.ndim == 2 and values.ndim == full - 1:
+        return _on_patch_grid(values, capture.token_grid)
     if axis is None or axis != full - 1 or values.ndim < 3 or values.ndim != full - 1:
         return values, ()
     return np.moveaxis(values, -1, 0), (f"channels: last dim ({capture.shape[-1]})",)
+
+
+def _on_patch_grid(values: Any, grid: tuple[int, int, int]) -> tuple[Any, tuple[str, ...]]:
+    """``(T, D)`` ViT tokens as D tiles on their H x W patch grid (row-major, as patch
+    embeddings flatten them); the prefix (class) tokens are summarised in the note."""
+    import numpy as np
+
+    prefix, height, width = grid
+    patches = np.moveaxis(values[prefix:].reshape(height, width, values.shape[-1]), -1, 0)
+    notes = [f"channels: last dim ({values.shape[-1]}); tokens on their {height}x{width} grid"]
+    if prefix:
+        head = values[:prefix]
+        finite = head[np.isfinite(head)]
+        shown = f"[{finite.min():.3g}, {finite.max():.3g}]" if finite.size else "no finite values"
+        notes.append(f"{prefix} class token{'s' if prefix > 1 else ''} not drawn: {shown}")
+    return patches, tuple(notes)
 
 
 def _title(capture: Capture, numbered: bool) -> str:

@@ -7,7 +7,9 @@ Schema ``fvis.report/1`` (fields are only ever added)::
      "model": {"file", "format", "sha256", "class", "params", "trainable", "frozen", "notes"},
      "input": {"description", "shapes", "dtypes", "samples", "image"},
      "mode": "grad" | "no-grad" | "inference", "train": bool,
-     "captures": [{"label", "layer", "call", "calls", "path", "shape", "dtype", "device",
+     "captures": [{"label", "layer", "call", "calls", "path", "shape", "token_grid",
+                   # token_grid: [prefix tokens, H, W] of ViT tokens on a patch grid, or null
+                   "dtype", "device",
                    "grad": {"grad_enabled", "inference_mode", "requires_grad", "grad_fn",
                             "is_leaf", "is_inference", "version", "version_after",
                             "grad_fn_after", "modified_in_place"},
@@ -153,6 +155,7 @@ def _capture_json(capture: Any, data: ReportInput) -> dict[str, Any]:
         "calls": capture.calls_total,
         "path": capture.path,
         "shape": list(capture.shape),
+        "token_grid": list(capture.token_grid) if capture.token_grid else None,
         "dtype": capture.dtype,
         "device": capture.device,
         "grad": grad,

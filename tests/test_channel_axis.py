@@ -157,3 +157,42 @@ def test_sizes_that_do_not_match_decide_nothing() -> None:
     # a conv of 12 channels cannot be the producer of (1, 5, 7): no evidence, dim 1 assumed
     axis = channel_axis(nn.Sequential(nn.Conv2d(3, 12, 1)), (1, 5, 7))
     assert axis.dim == 1 and "assumed" in axis.reason
+
+
+class _TinyVit(nn.Module):
+    """torchvision's ViT in miniature: conv patches, flattened, a class token in front."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_proj = nn.Conv2d(3, 8, 4, stride=4)
+        self.class_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.conv_proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.class_token.expand(x.shape[0], -1, -1), tokens], dim=1)
+        return self.norm(tokens)
+
+
+def test_vit_tokens_are_drawn_on_their_patch_grid() -> None:
+    torch.manual_seed(0)
+    model = _TinyVit()
+    result = capture(model, [torch.randn(1, 3, 16, 12)], ["norm"])
+    (norm,) = result.captures
+    assert norm.shape == (1, 13, 8) and norm.token_grid == (1, 4, 3)
+    gallery = Gallery.from_options(DumpOptions(), ())
+    gallery.add(norm)
+    (ref,) = gallery.name_files(result.captures)["norm"]
+    assert ref.layout == "grid" and ref.total_channels == 8
+    assert "tokens on their 4x3 grid" in ref.note and "1 class token not drawn" in ref.note
+    # tile c, pixel (i, j) is patch token 1 + 3 i + j, feature c: compare ranges per feature
+    patches = norm.values[1:].reshape(4, 3, 8)
+    for index, low, high in ref.channels:
+        plane = patches[..., index]
+        assert (low, high) == pytest.approx((float(plane.min()), float(plane.max())))
+
+
+def test_tokens_without_a_patch_grid_stay_a_heatmap() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+    result = capture(model, [torch.randn(1, 10, 4)], ["1"])
+    assert result.captures[0].token_grid is None

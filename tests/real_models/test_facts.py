@@ -208,6 +208,7 @@ def test_timm_vit_tokens_are_features_last() -> None:
     layers = ["patch_embed.proj", "patch_embed", "blocks.0.mlp.act", "blocks.0", "norm"]
     got = capture(model, [torch.randn(IMAGE)], layers, mode="no-grad").captures
     axes = {c.label: (c.stats.channel_axis, c.stats.channels) for c in got}
+    assert {c.label: c.token_grid for c in got}["blocks.0"] == (1, 4, 4)  # cls + 4x4 patches
     assert axes == {
         "patch_embed.proj": (1, 192),  # (1, 192, 4, 4)
         "patch_embed": (2, 192),  # flattened to (1, 16, 192) by PatchEmbed.forward
@@ -215,6 +216,19 @@ def test_timm_vit_tokens_are_features_last() -> None:
         "blocks.0": (2, 192),
         "norm": (2, 192),
     }
+
+
+def test_torchvision_vit_tokens_sit_on_their_patch_grid() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None, image_size=64).eval()
+    layer = "encoder.layers.encoder_layer_0"
+    x = torch.randn(IMAGE)
+    with stashed(model, [layer, "conv_proj"]) as seen, torch.no_grad():
+        model(x)
+    (block,) = capture(model, [x], [layer], mode="no-grad").captures
+    assert seen["conv_proj"].shape == (1, 768, 4, 4) and seen[layer].shape == (1, 17, 768)
+    assert block.token_grid == (1, 4, 4)
+    assert (block.stats.channel_axis, block.stats.channels) == (2, 768)
 
 
 # --------------------------------------------------------------------------- output objects
