@@ -16,12 +16,15 @@ The axis is read from the module that produced the tensor, never guessed from si
   a tensor of the same shape just before it ran (``producer``).
 
 With no evidence the old convention, dim 1, stays, and the reason says it was assumed.
+
+ViT tokens ``(N, 1+HW, D)`` are also placed back on their patch grid when the trace holds the
+``(N, D, H, W)`` patch embedding they were flattened from (``find_token_grid``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -143,3 +146,35 @@ def _permuted(dims: list[int], last: int) -> Axis | None:
     if dims[1] == last:
         return Axis(1, f"dim 1: Permute{tuple(dims)} moves channels first")
     return None
+
+
+# --------------------------------------------------------------------------- ViT tokens
+
+_PREFIX_TOKENS = frozenset({"class_token", "cls_token", "dist_token", "reg_token"})
+
+
+def find_token_grid(
+    trace: Sequence[Any], before: int, shape: tuple[int, ...], prefix: int
+) -> tuple[int, int, int] | None:
+    """``(prefix, H, W)`` when a call (a ``fvis.capture.CallRecord`` of ``trace``) that
+    finished before call ``before`` produced ``(N, D, H, W)`` with ``T == prefix + H * W``
+    for tokens of ``shape`` ``(N, T, D)``."""
+    n, tokens, width = shape
+    for earlier in reversed(trace):
+        if earlier.call_id >= before:
+            continue
+        for out in earlier.output_shapes:
+            if len(out) == 4 and out[:2] == (n, width) and tokens == prefix + out[2] * out[3]:
+                return (prefix, out[2], out[3])
+    return None
+
+
+def prefix_tokens(model: nn.Module, width: int) -> int:
+    """Tokens ``model`` prepends to its patches: ``class_token``, ``cls_token``,
+    ``dist_token`` and ``reg_token`` parameters of width ``width``."""
+    count = 0
+    for name, param in model.named_parameters():
+        last = name.rsplit(".", 1)[-1]
+        if last in _PREFIX_TOKENS and param.dim() >= 2 and param.shape[-1] == width:
+            count += int(param.shape[-2]) if param.dim() == 3 else 1
+    return count

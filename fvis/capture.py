@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fvis.axes import Axis, channel_axis, decide
+from fvis.axes import Axis, channel_axis, decide, find_token_grid, prefix_tokens
 from fvis.choices import Mode
 from fvis.errors import ModelInputError, first_line, torchscript_refused
 from fvis.outputs import describe_value, flatten_tensors
@@ -584,17 +584,8 @@ class _Session:
         return self.grids[key]
 
     def prefix(self, shape: tuple[int, ...]) -> int:
-        """Tokens the model prepends (``class_token``, ``cls_token``, ``dist_token``,
-        ``reg_token`` parameters of width D)."""
         root = self.by_name.get("")
-        if root is None:
-            return 0
-        count = 0
-        for name, param in root.named_parameters():
-            last = name.rsplit(".", 1)[-1]
-            if last in _PREFIX_TOKENS and param.dim() >= 2 and param.shape[-1] == shape[-1]:
-                count += int(param.shape[-2]) if param.dim() == 3 else 1
-        return count
+        return prefix_tokens(root, shape[-1]) if root is not None else 0
 
     def _check_versions(self) -> None:
         # Called after every module call: an in-place op by a later module (ReLU(inplace=True))
@@ -641,24 +632,6 @@ class _Session:
             self.fed_by_cut,
             {layer: tuple(notes) for layer, notes in self.notes.items()},
         )
-
-
-_PREFIX_TOKENS = frozenset({"class_token", "cls_token", "dist_token", "reg_token"})
-
-
-def find_token_grid(
-    trace: Sequence[CallRecord], before: int, shape: tuple[int, ...], prefix: int
-) -> tuple[int, int, int] | None:
-    """``(prefix, H, W)`` when a call that finished before call ``before`` produced
-    ``(N, D, H, W)`` with ``T == prefix + H * W`` for tokens of ``shape`` ``(N, T, D)``."""
-    n, tokens, width = shape
-    for earlier in reversed(trace):
-        if earlier.call_id >= before:
-            continue
-        for out in earlier.output_shapes:
-            if len(out) == 4 and out[:2] == (n, width) and tokens == prefix + out[2] * out[3]:
-                return (prefix, out[2], out[3])
-    return None
 
 
 class _Frame(NamedTuple):
