@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import importlib
 import io
 import math
 import os
@@ -109,7 +110,7 @@ def fast_stats_factory():  # type: ignore[no-untyped-def]
 
 
 def whatif(reps: int) -> str:
-    import fvis.capture as cap
+    cap = importlib.import_module("fvis.capture")  # `fvis.capture` is the function
     from fvis.capture import Mode, capture
     from fvis.stats import Stats
 
@@ -422,7 +423,7 @@ def main() -> None:
                     lambda mode=mode: capture(model, [x], layers, mode=mode, keep_values=False), 20
                 )
             )
-        import fvis.capture as cap
+        cap = importlib.import_module("fvis.capture")  # `fvis.capture` is the function
         from fvis.stats import Stats
 
         original = cap.tensor_stats

@@ -11,6 +11,8 @@ imported lazily so ``import fvis`` (and ``fvis --help``) does not import torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -64,3 +66,22 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package object: importing a submodule never rebinds a public name.
+
+    Python's import system sets ``fvis.capture = <module fvis.capture>`` once the submodule is
+    imported (here, as soon as anything from it is used), which would shadow the public
+    function ``fvis.capture`` (and ``fvis.render``). Such an assignment is dropped, so the
+    lazy ``__getattr__`` above keeps answering with the function. Submodules stay reachable
+    through ``sys.modules`` and ``from fvis.capture import ...``.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

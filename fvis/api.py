@@ -118,17 +118,13 @@ def trace_runs(loaded: LoadedModel, prepared: Prepared) -> dict[str, LayerRuns]:
     """Calls and output shapes of every module, from one forward pass under inference mode."""
     from fvis.capture import Mode, capture
 
-    result = capture(loaded.module, _call_args(prepared), [], mode=Mode.INFERENCE)
+    result = capture(loaded.module, prepared.args, [], mode=Mode.INFERENCE, kwargs=prepared.kwargs)
     runs: dict[str, LayerRuns] = {}
     for record in result.trace:
         previous = runs.get(record.name)
         shapes = previous.output_shapes if previous else record.output_shapes
         runs[record.name] = LayerRuns(record.call, shapes)
     return runs
-
-
-def _call_args(prepared: Prepared) -> Any:
-    return prepared.kwargs if prepared.kwargs and not prepared.args else prepared.args
 
 
 # --------------------------------------------------------------------------- dump
@@ -264,12 +260,14 @@ def _run_dump(
     verdicts: dict[str, Any] = {}
     flows = []
     never_sets: list[tuple[str, ...]] = []
+    output_notes: dict[str, list[str]] = {}
     chunks = _batches(prepared, options.batch_size)
-    for index, args in enumerate(chunks):
+    for index, (args, kwargs) in enumerate(chunks):
         result = capture(
             loaded.module,
             args,
             layers,
+            kwargs=kwargs,
             mode=Mode(options.mode),
             train=options.train,
             sample=sample,
@@ -283,6 +281,9 @@ def _run_dump(
         verdicts.update(verdict_dicts(diagnose(result)))
         flows.append(_backward(loaded, result, options, sample))
         never_sets.append(result.never_ran)
+        for layer, texts in result.output_notes.items():
+            known = output_notes.setdefault(layer, [])
+            known += [t for t in texts if t not in known]
         del result
     never_ran = tuple(n for n in never_sets[0] if all(n in s for s in never_sets))
     flow = merge_flows(flows)
@@ -290,6 +291,7 @@ def _run_dump(
         gallery.add_gradcams(captures, flow.grads, prepared.displays)
     images = gallery.name_files(captures)
     data = _report_input(loaded, prepared, tree, options, captures, never_ran, images, verdicts)
+    data = dataclasses.replace(data, output_notes=output_notes)
     if len(chunks) > 1:
         notes.append(
             f"ran {prepared.batch_size} samples in {len(chunks)} batches of at most "
@@ -310,22 +312,24 @@ def _which_sample(sample: int | str | None, prepared: Prepared) -> int | None:
     return sample
 
 
-def _batches(prepared: Prepared, size: int | None) -> list[Any]:
-    """The call arguments split along the batch dimension into passes of at most ``size``."""
+def _batches(prepared: Prepared, size: int | None) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Positional and keyword inputs split along the batch dimension into passes of at most
+    ``size``."""
     import torch
 
-    whole = _call_args(prepared)
+    args, kwargs = tuple(prepared.args), dict(prepared.kwargs)
     total = prepared.batch_size
     if size is None or total <= size:
-        return [whole]
+        return [(args, kwargs)]
 
     def part(value: Any, start: int) -> Any:
         is_batched = isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == total
         return value[start : start + size] if is_batched else value
 
-    if isinstance(whole, dict):
-        return [{k: part(v, s) for k, v in whole.items()} for s in range(0, total, size)]
-    return [tuple(part(v, s) for v in whole) for s in range(0, total, size)]
+    return [
+        (tuple(part(v, s) for v in args), {k: part(v, s) for k, v in kwargs.items()})
+        for s in range(0, total, size)
+    ]
 
 
 def _each_capture(*consumers: Callable[[Any], None] | None) -> Callable[[Any], None] | None:

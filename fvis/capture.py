@@ -18,7 +18,6 @@ Hooks return ``None``: a forward hook that returns a value would replace the mod
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,8 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fvis.axes import Axis, channel_axis, decide, find_token_grid, prefix_tokens
 from fvis.choices import Mode
-from fvis.errors import ModelInputError, first_line
+from fvis.errors import ModelInputError, first_line, torchscript_refused
+from fvis.outputs import describe_value, flatten_tensors
 from fvis.stats import Stats, tensor_stats
 
 
@@ -78,6 +79,8 @@ class Capture:
     calls_total: int = 1
     batch: int | None = None  # which forward pass, when inputs ran in several batches
     call_id: int = -1  # links to the CallRecord of the call that produced it
+    # (prefix tokens, grid height, grid width) for (N, T, D) ViT tokens made from a patch grid
+    token_grid: tuple[int, int, int] | None = None
 
     @property
     def label(self) -> str:
@@ -136,6 +139,9 @@ class CaptureResult:
     )  # call_id of a cut -> gradient edges of its inputs that required grad
     fed_by_cut: Mapping[int, int] = field(default_factory=dict, repr=False, compare=False)
     # call_id -> call_id of the cut whose (detached) output reached this call's inputs
+    output_notes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # captured layer -> what its output held that could not be captured (no tensor, an
+    # object that could not be followed)
 
 
 class _Held:
@@ -168,6 +174,7 @@ class _Live:
         "seq",
         "stats",
         "tensor_info",
+        "token_grid",
         "values",
     )
 
@@ -188,6 +195,7 @@ class _Live:
         self.key, self.layer, self.call, self.path = key, layer, call, path
         self.tensor_info, self.facts, self.stats, self.values = tensor_info, facts, stats, values
         self.call_id, self.ref, self.seq = call_id, ref, seq
+        self.token_grid: tuple[int, int, int] | None = None
         self.last_grad_fn, self.last_version = facts[3], facts[6]
 
     def capture(self, batch: int | None, calls_total: int = 1, final: bool = False) -> Capture:
@@ -207,6 +215,7 @@ class _Live:
             calls_total,
             batch,
             self.call_id,
+            self.token_grid,
         )
 
 
@@ -222,6 +231,7 @@ def capture(
     on_capture: Callable[[Capture], None] | None = None,
     batch: int | None = None,
     callback_values: bool = True,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> CaptureResult:
     """Run ``model`` once and capture the outputs of the dotted ``layers``.
 
@@ -229,11 +239,15 @@ def capture(
     >>> [c.label for c in result.captures]
     ['inner.relu']
 
+    ``inputs`` are positional (a sequence) or keyword (a mapping); ``kwargs`` adds keyword
+    inputs to positional ones: ``capture(model, [ids], layers, kwargs={"mask": mask})``.
+
     ``sample`` picks the batch element whose values are kept for pictures (``None``: all).
     ``on_capture`` sees each capture as soon as its call returns (for streaming rendering:
     ``calls_total`` and the in-place facts are not known yet at that moment); with
     ``callback_values=False`` it gets no values (a progress display needs none: no copy).
     """
+    _refuse_script(model, layers)
     tree = _walk(model)
     targets = _targets(tree, layers)
     session = _Session(
@@ -245,6 +259,7 @@ def capture(
         batch,
         hold=mode is Mode.GRAD,
         callback_values=callback_values,
+        by_name=tree.by_name,
     )
     modes = {module: module.training for module in tree.modules.values()}
     if _needs_train_call(modes, train):
@@ -253,7 +268,7 @@ def capture(
         with ExitStack() as stack:
             stack.enter_context(_grad_context(mode))
             session.install(model, stack)
-            output = _run(model, inputs, session)
+            output = _run(model, inputs, kwargs or {}, session)
             session.finish()
     finally:
         # Per module, and only where a flag changed (Module.__setattr__ is slow): model.train(x)
@@ -262,6 +277,19 @@ def capture(
             if module.training != training:
                 module.training = training
     return session.result(output, mode)
+
+
+def _refuse_script(model: nn.Module, layers: Sequence[str]) -> None:
+    """A ScriptModule never calls Python hooks: every layer would be reported "never ran"."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise torchscript_refused(f"the model ({type(model).__name__})")
+    for layer in layers:
+        parts = layer.split(".") if layer else []
+        module: nn.Module | None = model
+        for depth, part in enumerate(parts):
+            module = getattr(module, "_modules", {}).get(part)
+            if isinstance(module, torch.jit.ScriptModule):
+                raise torchscript_refused(f"layer {'.'.join(parts[: depth + 1])!r}")
 
 
 @dataclass(frozen=True)
@@ -327,11 +355,16 @@ def _grad_context(mode: Mode) -> Iterator[None]:
             yield
 
 
-def _run(model: nn.Module, inputs: Sequence[Any] | Mapping[str, Any], session: _Session) -> Any:
+def _run(
+    model: nn.Module,
+    inputs: Sequence[Any] | Mapping[str, Any],
+    kwargs: Mapping[str, Any],
+    session: _Session,
+) -> Any:
+    if isinstance(inputs, Mapping):
+        inputs, kwargs = (), {**inputs, **kwargs}
     try:
-        if isinstance(inputs, Mapping):
-            return model(**inputs)
-        return model(*inputs)
+        return model(*inputs, **kwargs)
     except Exception as exc:
         first = first_line(exc)
         failed_in = session.stack[-1].name if session.stack else ""  # innermost unfinished
@@ -358,7 +391,9 @@ class _Session:
         batch: int | None = None,
         hold: bool = False,
         callback_values: bool = True,
+        by_name: Mapping[str, nn.Module] | None = None,
     ) -> None:
+        self.by_name = by_name or {}
         self.callback_values = on_capture is not None and callback_values
         self.batch = batch
         # Grad mode: the graph keeps most captured tensors alive anyway, so hold them and
@@ -382,6 +417,9 @@ class _Session:
         self.cut_inputs: dict[int, tuple[tuple[Any, int], ...]] = {}
         self.cut_outputs: dict[int, int] = {}  # storage pointer -> call_id of the cut
         self.fed_by_cut: dict[int, int] = {}
+        self.notes: dict[str, list[str]] = {}  # layer -> what its output held that was not kept
+        self.all_names = {name for aliases in names.values() for name in aliases}
+        self.grids: dict[tuple[int, ...], tuple[int, int, int] | None] = {}
 
     def install(self, model: nn.Module, stack: ExitStack) -> None:
         # One pair of global hooks (filtered to this model's modules) instead of a pair per
@@ -425,8 +463,32 @@ class _Session:
         if isinstance(output, torch.Tensor):  # the usual case, without the generator
             self._snapshot(key, target[0], record, "", output)
             return
-        for path, tensor in flatten_tensors(output):
-            self._snapshot(key, target[0], record, path, tensor)
+        self._snapshot_parts(key, target[0], record, output)
+
+    def _snapshot_parts(self, key: int, layer: str, record: CallRecord, output: Any) -> None:
+        """Every tensor inside a container or object output, and a note on what was not."""
+        notes: list[str] = []
+        parts = list(flatten_tensors(output, notes=notes))
+        # `head.loc` would read as the child module `head.loc`: write `head->loc` (and so
+        # every attribute of that output, for one notation per output).
+        clash = any(self._clashes(layer, path) for path, _ in parts)
+        for path, tensor in parts:
+            if clash and path.startswith("."):
+                path = "->" + path[1:]
+            self._snapshot(key, layer, record, path, tensor)
+        if not parts:
+            notes.append(f"returned {describe_value(output)}: no tensor to capture")
+        for note in notes:
+            self.notes.setdefault(layer, [])
+            if note not in self.notes[layer]:
+                self.notes[layer].append(note)
+
+    def _clashes(self, layer: str, path: str) -> bool:
+        """Whether ``layer`` + an attribute path starts like the name of a module."""
+        if not path.startswith("."):
+            return False
+        first = path[1:].split(".", 1)[0].split("[", 1)[0]
+        return f"{layer}.{first}" in self.all_names
 
     def _params_grad(self, module: nn.Module) -> bool:
         """Whether any parameter of ``module`` or its children requires grad, memoized per
@@ -479,14 +541,51 @@ class _Session:
         device = "cpu" if tensor.is_cpu else _device(tensor.device)
         info = (tuple(tensor.shape), _dtype(tensor.dtype), device)
         seq = len(self.live) + len(self.done)
-        item = _Live(
-            key, layer, call, path, info, facts, tensor_stats(tensor), values, call_id, ref, seq
-        )
+        axis = self._axis(key, record, info[0]).dim if tensor.dim() >= 3 else 1
+        stats = tensor_stats(tensor, axis)
+        item = _Live(key, layer, call, path, info, facts, stats, values, call_id, ref, seq)
+        if tensor.dim() == 3 and axis == 2:
+            item.token_grid = self._token_grid(record, info[0])
         if self.on_capture is not None:
             self.on_capture(item.capture(self.batch))
         if not self.keep_values:
             item.values = None
         self.live.append(item)
+
+    def _axis(self, key: int, record: CallRecord, shape: tuple[int, ...]) -> Axis:
+        """The channel dim of this output (``fvis.axes``), from its module or its producer."""
+
+        def producer() -> Axis | None:
+            # Calls that finished before this one started, newest first, with this shape.
+            checked = 0
+            for earlier in reversed(self.trace):
+                if earlier.call_id >= record.call_id or shape not in earlier.output_shapes:
+                    continue
+                module = self.by_name.get(earlier.name)
+                found = decide(module, shape) if module is not None else None
+                checked += 1
+                if found is not None:
+                    return Axis(found.dim, f"{found.reason} (in {earlier.name or 'the model'})")
+                if checked >= 16:
+                    break
+            return None
+
+        return channel_axis(self.targets[key][1], shape, producer)
+
+    def _token_grid(
+        self, record: CallRecord, shape: tuple[int, ...]
+    ) -> tuple[int, int, int] | None:
+        """Where ``(N, T, D)`` tokens came from a ``(N, D, H, W)`` patch embedding that ran
+        earlier, with ``T = prefix + H * W`` and the prefix (class, distillation, register)
+        tokens found as parameters of the model: ``(prefix, H, W)``; else None."""
+        key = shape
+        if key not in self.grids:
+            self.grids[key] = find_token_grid(self.trace, record.call_id, shape, self.prefix(shape))
+        return self.grids[key]
+
+    def prefix(self, shape: tuple[int, ...]) -> int:
+        root = self.by_name.get("")
+        return prefix_tokens(root, shape[-1]) if root is not None else 0
 
     def _check_versions(self) -> None:
         # Called after every module call: an in-place op by a later module (ReLU(inplace=True))
@@ -531,6 +630,7 @@ class _Session:
             mode,
             self.cut_inputs,
             self.fed_by_cut,
+            {layer: tuple(notes) for layer, notes in self.notes.items()},
         )
 
 
@@ -610,34 +710,6 @@ def _storages(value: Any) -> list[int]:
             if pointer:
                 pointers.append(pointer)
     return pointers
-
-
-def flatten_tensors(
-    value: Any, path: str = "", depth: int = 0
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor in nested outputs, named by path: ``[0]``, ``.logits``, ``.hidden[1]``.
-
-    Handles tensors, mappings (incl. ``ModelOutput``), dataclasses, namedtuples, lists, tuples.
-    """
-    if isinstance(value, torch.Tensor):
-        yield path, value
-    elif depth > 8:
-        return
-    elif type(value) is tuple or type(value) is list:  # the hot path: plain args tuples
-        for i, item in enumerate(value):
-            yield from flatten_tensors(item, f"{path}[{i}]", depth + 1)
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            yield from flatten_tensors(item, f"{path}.{key}", depth + 1)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            yield from flatten_tensors(getattr(value, f.name), f"{path}.{f.name}", depth + 1)
-    elif isinstance(value, tuple) and hasattr(value, "_fields"):
-        for key in value._fields:
-            yield from flatten_tensors(getattr(value, key), f"{path}.{key}", depth + 1)
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            yield from flatten_tensors(item, f"{path}[{i}]", depth + 1)
 
 
 # GradFacts' first seven fields, read in the hook; the dataclass is built once, at the end.

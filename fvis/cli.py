@@ -849,10 +849,23 @@ def _report_check(result: Any, junit: Path | None, json_out: bool, quiet: bool) 
     for failure in failures:
         sys.stdout.write(f"FAIL {for_terminal_plain(failure.line())}\n")
     if not quiet:
+        from fvis.report import output_note_lines
+
+        for line in output_note_lines(result.dump.report):
+            sys.stdout.write(f"note: {for_terminal_plain(line)}\n")
         failing = len({(f.layer, f.gate) for f in failures})
         status = "passed" if result.passed else f"failed: {failing} of {result.checks} checks"
         captures = _plural(len(result.dump.report["captures"]), "capture")
-        sys.stdout.write(f"fvis check {status} ({captures})\n")
+        empty = _no_tensor_layers(result.dump.report)
+        extra = f"; no tensor from {', '.join(empty)}" if empty else ""
+        sys.stdout.write(f"fvis check {status} ({captures}{for_terminal_plain(extra)})\n")
+
+
+def _no_tensor_layers(report: dict[str, Any]) -> list[str]:
+    """Captured layers whose output held no tensor at all (their note says what it was)."""
+    captured = {c["layer"] for c in report["captures"]}
+    notes = report.get("output_notes", [])
+    return list(dict.fromkeys(n["layer"] for n in notes if n["layer"] not in captured))
 
 
 def main() -> None:

@@ -89,6 +89,16 @@ class OutputError(FvisError):
     exit_status = ExitStatus.OUTPUT
 
 
+def torchscript_refused(what: str) -> UsageError:
+    """The one refusal for TorchScript, from the CLI (a file) and the API (a ScriptModule):
+    hooks cannot be registered on ScriptModules, so every layer would look "never ran"."""
+    return UsageError(
+        f"{what} is TorchScript: hooks do not work on ScriptModules",
+        hint="give the Python class with --arch (its weights are loaded into it; in Python: "
+        "load its state_dict() into the class), or re-export the model with torch.export",
+    )
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (or its type), for one-line errors."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

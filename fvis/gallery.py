@@ -66,18 +66,18 @@ class Gallery:
             return
         key = _key(capture)
         offset = (capture.batch or 0) * self.batch_size  # sample index across batches
-        title = (
-            f"{capture.layer}{'#' + str(capture.call) if capture.call > 1 else ''}{capture.path}"
-        )
+        title = _title(capture, capture.call > 1)  # the first call: see name_files
         if self.all_samples and len(capture.shape) >= 2:
             for index in range(values.shape[0]):
                 label = self._sample(offset + index)
-                image, info = render(values[index], f"{title} @{label}", self.options)
-                ranges = _channel_ranges(values[index], info)
+                shown, notes = channels_first(values[index], capture)
+                image, info = render(shown, f"{title} @{label}", self.options, notes)
+                ranges = _channel_ranges(shown, info)
                 self._pictures.setdefault(key, []).append((offset + index, image, info, ranges))
         else:
-            image, info = render(values, title, self.options)
-            ranges = _channel_ranges(values, info)
+            shown, notes = channels_first(values, capture)
+            image, info = render(shown, title, self.options, notes)
+            ranges = _channel_ranges(shown, info)
             self._pictures.setdefault(key, []).append((None, image, info, ranges))
 
     def add_input(self, display: Any) -> None:
@@ -109,6 +109,8 @@ class Gallery:
             else:
                 pairs = [(offset + self.sample_index, capture.values, grad)]
             for index, values, sample_grad in pairs:
+                # an (N, H, W, C) map and its gradient: channels first, as gradcam expects
+                values, sample_grad = (channels_first(v, capture)[0] for v in (values, sample_grad))
                 cam = gradcam(values, sample_grad)
                 if cam is None:
                     continue
@@ -122,9 +124,13 @@ class Gallery:
 
     def name_files(self, captures: Sequence[Capture]) -> dict[str, list[ImageRef]]:
         """Give every picture a safe, unique file name; returns refs by capture label."""
+        from fvis.render import retitle
+
         entries = []
         for capture in captures:
             for sample, image, info, ranges in self._pictures.get(_key(capture), []):
+                if capture.call == 1 and capture.calls_total > 1:  # relu -> relu#1
+                    image = retitle(image, info, _title(capture, False), _title(capture, True))
                 stem = (
                     capture.label
                     if sample is None
@@ -165,6 +171,42 @@ class Gallery:
         for name, image in pictures:
             self.encoded[name] = encode_png(image)
             folder.write_bytes(name, self.encoded[name])
+
+
+def channels_first(values: Any, capture: Capture) -> tuple[Any, tuple[str, ...]]:
+    """One sample's values with its channels on dim 0 for a grid of tiles, and a note when
+    they were moved there: an ``(N, H, W, C)`` map is drawn as C tiles of H x W, not H tiles
+    of W x C (``fvis.axes`` says which dim holds the channels)."""
+    import numpy as np
+
+    full = len(capture.shape)
+    axis = capture.stats.channel_axis
+    if capture.token_grid is not None and values.ndim == 2 and values.ndim == full - 1:
+        return _on_patch_grid(values, capture.token_grid)
+    if axis is None or axis != full - 1 or values.ndim < 3 or values.ndim != full - 1:
+        return values, ()
+    return np.moveaxis(values, -1, 0), (f"channels: last dim ({capture.shape[-1]})",)
+
+
+def _on_patch_grid(values: Any, grid: tuple[int, int, int]) -> tuple[Any, tuple[str, ...]]:
+    """``(T, D)`` ViT tokens as D tiles on their H x W patch grid (row-major, as patch
+    embeddings flatten them); the prefix (class) tokens are summarised in the note."""
+    import numpy as np
+
+    prefix, height, width = grid
+    patches = np.moveaxis(values[prefix:].reshape(height, width, values.shape[-1]), -1, 0)
+    notes = [f"channels: last dim ({values.shape[-1]}); tokens on their {height}x{width} grid"]
+    if prefix:
+        head = values[:prefix]
+        finite = head[np.isfinite(head)]
+        shown = f"[{finite.min():.3g}, {finite.max():.3g}]" if finite.size else "no finite values"
+        notes.append(f"{prefix} class token{'s' if prefix > 1 else ''} not drawn: {shown}")
+    return patches, tuple(notes)
+
+
+def _title(capture: Capture, numbered: bool) -> str:
+    """``relu#2.out``: the label without the batch (pictures say their sample apart)."""
+    return f"{capture.layer}{f'#{capture.call}' if numbered else ''}{capture.path}"
 
 
 def _key(capture: Capture) -> tuple[int | None, str, int, str]:

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from fvis.text import for_terminal_plain, num_text, shape_text
+from fvis.text import for_terminal_plain, link_target, num_text, shape_text
 
 EMBED_LIMIT = 8 << 20  # bytes of PNG embedded before switching to relative links
 
@@ -43,7 +43,7 @@ def to_html(report: Mapping[str, Any], pngs: Mapping[str, bytes] | None = None) 
     sources = _image_sources(pngs or {})
     return env.get_template("report.html.j2").render(
         report=report,
-        src=lambda name: sources.get(name, name),
+        src=lambda name: sources.get(name) or link_target(name),
         badge=badge,
         tree=_tree_rows(report),
         grad_bars=_grad_bars(report),

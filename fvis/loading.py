@@ -558,6 +558,10 @@ def build_arch(spec: str, kwargs: Mapping[str, Any], device: str = "cpu") -> nn.
     except TypeError as exc:
         raise UsageError(f"--arch {spec}: {first_line(exc)}", hint="check --arch-kwargs") from None
     except Exception as exc:
+        from fvis.downloads import download_refusal, tried_to_download
+
+        if tried_to_download(exc):
+            raise download_refusal(spec, exc) from None
         raise ModelInputError(
             f"--arch {spec} failed to build the model: {first_line(exc)}"
         ) from None
@@ -848,11 +852,9 @@ def _load_safetensors(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module
 
 def _load_torchscript(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, list[str]]:
     if not options.arch:
-        raise UsageError(
-            f"{sniffed.path} is a TorchScript archive: hooks do not work on ScriptModules",
-            hint="give the Python class with --arch (its weights are loaded into it), "
-            "or re-export the model with torch.export",
-        )
+        from fvis.errors import torchscript_refused  # one message with fvis.capture's refusal
+
+        raise torchscript_refused(f"{sniffed.path} (a TorchScript archive)")
     peek = read_inert(sniffed)  # the tensors are read as data, but a payload is still news
     screen(sniffed.path, peek.globals_seen, options.trust is not None, sniffed.kind.value)
     state = read_tensors_as_data(sniffed)

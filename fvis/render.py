@@ -16,7 +16,8 @@ Grids keep the ``max_channels`` channels with the most energy (mean square over 
 values), in their original order. Normalisation uses robust order-statistic percentiles
 over finite values, per channel or over all shown channels (``NormScope``; strips and
 heatmaps are always normalised as a whole). A body larger than 2048 x 2048 pixels is
-subsampled by a stride, and the note says so.
+downsampled by blocks, each drawn as its value of largest magnitude (so extremes stay
+visible), and the note says so.
 
 Colour table (256 entries): indices ``0..250`` are the colour map (low -> high), then
 
@@ -144,6 +145,7 @@ class RenderInfo:
     posinf_count: int
     neginf_count: int
     note: str
+    header: tuple[str, ...] = ()  # the text lines of the title strip, as drawn
 
 
 @dataclass(frozen=True)
@@ -158,13 +160,18 @@ class _View:
 
 
 def render(
-    values: ArrayLike, title: str, options: RenderOptions = DEFAULT_OPTIONS
+    values: ArrayLike,
+    title: str,
+    options: RenderOptions = DEFAULT_OPTIONS,
+    notes: tuple[str, ...] = (),
 ) -> tuple[Image.Image, RenderInfo]:
     """Draw one sample's activation as a palette image with a title strip.
 
     >>> image, info = render(np.arange(12.0).reshape(3, 2, 2), "inner.relu #1")
     >>> image.mode, info.layout, info.shown_channels, info.value_range
     ('P', <Layout.GRID: 'grid'>, (0, 1, 2), (0.0, 11.0))
+
+    ``notes`` (what the caller did to the values, e.g. moved channels first) lead the notes.
     """
     arr = _as_real(values)
     value_range, nan_count, posinf_count, neginf_count = _stats(arr)
@@ -174,6 +181,8 @@ def render(
     else:
         view = _subsample(_select_view(arr, options.max_channels))
         body = _draw_body(view, options)
+    if notes:
+        view = _View(view.layout, view.data, view.shown, view.total, (*notes, *view.notes))
     counts = (nan_count, posinf_count, neginf_count)
     lines = _header_lines(title, arr.shape, value_range, view.notes, counts)
     image = _compose(lines, body, options.cmap)
@@ -186,8 +195,32 @@ def render(
         posinf_count=posinf_count,
         neginf_count=neginf_count,
         note="; ".join(view.notes),
+        header=tuple(lines),
     )
     return image, info
+
+
+def retitle(image: Image.Image, info: RenderInfo, old: str, new: str) -> Image.Image:
+    """The same picture with ``old`` (the title it was drawn with) replaced by ``new`` in its
+    title line: a shared module's first call is only known to be ``relu#1`` once a second
+    call happened, after its picture was drawn (and its values dropped)."""
+    if not info.header or old == new:
+        return image
+    first = info.header[0]
+    drawn = _safe_text(old)
+    lines = [_safe_text(new) + first[len(drawn) :] if first.startswith(drawn) else first]
+    lines += info.header[1:]
+    top = _GAP * 2 + len(info.header) * _line_height()
+    body = np.asarray(image)[top : image.height - _GAP, _GAP:]
+    width = max(_text_width(line) for line in lines) + 2 * _GAP
+    canvas = np.full((image.height, max(image.width, width)), BACKGROUND_INDEX, np.uint8)
+    canvas[top : image.height - _GAP, _GAP : _GAP + body.shape[1]] = body
+    out = Image.fromarray(canvas)
+    out.putpalette(image.getpalette() or [])
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((_GAP, _GAP + i * _line_height()), line, fill=TEXT_INDEX, font=_font())
+    return out
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -289,17 +322,33 @@ def _top_by_energy(maps: NDArray[np.floating], k: int) -> tuple[int, ...]:
 
 
 def _subsample(view: _View) -> _View:
-    """Take every n-th row and column (or value) when the body would be huge."""
+    """Shrink a huge body by blocks, keeping each block's value of largest magnitude (its
+    sign too; NaN first, then +/-Inf), so a single outlier row, column or value stays
+    visible: a stride would drop it."""
     step = math.ceil(math.sqrt(view.data.size / _MAX_BODY_PIXELS))
     if step <= 1:
         return view
     if view.data.ndim == 1:
         step = math.ceil(view.data.size / _MAX_BODY_PIXELS)
-        data, what = view.data[::step], "values"
+        data, what = _block_extremes(view.data[None, :], 1, step)[0], f"run of {step} values"
     else:
-        data, what = view.data[..., ::step, ::step], "rows and columns"
-    note = f"subsampled: 1 in {step} {what} shown"
+        data, what = _block_extremes(view.data, step, step), f"{step}x{step} block"
+    note = f"downsampled: each {what} drawn as its value of largest magnitude"
     return _View(view.layout, data, view.shown, view.total, (*view.notes, note))
+
+
+def _block_extremes(data: NDArray[np.floating], sy: int, sx: int) -> NDArray[np.floating]:
+    """The last two axes reduced by (sy, sx) blocks to the entry of largest magnitude."""
+    *lead, h, w = data.shape
+    rows, cols = -(-h // sy), -(-w // sx)
+    # Zero padding never wins: a block of zeros and padding is zero anyway.
+    padded = np.zeros((*lead, rows * sy, cols * sx), data.dtype)
+    padded[..., :h, :w] = data
+    blocks = padded.reshape(*lead, rows, sy, cols, sx)
+    blocks = np.moveaxis(blocks, -3, -2).reshape(*lead, rows, cols, sy * sx)
+    with np.errstate(invalid="ignore"):
+        pick = np.argmax(np.abs(blocks), axis=-1)  # argmax returns the first NaN if any
+    return np.take_along_axis(blocks, pick[..., None], axis=-1)[..., 0]
 
 
 # --- values to palette indices ---------------------------------------------------------

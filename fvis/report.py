@@ -7,16 +7,21 @@ Schema ``fvis.report/1`` (fields are only ever added)::
      "model": {"file", "format", "sha256", "class", "params", "trainable", "frozen", "notes"},
      "input": {"description", "shapes", "dtypes", "samples", "image"},
      "mode": "grad" | "no-grad" | "inference", "train": bool,
-     "captures": [{"label", "layer", "call", "calls", "path", "shape", "dtype", "device",
+     "captures": [{"label", "layer", "call", "calls", "path", "shape", "token_grid",
+                   # token_grid: [prefix tokens, H, W] of ViT tokens on a patch grid, or null
+                   "dtype", "device",
                    "grad": {"grad_enabled", "inference_mode", "requires_grad", "grad_fn",
                             "is_leaf", "is_inference", "version", "version_after",
                             "grad_fn_after", "modified_in_place"},
                    "stats": {"numel", "min", "max", "mean", "std", "zero_fraction", "nan",
-                             "posinf", "neginf", "channels", "dead_channels"},
+                             "posinf", "neginf", "channels", "dead_channels",
+                             "channel_axis"},  # the dim counted as channels (fvis.axes)
                    "verdict": {...} | null,
                    "images": [{"file", "sample", "layout", "shown_channels", "total_channels",
                                "note", "channels": [[index, min, max], ...]}]}],
      "never_ran": [layer, ...], "warnings": [str, ...],
+     "output_notes": [{"layer", "note"}, ...],  # what a captured layer's output held that
+                                                 # could not be captured (no tensor, ...)
      "layers": [{"name", "class", "depth", "leaf", "nested_model", "params", "shared_with"}],
      "backward": null | {"target", "error", "params": [{"layer", "trainable", "received",
                                                         "starved"}]}}
@@ -32,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fvis.text import for_terminal, for_terminal_plain, num_text, shape_text
+from fvis.text import for_terminal, for_terminal_plain, link_target, num_text, shape_text
 
 SCHEMA = "fvis.report/1"
 
@@ -63,6 +68,7 @@ class ReportInput:
     images: Mapping[str, Sequence[ImageRef]] = field(default_factory=dict)  # by capture label
     verdicts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # by capture label
     warnings: Sequence[str] = ()
+    output_notes: Mapping[str, Sequence[str]] = field(default_factory=dict)  # by layer
 
 
 def build_report(
@@ -88,6 +94,11 @@ def build_report(
         "captures": [_capture_json(c, data) for c in data.captures],
         "never_ran": list(data.never_ran),
         "warnings": list(data.warnings),
+        "output_notes": [
+            {"layer": layer, "note": note}
+            for layer, notes in data.output_notes.items()
+            for note in notes
+        ],
         "backward": _backward_json(backward),
         "layers": _layers_json(tree),
     }
@@ -144,6 +155,7 @@ def _capture_json(capture: Any, data: ReportInput) -> dict[str, Any]:
         "calls": capture.calls_total,
         "path": capture.path,
         "shape": list(capture.shape),
+        "token_grid": list(capture.token_grid) if capture.token_grid else None,
         "dtype": capture.dtype,
         "device": capture.device,
         "grad": grad,
@@ -183,12 +195,15 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "**Never ran:** " + ", ".join(f"`{_code(n)}`" for n in report["never_ran"])]
     for warning in report["warnings"]:
         lines.append(f"\n> warning: {_md(warning)}")
+    for item in report.get("output_notes", []):
+        lines.append(f"\n> note: `{_code(item['layer'])}` {_md(item['note'])}")
     lines += ["", "## Pictures", ""]
     for c in report["captures"]:
         for image in c["images"]:
             note = f" ({_md(image['note'])})" if image["note"] else ""
             lines.append(
-                f"### `{_code(c['label'])}`{note}\n\n![{_md(c['label'])}](<{image['file']}>)\n"
+                f"### `{_code(c['label'])}`{note}\n\n"
+                f"![{_md(c['label'])}](<{link_target(image['file'])}>)\n"
             )
     return "\n".join(lines) + "\n"
 
@@ -250,7 +265,15 @@ def to_table(report: Mapping[str, Any]) -> Any:
         )
     for name in report["never_ran"]:
         table.add_row(for_terminal(name), "-", "-", "-", "-", "[red]never ran[/red]")
+    for item in report.get("output_notes", []):
+        note = for_terminal(item["note"])
+        table.add_row(for_terminal(item["layer"]), "-", "-", "-", "-", f"[yellow]{note}[/yellow]")
     return table
+
+
+def output_note_lines(report: Mapping[str, Any]) -> list[str]:
+    """``layer: note`` for each captured layer whose output held something not captured."""
+    return [f"{item['layer']}: {item['note']}" for item in report.get("output_notes", [])]
 
 
 def backward_lines(report: Mapping[str, Any]) -> list[str]:
@@ -291,5 +314,9 @@ def _row_notes(c: Mapping[str, Any]) -> str:
     if s["nan"] or s["posinf"] or s["neginf"]:
         notes.append(f"[red]NaN {s['nan']}, +Inf {s['posinf']}, -Inf {s['neginf']}[/red]")
     if s["dead_channels"]:
-        notes.append(f"[yellow]{s['dead_channels']} of {s['channels']} channels all zero[/yellow]")
+        last = s.get("channel_axis") == len(c["shape"]) - 1  # features, not dim 1
+        where = " (last dim)" if last else ""
+        notes.append(
+            f"[yellow]{s['dead_channels']} of {s['channels']} channels{where} all zero[/yellow]"
+        )
     return "; ".join(notes)

@@ -49,34 +49,48 @@ class Stats:
     nan: int
     posinf: int
     neginf: int
-    channels: int  # size of dim 1 for (N, C, ...) tensors, else 0
+    channels: int  # size of the channel dim for tensors of 3 or more dims, else 0
     dead_channels: int  # channels whose values are all zero (over the whole batch)
+    channel_axis: int | None = None  # the dim counted as channels: 1, or the last (features)
 
     @property
     def nonfinite(self) -> int:
         return self.nan + self.posinf + self.neginf
 
 
-def tensor_stats(tensor: torch.Tensor) -> Stats:
+def tensor_stats(tensor: torch.Tensor, axis: int = 1) -> Stats:
     """Statistics of ``tensor`` (any dtype); cheap enough to run inside a forward hook.
+
+    ``axis`` is the channel dim (``fvis.axes``): 1 for ``(N, C, ...)``, the last dim for
+    ``(N, T, D)`` tokens and ``(N, H, W, C)`` maps; channels are only counted from 3 dims on.
 
     >>> tensor_stats(torch.tensor([0.0, 1.0, float("nan")])).nan
     1
     """
+    axis = _channel_dim(tensor, axis)
     if _native is not None and _native_can_read(tensor):  # first, and without no_grad/detach:
-        return _native_stats(_native, tensor)  # this is the call made for every capture
+        return _native_stats(_native, tensor, axis)  # this is the call made for every capture
     with torch.no_grad():
         data = _as_float(tensor.detach())
         numel = data.numel()
         if numel == 0:
             return Stats(0, None, None, None, None, 0.0, 0, 0, 0, 0, 0)
         if _native is not None and _native_can_read(data):  # float16 and bfloat16, widened
-            return _native_stats(_native, data)
+            return _native_stats(_native, data, axis)
         low, high = (float(v) for v in torch.aminmax(data))
         total = float(data.sum())  # torch sums float32 pairwise: accurate enough here
         if math.isfinite(low) and math.isfinite(high) and math.isfinite(total):
-            return _finite_stats(data, numel, low, high, total)
-        return _stats_with_nonfinite(data, numel)
+            return _finite_stats(data, numel, low, high, total, axis)
+        return _stats_with_nonfinite(data, numel, axis)
+
+
+def _channel_dim(tensor: torch.Tensor, axis: int) -> int | None:
+    """The channel dim as a non-negative index, or None below 3 dims."""
+    ndim = tensor.dim()
+    if ndim < 3:
+        return None
+    axis = axis % ndim
+    return axis if axis in (1, ndim - 1) else 1
 
 
 # Only tensors whose memory holds their values: not wrapper subclasses (DTensor and the like
@@ -96,20 +110,39 @@ def _native_can_read(tensor: torch.Tensor) -> bool:
     )
 
 
-def _native_stats(native: ModuleType, tensor: torch.Tensor) -> Stats:
-    """One read of the tensor's memory: no autograd op, so no no_grad or detach is needed."""
+def _native_stats(native: ModuleType, tensor: torch.Tensor, axis: int | None) -> Stats:
+    """One read of the tensor's memory: no autograd op, so no no_grad or detach is needed.
+
+    The kernel counts dead channels along dim 1 of an (outer, C, inner) layout; for channels
+    on the last dim it reads the tensor as one run and the dead units (only possible when a
+    value is zero) come from a torch reduction over the other dims."""
     numel = tensor.numel()
     shape = tensor.shape
-    channels = shape[1] if len(shape) >= 3 else 0
-    layout = (shape[0], channels, numel // (shape[0] * channels)) if channels else (1, 1, numel)
+    first = axis == 1 and len(shape) >= 3
+    channels = shape[axis] if axis is not None else 0
+    layout = (shape[0], channels, numel // (shape[0] * channels)) if first else (1, 1, numel)
     low, high, total, sumsq, zeros, dead = native.moments(tensor.data_ptr(), *layout)
     finite = -math.inf < low <= high < math.inf and math.isfinite(total + sumsq)
     if not finite:  # NaN, Inf, or a float32 sum that overflowed: the exact path
         with torch.no_grad():
-            return _stats_with_nonfinite(tensor.detach(), numel)
+            return _stats_with_nonfinite(tensor.detach(), numel, axis)
+    if axis is not None and not first:
+        with torch.no_grad():
+            dead = _dead_channels(tensor.detach(), axis) if zeros else 0
     mean, std = _mean_std(tensor, numel, total, sumsq, max(-low, high))
     return Stats(
-        numel, low, high, mean, std, zeros / numel, 0, 0, 0, channels, dead if channels else 0
+        numel,
+        low,
+        high,
+        mean,
+        std,
+        zeros / numel,
+        0,
+        0,
+        0,
+        channels,
+        dead if channels else 0,
+        axis,
     )
 
 
@@ -142,7 +175,9 @@ def _as_float(data: torch.Tensor) -> torch.Tensor:
     return data
 
 
-def _finite_stats(data: torch.Tensor, numel: int, low: float, high: float, total: float) -> Stats:
+def _finite_stats(
+    data: torch.Tensor, numel: int, low: float, high: float, total: float, axis: int | None
+) -> Stats:
     sumsq = float(torch.linalg.vector_norm(data)) ** 2
     mean, std = _mean_std(data, numel, total, sumsq, max(-low, high))
     if low > 0 or high < 0:  # no value can be zero: skip the costliest pass
@@ -161,12 +196,13 @@ def _finite_stats(data: torch.Tensor, numel: int, low: float, high: float, total
         nan=0,
         posinf=0,
         neginf=0,
-        channels=_channels(data),
-        dead_channels=_dead_channels(data) if nonzero < numel else 0,
+        channels=_channels(data, axis),
+        dead_channels=_dead_channels(data, axis) if nonzero < numel else 0,
+        channel_axis=axis,
     )
 
 
-def _stats_with_nonfinite(data: torch.Tensor, numel: int) -> Stats:
+def _stats_with_nonfinite(data: torch.Tensor, numel: int, axis: int | None) -> Stats:
     finite = torch.isfinite(data)
     n_finite = int(finite.sum())
     nan = int(torch.isnan(data).sum())
@@ -182,19 +218,20 @@ def _stats_with_nonfinite(data: torch.Tensor, numel: int) -> Stats:
         nan=nan,
         posinf=posinf,
         neginf=numel - n_finite - nan - posinf,
-        channels=_channels(data),
-        dead_channels=_dead_channels(data),
+        channels=_channels(data, axis),
+        dead_channels=_dead_channels(data, axis),
+        channel_axis=axis,
     )
 
 
-def _channels(data: torch.Tensor) -> int:
-    return int(data.shape[1]) if data.dim() >= 3 else 0
+def _channels(data: torch.Tensor, axis: int | None) -> int:
+    return int(data.shape[axis]) if axis is not None else 0
 
 
-def _dead_channels(data: torch.Tensor) -> int:
+def _dead_channels(data: torch.Tensor, axis: int | None) -> int:
     # A channel is dead when it is exactly zero everywhere, in every sample: the ReLU-death
     # case. Per-channel max and min over the other dims read the tensor without copying it.
-    if data.dim() < 3:
+    if axis is None:
         return 0
-    dims = (0, *range(2, data.dim()))
+    dims = tuple(d for d in range(data.dim()) if d != axis)
     return int(((data.amax(dim=dims) == 0) & (data.amin(dim=dims) == 0)).sum())

@@ -84,3 +84,15 @@ def preview(items: Iterable[object], limit: int = 3) -> str:
     items = list(items)
     shown = ", ".join(str(i) for i in items[:limit])
     return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def link_target(name: str) -> str:
+    """A relative link to a file: percent-encoded, so ``relu#1.png`` is not read as the page
+    ``relu`` with the fragment ``1.png`` (``?``, ``%``, spaces and quotes likewise).
+
+    >>> link_target("relu#1@cat.png")
+    'relu%231%40cat.png'
+    """
+    from urllib.parse import quote
+
+    return quote(name, safe="")

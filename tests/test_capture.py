@@ -185,12 +185,12 @@ def test_tiny_transformer_dict_output_paths() -> None:
     model, x = build("tiny_transformer"), example_input("tiny_transformer")
     result = capture(model, [x], [""])
     got = _by_label(result)
-    assert set(got) == {".logits", ".hidden"}
-    assert got[".logits"].shape == (1, 4) and got[".hidden"].shape == (1, 6, 16)
+    assert set(got) == {"['logits']", "['hidden']"}
+    assert got["['logits']"].shape == (1, 4) and got["['hidden']"].shape == (1, 6, 16)
     with torch.no_grad():
         out = build("tiny_transformer")(x)
-    np.testing.assert_allclose(got[".logits"].values, out["logits"][0].numpy(), rtol=1e-5)
-    np.testing.assert_allclose(got[".hidden"].values, out["hidden"][0].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(got["['logits']"].values, out["logits"][0].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(got["['hidden']"].values, out["hidden"][0].numpy(), rtol=1e-5)
 
 
 def test_module_list_itself_never_runs_but_its_layers_do() -> None:
@@ -239,11 +239,17 @@ def test_dataclass_and_namedtuple_outputs_are_flattened_with_paths() -> None:
     model, x = _Containers(), torch.randn(2, 3)
     result = capture(model, [x], ["dc", "nt"])
     got = _by_label(result)
-    assert list(got) == ["dc.feat", "dc.extra[0]", "dc.extra[1]", "nt.first", "nt.second.deep[0]"]
+    assert list(got) == [
+        "dc.feat",
+        "dc.extra[0]",
+        "dc.extra[1]",
+        "nt.first",
+        "nt.second['deep'][0]",
+    ]
     with torch.no_grad():
         h = model.linear(x)
     factors = {"dc.feat": h * 2, "dc.extra[0]": h + 1, "dc.extra[1]": h - 1}
-    factors |= {"nt.first": h * 3, "nt.second.deep[0]": h * 4}
+    factors |= {"nt.first": h * 3, "nt.second['deep'][0]": h * 4}
     for label, want in factors.items():
         assert got[label].shape == (2, 3)
         np.testing.assert_allclose(got[label].values, want[0].numpy(), rtol=1e-6)
@@ -253,7 +259,7 @@ def test_flatten_tensors_paths() -> None:
     t = torch.zeros(1)
     value = {"a": [t, (t, _Pair(t, None))], "b": _Out(t, []), "c": "text"}
     paths = [p for p, _ in flatten_tensors(value)]
-    assert paths == [".a[0]", ".a[1][0]", ".a[1][1].first", ".b.feat"]
+    assert paths == ["['a'][0]", "['a'][1][0]", "['a'][1][1].first", "['b'].feat"]
 
 
 # --------------------------------------------------------------------------- values and stats

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -124,7 +125,7 @@ def test_report_md_mentions_every_capture(cli: Any, tmp_path: Path) -> None:
         assert f"`{label}`" in md, label
     for c in _report(out)["captures"]:
         for image in c["images"]:
-            assert f"(<{image['file']}>)" in md
+            assert f"(<{quote(image['file'], safe='')}>)" in md  # percent-encoded link
 
 
 # --------------------------------------------------------------------------- formats

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import warnings
 from pathlib import Path
 
@@ -11,7 +12,6 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-import fvis.render as render_module
 from fvis.errors import OutputError, UsageError
 from fvis.render import (
     BACKGROUND_INDEX,
@@ -30,6 +30,8 @@ from fvis.render import (
     render,
     save_png,
 )
+
+render_module = importlib.import_module("fvis.render")  # `fvis.render` is the public function
 
 LAST = N_COLOURS - 1
 PATTERN = np.arange(16.0).reshape(4, 4)
@@ -282,10 +284,24 @@ def test_empty_arrays_give_a_small_empty_image(shape: tuple[int, ...]) -> None:
     assert tiles(image) == [] and image.size[0] < 400 and image.size[1] < 60
 
 
-def test_huge_bodies_are_subsampled(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_huge_bodies_are_downsampled_by_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(render_module, "_MAX_BODY_PIXELS", 100)
     _, info = render(np.zeros((40, 40)), "big")
-    assert info.note == "subsampled: 1 in 4 rows and columns shown"
+    assert info.note == "downsampled: each 4x4 block drawn as its value of largest magnitude"
+
+
+def test_one_outlier_column_survives_downsampling() -> None:
+    # (2048, 4096) is twice the pixel budget: a stride of 2 dropped every odd column.
+    values = np.zeros((2048, 4096), np.float32)
+    values[:, 1001] = -50.0  # an outlier hidden dim, negative: its sign must survive too
+    values[7, 3] = np.nan
+    image, info = render(values, "heat", RenderOptions(cmap="gray"))
+    assert info.note == "downsampled: each 2x2 block drawn as its value of largest magnitude"
+    gap = render_module._GAP
+    body = indices(image)[-1024 - gap : -gap, gap : gap + 2048]
+    dark = np.flatnonzero((body == 0).all(axis=0))  # gray: index 0 is the lowest value
+    assert dark.tolist() == [1001 // 2]
+    assert body[3, 1] == NAN_INDEX and (body == NAN_INDEX).sum() == 1
 
 
 def test_integer_input_is_accepted_and_complex_is_refused() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -26,13 +27,13 @@ def torch_path() -> Iterator[None]:
         stats._native = saved
 
 
-def reference(t: torch.Tensor) -> dict[str, float | int | None]:
+def reference(t: torch.Tensor, axis: int = 1) -> dict[str, float | int | None]:
     """What the report should say, computed in float64 with numpy, one definition at a time."""
     a = t.detach().to(torch.float64).numpy()
     finite = a[np.isfinite(a)]
     dead = 0
     if a.ndim >= 3:
-        per_channel = np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
+        per_channel = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
         dead = int((per_channel == 0).all(axis=1).sum())
     return {
         "min": float(finite.min()) if finite.size else None,
@@ -109,6 +110,29 @@ def test_native_and_torch_paths_match_the_reference(name: str) -> None:
     assert_matches(tensor_stats(t), want)
     with torch_path():
         assert_matches(tensor_stats(t), want)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_channels_on_the_last_dim_match_the_reference_on_both_paths(name: str) -> None:
+    t = CASES[name]
+    want = reference(t, axis=-1)
+    got = tensor_stats(t, axis=-1)
+    assert_matches(got, want)
+    with torch_path():
+        assert_matches(tensor_stats(t, axis=-1), want)
+    assert got.channels == (t.shape[-1] if t.dim() >= 3 else 0)
+    assert got.channel_axis == (t.dim() - 1 if t.dim() >= 3 else None)
+
+
+def test_dead_units_of_a_sequence_are_counted_on_the_last_dim() -> None:
+    # A BERT-sized MLP activation: 64 of 128 units dead for every token; no token is all zero.
+    t = torch.randn(2, 16, 128, generator=_gen(3)).abs() + 0.1
+    t[..., ::2] = 0.0
+    for path in (contextlib.nullcontext(), torch_path()):
+        with path:
+            last, first = tensor_stats(t, axis=2), tensor_stats(t, axis=1)
+        assert (last.channels, last.dead_channels, last.channel_axis) == (128, 64, 2)
+        assert (first.channels, first.dead_channels) == (16, 0)  # what dim 1 said before
 
 
 @pytest.mark.parametrize(
