@@ -17,6 +17,8 @@ Schema ``fvis.report/1`` (fields are only ever added)::
                    "images": [{"file", "sample", "layout", "shown_channels", "total_channels",
                                "note", "channels": [[index, min, max], ...]}]}],
      "never_ran": [layer, ...], "warnings": [str, ...],
+     "not_run": [{"layer", "requested", "connected", "cause", "where", "summary", "hint",
+                  "in_place", "origin", "library"}],
      "layers": [{"name", "class", "depth", "leaf", "nested_model", "params", "shared_with"}],
      "backward": null | {"target", "error", "params": [{"layer", "trainable", "received",
                                                         "starved"}]}}
@@ -179,8 +181,12 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_md_row(c) for c in report["captures"]]
-    if report["never_ran"]:
-        lines += ["", "**Never ran:** " + ", ".join(f"`{_code(n)}`" for n in report["never_ran"])]
+    if _not_run(report):
+        lines += ["", "**Not called:**", ""]
+        lines += [
+            f"- `{_code(e['layer'])}`: {_md(e.get('summary', 'never ran'))}"
+            for e in _not_run(report)
+        ]
     for warning in report["warnings"]:
         lines.append(f"\n> warning: {_md(warning)}")
     lines += ["", "## Pictures", ""]
@@ -191,6 +197,13 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                 f"### `{_code(c['label'])}`{note}\n\n![{_md(c['label'])}](<{image['file']}>)\n"
             )
     return "\n".join(lines) + "\n"
+
+
+def _not_run(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Requested modules that were not called, with their verdicts (older reports: names)."""
+    if "not_run" in report:
+        return list(report["not_run"])
+    return [{"layer": name} for name in report["never_ran"]]
 
 
 def _md_row(c: Mapping[str, Any]) -> str:
@@ -248,8 +261,9 @@ def to_table(report: Mapping[str, Any]) -> Any:
             f"{c['stats']['zero_fraction']:.0%}",
             _row_notes(c),
         )
-    for name in report["never_ran"]:
-        table.add_row(for_terminal(name), "-", "-", "-", "-", "[red]never ran[/red]")
+    for entry in _not_run(report):
+        summary = for_terminal(entry.get("summary", "never ran"))
+        table.add_row(for_terminal(entry["layer"]), "-", "-", "-", "-", summary)
     return table
 
 
