@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -239,9 +239,8 @@ def _run_dump(
     progress: Callable[[Any], None] | None = None,
 ) -> _DumpRun:
     from fvis.backward import merge_flows
-    from fvis.capture import Mode, capture
+    from fvis.capture import train_mode
     from fvis.gallery import Gallery
-    from fvis.grads import diagnose, verdict_dicts
     from fvis.inputs import Prepared
     from fvis.report import build_report
 
@@ -261,31 +260,33 @@ def _run_dump(
     flows = []
     never_sets: list[tuple[str, ...]] = []
     output_notes: dict[str, list[str]] = {}
+    not_called_sets: list[set[str]] = []
     chunks = _batches(prepared, options.batch_size)
     for index, (args, kwargs) in enumerate(chunks):
-        result = capture(
-            loaded.module,
-            args,
-            layers,
-            kwargs=kwargs,
-            mode=Mode(options.mode),
-            train=options.train,
-            sample=sample,
-            keep_values=options.save_tensors or options.gradcam,
-            on_capture=_each_capture(gallery.add if options.images else None, progress),
-            batch=index if len(chunks) > 1 else None,
-            callback_values=options.images,  # the progress line alone needs no copies
-        )
-        # Analyse each pass before the next: its autograd graph is released with `result`.
+        with train_mode(loaded.module, options.train):  # backward recomputes checkpoints
+            result = _capture_and_analyse(
+                loaded,
+                (args, kwargs),
+                layers,
+                options,
+                sample,
+                gallery,
+                progress,
+                index,
+                len(chunks),
+            )
         captures += result.captures
-        verdicts.update(verdict_dicts(diagnose(result)))
-        flows.append(_backward(loaded, result, options, sample))
+        verdicts.update(result.verdicts)
+        flows.append(result.flow)
         never_sets.append(result.never_ran)
         for layer, texts in result.output_notes.items():
             known = output_notes.setdefault(layer, [])
             known += [t for t in texts if t not in known]
+        not_called_sets.append(set(result.not_called))
         del result
     never_ran = tuple(n for n in never_sets[0] if all(n in s for s in never_sets))
+    not_called = set.intersection(*not_called_sets)
+    not_run = _not_run_entries(tree, options.layers, not_called, verdicts)
     flow = merge_flows(flows)
     if flow is not None and options.gradcam:
         gallery.add_gradcams(captures, flow.grads, prepared.displays)
@@ -298,7 +299,91 @@ def _run_dump(
             f"{options.batch_size}"
         )
     report = build_report(data, flow, tree, gallery.input_file)
+    report["not_run"] = not_run
     return _DumpRun(report, gallery, tuple(captures), tuple(notes), tuple(missing))
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What one forward pass (one batch) leaves behind once its graph is released."""
+
+    captures: tuple[Any, ...]
+    verdicts: dict[str, Any]
+    flow: Any
+    never_ran: tuple[str, ...]
+    not_called: tuple[str, ...]
+    output_notes: Mapping[str, tuple[str, ...]]
+
+
+def _capture_and_analyse(
+    loaded: LoadedModel,
+    inputs: tuple[tuple[Any, ...], dict[str, Any]],
+    layers: list[str],
+    options: DumpOptions,
+    sample: int | None,
+    gallery: Any,
+    progress: Callable[[Any], None] | None,
+    index: int,
+    passes: int,
+) -> _Pass:
+    from fvis.capture import Mode, capture
+    from fvis.grads import diagnose, verdict_dicts
+
+    args, kwargs = inputs
+    result = capture(
+        loaded.module,
+        args,
+        layers,
+        kwargs=kwargs,
+        mode=Mode(options.mode),
+        train=options.train,
+        sample=sample,
+        keep_values=options.save_tensors or options.gradcam,
+        on_capture=_each_capture(gallery.add if options.images else None, progress),
+        batch=index if passes > 1 else None,
+        callback_values=options.images,  # the progress line alone needs no copies
+    )
+    # Analyse each pass before the next: its autograd graph is released with `result`.
+    verdicts = verdict_dicts(diagnose(result))
+    flow = _backward(loaded, result, options, sample)
+    return _Pass(
+        result.captures,
+        verdicts,
+        flow,
+        result.never_ran,
+        tuple(result.not_called),
+        result.output_notes,
+    )
+
+
+def _not_run_entries(
+    tree: ModelTree, patterns: tuple[str, ...], not_called: set[str], verdicts: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One entry per requested module that was not called, with its verdict and whether the
+    user asked for it by name (``requested``): an exact ``--layer`` name, or a glob none of
+    whose matches ran. Only those fail the ``not-run`` gate: a leaf of the default or
+    ``--all`` selection that is not called in this configuration is not a failure."""
+    from fvis.layers import resolve
+
+    requested: set[str] = set()
+    for pattern in patterns:
+        try:
+            infos = resolve(tree.layers, [pattern])
+        except UsageError:  # a missing name: the `missing` gate reports it
+            continue
+        names = [i.first_name or i.name for i in infos]
+        exact = len(infos) == 1 and infos[0].name == pattern
+        if exact or all(n in not_called for n in names):
+            requested.update(names)
+    return [
+        {"layer": name, "requested": name in requested, **verdicts.get(name, {})}
+        for name in sorted(not_called, key=_tree_order(tree))
+    ]
+
+
+def _tree_order(tree: ModelTree) -> Callable[[str], int]:
+    order = {info.name: i for i, info in enumerate(tree.layers)}
+    return lambda name: order.get(name, len(order))
 
 
 def _which_sample(sample: int | str | None, prepared: Prepared) -> int | None:
@@ -444,6 +529,7 @@ class CheckOptions:
     write_baseline: Path | None = None
     rtol: float = 1e-3
     atol: float = 1e-4
+    strict_library: bool = False  # also fail on cuts made by design inside library code
 
 
 @dataclass(frozen=True)
@@ -503,7 +589,9 @@ def check(
     folder = OutputDir.open(out, overwrite) if out is not None else None
     with folder or contextlib.nullcontext():  # any failure: nothing new is left behind
         run = _run_dump(ref, inputs, options, progress)
-        outcome = evaluate(run.report, gates.gates, gates.expectations, run.missing)
+        outcome = evaluate(
+            run.report, gates.gates, gates.expectations, run.missing, gates.strict_library
+        )
         current = make_baseline(run.report)
         regressions = tuple(compare(baseline, current, gates.rtol, gates.atol)) if baseline else ()
         failures = [*outcome.failures, *regressions]

@@ -72,21 +72,44 @@ def run_backward(
     inputs: list[Any] = [torch.autograd.graph.GradientEdge(node, nr) for _, (node, nr) in keyed]
     flat_params = [p for _, group in params for p in group]
     try:
-        grads = torch.autograd.grad(
-            scalar, inputs + flat_params, allow_unused=True, materialize_grads=False
+        grads = (
+            torch.autograd.grad(scalar, inputs, allow_unused=True, retain_graph=True)
+            if inputs
+            else ()
         )
+        param_grads = _param_grads(model, scalar, flat_params)
     except Exception as exc:  # a custom autograd.Function may raise anything
         first = first_line(exc)
         return BackwardResult(label, f"backward failed: {first[:300]}", {}, _param_flow(params), {})
-    capture_grads = dict(zip([k for k, _ in keyed], grads[: len(keyed)], strict=True))
+    capture_grads = dict(zip([k for k, _ in keyed], grads, strict=True))
     flows = {c.label: _flow(capture_grads.get(c.label)) for c in result.captures}
     shown = {k: sample_values(g, sample) for k, g in capture_grads.items() if g is not None}
-    received = iter(grads[len(keyed) :])
+    received = iter(param_grads)
     param_flows = tuple(
         ParamFlow(layer, len(group), sum(_nonzero(next(received)) for _ in group))
         for layer, group in params
     )
     return BackwardResult(label, None, flows, param_flows, shown)
+
+
+def _param_grads(
+    model: nn.Module, scalar: torch.Tensor, params: list[torch.nn.Parameter]
+) -> list[torch.Tensor | None]:
+    """The gradient each parameter receives from ``scalar.backward()``, measured the way
+    training sees it: reentrant activation checkpointing runs its own backward inside, which
+    ``autograd.grad(inputs=params)`` does not see. Every ``.grad`` is restored afterwards."""
+    if not params:
+        return []
+    every = list(model.parameters())
+    saved = [p.grad for p in every]
+    try:
+        for p in every:
+            p.grad = None
+        scalar.backward()
+        return [p.grad for p in params]
+    finally:
+        for p, grad in zip(every, saved, strict=True):
+            p.grad = grad
 
 
 def _objective(output: Any, target: int | None) -> tuple[torch.Tensor | None, str | None]:

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from fvis.axes import Axis, channel_axis, decide, find_token_grid, prefix_tokens
 from fvis.choices import Mode
@@ -109,17 +110,51 @@ class CallRecord(NamedTuple):
     output_shapes: tuple[tuple[int, ...], ...]
     call_id: int = -1  # order in which calls started
     parent_id: int | None = None  # the call this one ran inside (None for the outermost)
+    constant: bool = False  # output unchanged when its inputs' values change (see _is_constant)
+    has_params: bool = False  # the module holds parameters of its own (trainable or not)
 
     @property
     def is_cut(self) -> bool:
-        """Grad on, inputs or parameters required grad, floating outputs did not."""
+        """Grad on, inputs or parameters required grad, floating outputs did not, and the
+        output depends on the input values (an anchor generator reads only shapes)."""
         return (
             self.grad_enabled
             and not self.inference_mode
             and self.has_float_output
             and (self.inputs_require_grad or self.params_require_grad)
             and not self.outputs_require_grad
+            and not self.constant
         )
+
+    @property
+    def is_no_grad_inside(self) -> bool:
+        """Ran with grad off although its inputs or parameters required grad."""
+        return (
+            not self.grad_enabled
+            and self.has_float_output
+            and (self.inputs_require_grad or self.params_require_grad)
+        )
+
+
+@dataclass(frozen=True)
+class Detach:
+    """A ``.detach()`` / ``.data`` / ``torch.detach`` of a tensor that required grad, seen
+    during forward: the innermost module call under way and the detached tensor's edge."""
+
+    call_id: int
+    edge: tuple[Any, int] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class NotCalled:
+    """A requested module whose ``__call__`` never happened, and what can be said of it."""
+
+    name: str
+    class_name: str
+    container: bool  # no forward of its own (ModuleList, ModuleDict): it can never be called
+    params: tuple[torch.Tensor, ...] = field(repr=False, compare=False)  # trainable ones
+    exported: bool = False  # a module of an unflattened torch.export program
+    has_params: bool = False  # any parameter at all, trainable or frozen
 
 
 @dataclass(frozen=True)
@@ -142,6 +177,11 @@ class CaptureResult:
     output_notes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # captured layer -> what its output held that could not be captured (no tensor, an
     # object that could not be followed)
+    detaches: tuple[Detach, ...] = field(default=(), repr=False, compare=False)
+    not_called: Mapping[str, NotCalled] = field(default_factory=dict, repr=False, compare=False)
+    classes: Mapping[str, type] = field(default_factory=dict, repr=False, compare=False)
+    # dotted name -> the module's class (to find the source of a cut)
+    in_place_ops: bool = False  # an in-place op ran during forward (grad mode only)
 
 
 class _Held:
@@ -261,22 +301,36 @@ def capture(
         callback_values=callback_values,
         by_name=tree.by_name,
     )
-    modes = {module: module.training for module in tree.modules.values()}
+    with train_mode(model, train, tree), ExitStack() as stack:
+        stack.enter_context(_grad_context(mode))
+        session.install(model, stack)
+        if mode is Mode.GRAD:  # only a graph can be cut; the watch costs ~10 us per op
+            stack.enter_context(_DetachWatch(session))
+        output = _run(model, inputs, kwargs or {}, session)
+        session.finish()
+    exported = type(model).__name__ == "UnflattenedModule"
+    return session.result(output, mode, exported, tree)
+
+
+@contextmanager
+def train_mode(model: nn.Module, train: bool, tree: _Tree | None = None) -> Iterator[None]:
+    """``model.train(train)`` inside, every module's own flag restored after.
+
+    Restored per module, and only where a flag changed (Module.__setattr__ is slow):
+    model.train(x) would flip a frozen BatchNorm a user had put in eval, and a forward may
+    flip flags. Wrap the backward pass too: activation checkpointing recomputes the forward
+    then, and must see the same modes (``fvis.api`` does).
+    """
+    modules = (tree or _walk(model)).modules.values()
+    modes = {module: module.training for module in modules}
     if _needs_train_call(modes, train):
         model.train(train)
     try:
-        with ExitStack() as stack:
-            stack.enter_context(_grad_context(mode))
-            session.install(model, stack)
-            output = _run(model, inputs, kwargs or {}, session)
-            session.finish()
+        yield
     finally:
-        # Per module, and only where a flag changed (Module.__setattr__ is slow): model.train(x)
-        # would flip a frozen BatchNorm a user had put in eval, and a forward may flip flags.
         for module, training in modes.items():
             if module.training != training:
                 module.training = training
-    return session.result(output, mode)
 
 
 def _refuse_script(model: nn.Module, layers: Sequence[str]) -> None:
@@ -420,20 +474,25 @@ class _Session:
         self.notes: dict[str, list[str]] = {}  # layer -> what its output held that was not kept
         self.all_names = {name for aliases in names.values() for name in aliases}
         self.grids: dict[tuple[int, ...], tuple[int, int, int] | None] = {}
+        self.detaches: list[Detach] = []
+        self.replaying = False  # re-running a module to test whether its output is constant
+        self.in_hook = False
+        self.in_place_ops = False
 
     def install(self, model: nn.Module, stack: ExitStack) -> None:
         # One pair of global hooks (filtered to this model's modules) instead of a pair per
         # module: installing per-module hooks cost ~0.2 ms on a ResNet-18, these ~3 us.
         hooks = torch.nn.modules.module
         stack.enter_context(hooks.register_module_forward_pre_hook(self._pre))
-        stack.enter_context(hooks.register_module_forward_hook(self._post))
+        stack.enter_context(hooks.register_module_forward_hook(self._post, with_kwargs=True))
 
     def _pre(self, module: nn.Module, _args: Any) -> None:
         names = self.names.get(id(module))
-        if names is None:  # a module of another model
+        if names is None or self.replaying:  # a module of another model, or a re-run
             return
         parent = self.stack[-1].call_id if self.stack else None
-        self.stack.append(_Frame(id(module), names[0], self.next_call_id, parent))
+        grad_off = not torch.is_grad_enabled()
+        self.stack.append(_Frame(id(module), names[0], self.next_call_id, parent, grad_off))
         self.next_call_id += 1
 
     def _pop(self, key: int) -> _Frame:
@@ -443,18 +502,35 @@ class _Session:
             stack.pop()
         return stack.pop() if stack else _Frame(key, self.names[key][0], -1, None)
 
-    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        key = id(module)
-        if key not in self.names:
+    def _post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if id(module) not in self.names or self.replaying:
             return
+        self.in_hook = True  # our own .detach() calls (snapshots) are not the model's
+        try:
+            self._record(module, args, kwargs, output)
+        finally:
+            self.in_hook = False
+
+    def _record(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        key = id(module)
         frame = self._pop(key)
         call = self.calls[key] = self.calls.get(key, 0) + 1
+        inputs = (args, kwargs) if kwargs else args
+        params_grad = self._params_grad(module)
         record = _call_record(
-            frame, type(module).__qualname__, call, self._params_grad(module), args, output
+            frame,
+            type(module).__qualname__,
+            call,
+            params_grad,
+            inputs,
+            output,
+            bool(module._parameters),
         )
+        if record.is_cut and not params_grad and self._is_constant(module, args, kwargs, output):
+            record = record._replace(constant=True)
         self.trace.append(record)
-        if self.cut_outputs or record.is_cut:  # nearly always neither: skip the call
-            self._follow_cuts(record, args, output)
+        if self.cut_outputs or record.is_cut or record.is_no_grad_inside:  # nearly always none
+            self._follow_cuts(record, inputs, output)
         if not self.hold:
             self._check_versions()
         target = self.targets.get(key)
@@ -511,6 +587,8 @@ class _Session:
             edges = (gradient_edge(t) for _, t in flatten_tensors(args) if t.requires_grad)
             self.cut_inputs[record.call_id] = tuple(e for e in edges if e is not None)
             origin = record.call_id
+        elif record.is_no_grad_inside and self._parent_grad_on():
+            origin = record.call_id  # the outermost call of a no_grad block in its parent
         elif self.cut_outputs and not record.outputs_require_grad:
             origin = next(
                 (self.cut_outputs[p] for p in _storages(args) if p in self.cut_outputs), -1
@@ -522,6 +600,32 @@ class _Session:
             return
         for pointer in _storages(output):
             self.cut_outputs[pointer] = origin
+
+    def _parent_grad_on(self) -> bool:
+        # The parent's call is under way (its frame is on the stack): its grad mode now is the
+        # one around this call, unless the parent itself runs inside a no_grad block.
+        return bool(self.stack) and not self.stack[-1].grad_off
+
+    def _is_constant(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> bool:
+        """Whether a parameter-free module returns the same output for other input values:
+        then its output is computed from shapes or positions (anchors, rotary tables), not a
+        cut. Re-runs the module once, under no_grad, on random inputs of the same shapes."""
+        self.replaying = True
+        try:
+            with torch.no_grad():
+                again = module(*_perturbed(args), **_perturbed(kwargs or {}))
+        except Exception:  # the module needs its real values: not constant
+            return False
+        finally:
+            self.replaying = False
+        return _same_tensors(output, again)
+
+    def on_detach(self, tensor: Any) -> None:
+        if self.in_hook or not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+            return
+        edge = gradient_edge(tensor)
+        if edge is not None and self.stack:
+            self.detaches.append(Detach(self.stack[-1].call_id, edge))
 
     def _snapshot(
         self, key: int, layer: str, record: CallRecord, path: str, tensor: torch.Tensor
@@ -615,12 +719,20 @@ class _Session:
             f" ({len(names)} in all)" if len(names) > limit else ""
         )
 
-    def result(self, output: Any, mode: Mode) -> CaptureResult:
+    def result(self, output: Any, mode: Mode, exported: bool, tree: _Tree) -> CaptureResult:
         captures = tuple(
             item.capture(self.batch, self.calls.get(item.key, 1), final=True)
             for item in sorted(self.done, key=lambda it: it.seq)
         )
-        never = tuple(name for key, (name, _) in self.targets.items() if key not in self.calls)
+        not_called = {
+            name: _not_called(name, module, exported)
+            for key, (name, module) in self.targets.items()
+            if key not in self.calls
+        }
+        # A container (ModuleList, ModuleDict) has no forward: it can never run, so it never
+        # "never ran"; its items are what runs.
+        never = tuple(name for name, info in not_called.items() if not info.container)
+        classes = {names[0]: type(tree.modules[key]) for key, names in self.names.items()}
         return CaptureResult(
             captures,
             tuple(self.trace),
@@ -631,6 +743,10 @@ class _Session:
             self.cut_inputs,
             self.fed_by_cut,
             {layer: tuple(notes) for layer, notes in self.notes.items()},
+            tuple(self.detaches),
+            not_called,
+            classes,
+            self.in_place_ops,
         )
 
 
@@ -641,10 +757,74 @@ class _Frame(NamedTuple):
     name: str
     call_id: int
     parent_id: int | None
+    grad_off: bool = False  # grad mode was off when the call started
+
+
+class _DetachWatch(TorchFunctionMode):
+    """Sees every ``.detach()`` / ``.data`` during forward (hooks see only module
+    boundaries), so a value detached inside a parent's forward is not called unused."""
+
+    def __init__(self, session: _Session) -> None:
+        super().__init__()
+        self.session = session
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in _DETACHING and args:
+            self.session.on_detach(args[0])
+        elif (kwargs and kwargs.get("inplace")) or getattr(func, "__name__", "").endswith("_"):
+            self.session.in_place_ops = True  # then a saved tensor may have changed
+        return func(*args, **(kwargs or {}))
+
+
+_DETACHING = frozenset(
+    {torch.Tensor.detach, torch.detach, torch.Tensor.data.__get__, torch.Tensor.detach_}
+)
+
+
+def _not_called(name: str, module: nn.Module, exported: bool) -> NotCalled:
+    container = type(module).forward is nn.Module.forward  # ModuleList, ModuleDict
+    every = list(module.parameters())
+    params = tuple(p for p in every if p.requires_grad)
+    return NotCalled(name, type(module).__qualname__, container, params, exported, bool(every))
+
+
+def _perturbed(value: Any) -> Any:
+    """``value`` with every floating tensor (in tuples, lists, dicts) replaced by random values
+    of the same shape, dtype and device; a fixed seed keeps runs repeatable."""
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.is_complex()) or value.device.type == "meta":
+            return value
+        generator = torch.Generator(device=value.device).manual_seed(1234)
+        scale = float(value.detach().abs().max()) + 1.0 if value.numel() else 1.0
+        noise = torch.randn(value.shape, generator=generator, device=value.device)
+        return (noise * scale).to(value.dtype)
+    if type(value) in (tuple, list):
+        return type(value)(_perturbed(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _perturbed(v) for k, v in value.items()}
+    return value
+
+
+def _same_tensors(first: Any, second: Any) -> bool:
+    a, b = _tensors(first), _tensors(second)
+    return (
+        bool(a)
+        and len(a) == len(b)
+        and all(
+            x.shape == y.shape and x.dtype == y.dtype and torch.equal(x.detach(), y.detach())
+            for x, y in zip(a, b, strict=True)
+        )
+    )
 
 
 def _call_record(
-    frame: _Frame, class_name: str, call: int, params_grad: bool, args: Any, output: Any
+    frame: _Frame,
+    class_name: str,
+    call: int,
+    params_grad: bool,
+    args: Any,
+    output: Any,
+    has_params: bool = False,
 ) -> CallRecord:
     if isinstance(output, torch.Tensor):  # the usual case, without building lists
         floating = output.is_floating_point() or output.is_complex()
@@ -669,6 +849,7 @@ def _call_record(
         output_shapes,
         frame.call_id,
         frame.parent_id,
+        has_params=has_params,
     )
 
 

@@ -68,8 +68,9 @@ def step_summary(report: Mapping[str, Any], failures: Sequence[Failure]) -> str:
     for c in report["captures"]:
         verdict = (c.get("verdict") or {}).get("summary", "")
         lines.append(f"| `{_code(c['label'])}` | {tuple(c['shape'])} | {_md(verdict)} |")
-    for name in report["never_ran"]:
-        lines.append(f"| `{_code(name)}` | - | never ran |")
+    for entry in report.get("not_run") or [{"layer": n} for n in report["never_ran"]]:
+        summary = entry.get("summary", "never ran")
+        lines.append(f"| `{_code(entry['layer'])}` | - | {_md(summary)} |")
     if failures:
         lines += ["", "| layer | gate | cause | hint |", "|---|---|---|---|"]
         lines += [

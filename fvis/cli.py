@@ -630,10 +630,10 @@ def _print_dump(result: Any) -> None:
     console = _console()
     console.print(to_table(result.report))
     console.print(f"[dim]input: {for_terminal(result.report['input']['description'])}[/dim]")
-    for name in result.report["never_ran"]:
+    for entry in result.report["not_run"]:
         console.print(
-            f"[red]never ran:[/red] {for_terminal(name)}: its __call__ did not happen "
-            "(.forward() called directly, a functional op, or a branch not taken)"
+            f"[yellow]not called:[/yellow] {for_terminal(entry['layer'])}: "
+            f"{for_terminal(entry.get('summary', 'its __call__ did not happen'))}"
         )
     for line in backward_lines(result.report):
         console.print(for_terminal(line))
@@ -744,6 +744,14 @@ def check(
         Path | None,
         typer.Option("--junit", help="Write a JUnit XML report here.", show_default=False),
     ] = None,
+    strict_library: Annotated[
+        bool,
+        typer.Option(
+            "--strict-library",
+            help="Also fail 'disconnected' on cuts inside installed library code (by default "
+            "a cut there, such as torchvision's RPN detaching its proposals, is by design).",
+        ),
+    ] = False,
     input: InputOpt = None,
     shape: ShapeOpt = None,
     seed: SeedOpt = 0,
@@ -800,6 +808,7 @@ def check(
         write_baseline=write_baseline,
         rtol=rtol,
         atol=atol,
+        strict_library=strict_library,
     )
     options = DumpOptions(
         layers=tuple(layer or ()) or (config.layers if config else ()),

@@ -134,8 +134,13 @@ def evaluate(
     gates: Sequence[Gate],
     expectations: Sequence[Expectation] = (),
     missing: Sequence[str] = (),
+    strict_library: bool = False,
 ) -> CheckOutcome:
-    """Run every gate and expectation over a report (schema ``fvis.report/1``)."""
+    """Run every gate and expectation over a report (schema ``fvis.report/1``).
+
+    ``disconnected`` passes captures that are constant with respect to the inputs and, unless
+    ``strict_library``, captures cut by installed library code (a cut made by design there,
+    such as torchvision's RPN detaching its proposals)."""
     checks: list[tuple[str, str]] = []
     failures: list[Failure] = []
     names = {g.name for g in gates}
@@ -150,7 +155,8 @@ def evaluate(
                     "run 'fvis layers MODEL' to list the names",
                 )
             )
-    for name in report.get("never_ran", []):
+    for entry in _not_run(report):
+        name = entry["layer"]
         expectation = _expectation_for(name, expectations)
         if expectation is not None:
             checks.append((name, f"expect:{expectation.state}"))
@@ -159,18 +165,20 @@ def evaluate(
                     Failure(
                         name,
                         f"expect:{expectation.state}",
-                        "never ran",
+                        entry.get("summary", "never ran"),
                         "the module's __call__ did not happen",
                     )
                 )
-        elif "not-run" in names:
+        elif "not-run" in names and entry.get("requested", True):
             checks.append((name, "not-run"))
             failures.append(
                 Failure(
                     name,
                     "not-run",
-                    "asked for but never ran",
-                    "called as .forward(), a functional op, or a branch not taken",
+                    "asked for but " + entry.get("summary", "never ran"),
+                    entry.get(
+                        "hint", "called as .forward(), a functional op, or a branch not taken"
+                    ),
                 )
             )
     for capture in report.get("captures", []):
@@ -183,12 +191,20 @@ def evaluate(
             if gate.name in ("missing", "not-run", "no-grad-flow"):
                 continue
             checks.append((capture["label"], gate.label))
-            failure = _check_gate(capture, gate)
+            failure = _check_gate(capture, gate, strict_library)
             if failure is not None:
                 failures.append(failure)
     if "no-grad-flow" in names:
         failures += _grad_flow_failures(report, checks)
     return CheckOutcome(tuple(checks), tuple(failures))
+
+
+def _not_run(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The requested modules that were not called; reports written before ``not_run`` existed
+    list only names, every one of them requested."""
+    if "not_run" in report:
+        return list(report["not_run"])
+    return [{"layer": name} for name in report.get("never_ran", [])]
 
 
 def _expectation_for(layer: str, expectations: Sequence[Expectation]) -> Expectation | None:
@@ -222,11 +238,25 @@ def _check_expectation(capture: Mapping[str, Any], expectation: Expectation) -> 
     ]
 
 
-def _check_gate(capture: Mapping[str, Any], gate: Gate) -> Failure | None:
+def _by_design(verdict: Mapping[str, Any], strict_library: bool) -> bool:
+    """Not connected, and not a fault: constant outputs, values computed from the input alone
+    (nothing to differentiate yet), and cuts inside library code."""
+    if verdict.get("cause") in ("constant", "input-only"):
+        return True
+    return bool(verdict.get("library")) and not strict_library
+
+
+def _check_gate(
+    capture: Mapping[str, Any], gate: Gate, strict_library: bool = False
+) -> Failure | None:
     verdict = capture.get("verdict") or {}
     stats, grad = capture["stats"], capture["grad"]
     label = capture["label"]
-    if gate.name == "disconnected" and not verdict.get("connected", True):
+    if (
+        gate.name == "disconnected"
+        and not verdict.get("connected", True)
+        and not _by_design(verdict, strict_library)
+    ):
         return Failure(
             label, gate.label, verdict.get("summary", "not connected"), verdict.get("hint", "")
         )

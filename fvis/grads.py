@@ -21,6 +21,7 @@ Why an activation is cut comes from the trace of every module call (``CallRecord
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -34,6 +35,9 @@ from fvis.capture import (
     flatten_tensors,
     gradient_edge,
 )
+from fvis.errors import first_line
+from fvis.notcalled import not_called_verdicts
+from fvis.origins import origin_of
 
 
 class Cause(StrEnum):
@@ -48,6 +52,13 @@ class Cause(StrEnum):
     UNUSED = "unused"
     NOT_DIFFERENTIABLE = "not-differentiable"  # integer or boolean tensor
     NEVER_RAN = "never-ran"
+    CONSTANT = "constant"  # computed from shapes or positions, not from the input values
+    INPUT_ONLY = "input-only"  # computed from the input alone (no parameters before it)
+    BACKWARD_FAILS = "backward-fails"  # on the graph, but a saved tensor changed in place
+    PARAMS_USED = "params-used"  # never called, its parameters used functionally by its parent
+    NOT_CALLED = "not-called"  # never called, nothing says it should have been
+    CONTAINER = "container"  # ModuleList / ModuleDict: no forward, never callable
+    REMOVED_BY_EXPORT = "removed-by-export"
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,8 @@ class Verdict:
     summary: str
     hint: str
     in_place: str | None = None  # set when the tensor was modified in place after capture
+    origin: str | None = None  # file:line of the forward of ``where``
+    library: bool = False  # ``where`` is installed library code (a cut there is by design)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +82,8 @@ class Verdict:
             "summary": self.summary,
             "hint": self.hint,
             "in_place": self.in_place,
+            "origin": self.origin,
+            "library": self.library,
         }
 
 
@@ -100,6 +115,7 @@ class _Calls:
         self.by_id = {r.call_id: r for r in result.trace}
         self.cuts = [r for r in result.trace if r.is_cut]
         self._reach: dict[int, set[tuple[int, int]]] = {}
+        self._detach_reach: list[tuple[int, set[tuple[int, int]]]] | None = None
 
     def ancestors(self, call_id: int) -> list[CallRecord]:
         """Enclosing calls, innermost first."""
@@ -113,6 +129,12 @@ class _Calls:
 
     def is_within(self, call_id: int, outer_id: int) -> bool:
         return call_id == outer_id or any(a.call_id == outer_id for a in self.ancestors(call_id))
+
+    def detached_in(self, key: tuple[int, int]) -> CallRecord | None:
+        """The call whose forward detached a value computed from the edge ``key``."""
+        if self._detach_reach is None:
+            self._detach_reach = [(d.call_id, _walk([d.edge])) for d in self.result.detaches]
+        return next((self.by_id.get(c) for c, reach in self._detach_reach if key in reach), None)
 
     def reached_from_inputs(self, cut: CallRecord) -> set[tuple[int, int]]:
         """Edges upstream of what a cut module was given (so: what it cut off)."""
@@ -131,21 +153,49 @@ def diagnose(result: CaptureResult) -> dict[str, Verdict]:
     edges = reachable_edges(result.output) if result.mode is Mode.GRAD else set()
     calls = _Calls(result)
     verdicts = {}
+    failure = _backward_failure(result, edges) if edges else None
     for capture in result.captures:
         edge = result.edges.get((capture.layer, capture.call, capture.path))
         connected = edge is not None and (id(edge[0]), edge[1]) in edges
         verdict = _verdict(capture, connected, edge, calls)
-        verdicts[capture.label] = _with_in_place(verdict, capture)
-    for name in result.never_ran:
-        verdicts[name] = Verdict(
-            False,
-            Cause.NEVER_RAN,
-            name,
-            f"never ran: {name}.__call__ did not happen",
-            "it may be called as .forward() directly, used through a functional op, or sit on "
-            "a branch not taken for this input; hook its parent instead",
-        )
+        if connected and failure is not None:
+            verdict = Verdict(
+                False,
+                Cause.BACKWARD_FAILS,
+                None,
+                f"on the graph, but backward from the output fails: {failure}",
+                "a tensor saved for backward was changed in place: use out-of-place ops "
+                "(inplace=False) or clone it first",
+            )
+        verdicts[capture.label] = _with_origin(_with_in_place(verdict, capture), calls)
+    verdicts.update(not_called_verdicts(result, Verdict, Cause))
     return verdicts
+
+
+def _backward_failure(result: CaptureResult, edges: set[tuple[int, int]]) -> str | None:
+    """Why backward from the output to the captures fails, tried for real (a saved tensor
+    modified in place is only found by unpacking it); None when it works. Tried only when
+    an in-place op ran during forward."""
+    import torch
+
+    if not result.in_place_ops or not result.edges:
+        return None
+    tensors = [t for _, t in flatten_tensors(result.output) if t.requires_grad]
+    inputs = [
+        torch.autograd.graph.GradientEdge(node, nr)
+        for node, nr in result.edges.values()
+        if (id(node), nr) in edges
+    ]
+    if not tensors or not inputs:
+        return None
+    scalar = sum(t.float().sum() for t in tensors)
+    try:
+        torch.autograd.grad(scalar, inputs, retain_graph=True, allow_unused=True)
+    except RuntimeError as exc:
+        text = first_line(exc, 200)
+        # Reentrant checkpointing refuses autograd.grad by design: that says nothing here.
+        return None if "checkpoint" in text.lower() else text
+    return None
 
 
 def _verdict(
@@ -220,6 +270,16 @@ def _grad_off_verdict(capture: Capture, calls: _Calls) -> Verdict:
 
 
 def _no_grad_verdict(capture: Capture, calls: _Calls) -> Verdict:
+    record = calls.by_id.get(capture.call_id)
+    if record is not None and record.constant:
+        return Verdict(
+            False,
+            Cause.CONSTANT,
+            None,
+            "constant with respect to the inputs (computed from shapes or positions): "
+            "not on the graph, and not a cut",
+            "its output did not change when fvis re-ran it on other input values",
+        )
     inside = _innermost_cut(capture, calls)
     if inside is not None:
         where = _describe(inside)
@@ -232,6 +292,10 @@ def _no_grad_verdict(capture: Capture, calls: _Calls) -> Verdict:
         )
     origin = calls.result.fed_by_cut.get(capture.call_id)
     before = calls.by_id.get(origin) if origin is not None else None
+    if before is None:
+        before = _earlier_no_grad_block(capture, calls)
+    if before is not None and before.is_no_grad_inside:
+        return _after_no_grad_verdict(capture, before, calls)
     if before is not None:
         where = _describe(before)
         return Verdict(
@@ -240,6 +304,16 @@ def _no_grad_verdict(capture: Capture, calls: _Calls) -> Verdict:
             before.name,
             f"graph cut upstream, inside {where}",
             f"remove the .detach() / .data / no_grad in {where}",
+        )
+    if not _parameters_before(capture, calls):
+        return Verdict(
+            False,
+            Cause.INPUT_ONLY,
+            None,
+            "computed from the input alone (no module with parameters ran before it), and "
+            "the input does not require grad: nothing to differentiate here",
+            "expected for input preprocessing (a detector's transform); to follow gradients "
+            "to the input, run with --input-requires-grad",
         )
     return Verdict(
         False,
@@ -252,7 +326,60 @@ def _no_grad_verdict(capture: Capture, calls: _Calls) -> Verdict:
     )
 
 
+def _parameters_before(capture: Capture, calls: _Calls) -> bool:
+    """Whether any module holding parameters finished before this capture's call did (the
+    trace lists calls as they finish: its own children before it, its parents after)."""
+    for record in calls.result.trace:
+        if record.has_params:
+            return True
+        if record.call_id == capture.call_id:
+            return False
+    return True  # no record: assume parameters, the old verdict
+
+
+def _after_no_grad_verdict(capture: Capture, block: CallRecord, calls: _Calls) -> Verdict:
+    parent = calls.by_id.get(block.parent_id) if block.parent_id is not None else None
+    where = _describe(parent)
+    return Verdict(
+        False,
+        Cause.GRAD_OFF,
+        parent.name if parent else None,
+        f"nothing upstream requires grad: {block.name or block.class_name} ran under no_grad "
+        f"inside {where} before it, so its input carries no graph (parameters are not frozen)",
+        f"move the no_grad block in {where}; frozen layers need requires_grad_(False), not "
+        "no_grad, to pass gradients through",
+    )
+
+
+def _earlier_no_grad_block(capture: Capture, calls: _Calls) -> CallRecord | None:
+    """The last no_grad block that ran before this call inside one of its enclosing calls:
+    the link to this call may go through functional code, which hooks cannot see."""
+    enclosing = {a.call_id for a in calls.ancestors(capture.call_id)}
+    return next(
+        (
+            r
+            for r in reversed(calls.result.trace)
+            if r.call_id < capture.call_id
+            and r.is_no_grad_inside
+            and r.parent_id in enclosing
+            and not calls.is_within(capture.call_id, r.call_id)
+        ),
+        None,
+    )
+
+
 def _unreachable_verdict(capture: Capture, edge: tuple[Any, int] | None, calls: _Calls) -> Verdict:
+    detached = calls.detached_in((id(edge[0]), edge[1])) if edge is not None else None
+    if detached is not None:
+        where = _describe(detached)
+        return Verdict(
+            False,
+            Cause.CUT_DOWNSTREAM,
+            detached.name,
+            f"used, then detached: {where} detaches a value computed from it, so no "
+            "gradient from the output reaches it",
+            f"remove the .detach() / .data in {where} if gradients should flow here",
+        )
     downstream = _cut_fed_by(edge, calls) or next(
         (a for a in calls.ancestors(capture.call_id) if a.is_cut), None
     )
@@ -292,6 +419,21 @@ def _with_in_place(verdict: Verdict, capture: Capture) -> Verdict:
         f"{verdict.summary}; modified in place after capture",
         verdict.hint,
         note,
+    )
+
+
+def _with_origin(verdict: Verdict, calls: _Calls) -> Verdict:
+    """Name the source of the module blamed, and whether it is library code."""
+    if verdict.where is None or verdict.cause in (Cause.CONNECTED, Cause.CONSTANT):
+        return verdict
+    cls = calls.result.classes.get(verdict.where)
+    if cls is None:
+        return verdict
+    origin = origin_of(cls)
+    whose = "library code" if origin.library else "your code"
+    summary = f"{verdict.summary} [{whose}: {origin.where}]"
+    return dataclasses.replace(
+        verdict, summary=summary, origin=origin.where, library=origin.library
     )
 
 

@@ -22,6 +22,8 @@ Schema ``fvis.report/1`` (fields are only ever added)::
      "never_ran": [layer, ...], "warnings": [str, ...],
      "output_notes": [{"layer", "note"}, ...],  # what a captured layer's output held that
                                                  # could not be captured (no tensor, ...)
+     "not_run": [{"layer", "requested", "connected", "cause", "where", "summary", "hint",
+                  "in_place", "origin", "library"}],
      "layers": [{"name", "class", "depth", "leaf", "nested_model", "params", "shared_with"}],
      "backward": null | {"target", "error", "params": [{"layer", "trainable", "received",
                                                         "starved"}]}}
@@ -191,8 +193,12 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_md_row(c) for c in report["captures"]]
-    if report["never_ran"]:
-        lines += ["", "**Never ran:** " + ", ".join(f"`{_code(n)}`" for n in report["never_ran"])]
+    if _not_run(report):
+        lines += ["", "**Not called:**", ""]
+        lines += [
+            f"- `{_code(e['layer'])}`: {_md(e.get('summary', 'never ran'))}"
+            for e in _not_run(report)
+        ]
     for warning in report["warnings"]:
         lines.append(f"\n> warning: {_md(warning)}")
     for item in report.get("output_notes", []):
@@ -206,6 +212,13 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                 f"![{_md(c['label'])}](<{link_target(image['file'])}>)\n"
             )
     return "\n".join(lines) + "\n"
+
+
+def _not_run(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Requested modules that were not called, with their verdicts (older reports: names)."""
+    if "not_run" in report:
+        return list(report["not_run"])
+    return [{"layer": name} for name in report["never_ran"]]
 
 
 def _md_row(c: Mapping[str, Any]) -> str:
@@ -263,8 +276,9 @@ def to_table(report: Mapping[str, Any]) -> Any:
             f"{c['stats']['zero_fraction']:.0%}",
             _row_notes(c),
         )
-    for name in report["never_ran"]:
-        table.add_row(for_terminal(name), "-", "-", "-", "-", "[red]never ran[/red]")
+    for entry in _not_run(report):
+        summary = for_terminal(entry.get("summary", "never ran"))
+        table.add_row(for_terminal(entry["layer"]), "-", "-", "-", "-", summary)
     for item in report.get("output_notes", []):
         note = for_terminal(item["note"])
         table.add_row(for_terminal(item["layer"]), "-", "-", "-", "-", f"[yellow]{note}[/yellow]")

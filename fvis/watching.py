@@ -120,7 +120,9 @@ class Watch:
     def __enter__(self) -> Watch:
         hooks = torch.nn.modules.module
         self._stack.enter_context(hooks.register_module_forward_pre_hook(self._pre))
-        self._stack.enter_context(hooks.register_module_forward_hook(self._post, always_call=True))
+        self._stack.enter_context(
+            hooks.register_module_forward_hook(self._post, with_kwargs=True, always_call=True)
+        )
         return self
 
     def __exit__(self, *_exc: Any) -> None:
@@ -139,11 +141,14 @@ class Watch:
         assert self._session is not None
         self._session._pre(module, args)
 
-    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _post(self, module: nn.Module, args: Any, *rest: Any) -> None:
+        # (kwargs, output) normally; torch calls an always_call hook without kwargs when
+        # forward raised (output None then).
+        kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
         session = self._session
         if session is None or id(module) not in self._walked.names:
             return
-        session._post(module, args, output)
+        session._post(module, args, kwargs, output)
         if not session.stack:
             self._finish(module, output)
 
@@ -158,13 +163,14 @@ class Watch:
             True,
             None,
             hold=False,
+            by_name=self._walked.by_name,
         )
 
     def _finish(self, module: nn.Module, output: Any) -> None:
         session, context = self._session, self._context
         assert session is not None and context is not None
         session.finish()
-        result = session.result(output, context.mode)
+        result = session.result(output, context.mode, False, self._walked)
         verdicts = {k: _in_context(v, context) for k, v in diagnose(result).items()}
         entry = self._walked.names[id(module)][0]
         self.steps.append(Step(len(self.steps), entry, context, result.captures, verdicts))

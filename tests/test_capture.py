@@ -193,10 +193,12 @@ def test_tiny_transformer_dict_output_paths() -> None:
     np.testing.assert_allclose(got["['hidden']"].values, out["hidden"][0].numpy(), rtol=1e-5)
 
 
-def test_module_list_itself_never_runs_but_its_layers_do() -> None:
+def test_module_list_is_a_container_not_a_layer_that_never_ran() -> None:
+    # A ModuleList has no forward: it can never be called, so "never ran" would be false.
     model, x = build("tiny_transformer"), example_input("tiny_transformer")
     result = capture(model, [x], ["encoder.layers", "encoder.layers.1"])
-    assert result.never_ran == ("encoder.layers",)
+    assert result.never_ran == ()
+    assert result.not_called["encoder.layers"].container
     assert _labels(result) == ["encoder.layers.1"]
 
 

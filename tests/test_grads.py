@@ -115,10 +115,12 @@ def test_stores_inplace_note() -> None:
 
 def test_never_runs_verdicts() -> None:
     verdicts = _verdicts("never_runs", ["skipped", "direct", "trunk"])
-    for name in ("skipped", "direct"):
-        v = verdicts[name]
-        assert v.cause is Cause.NEVER_RAN and not v.connected and v.where == name
-        assert ".forward()" in v.hint
+    skipped, direct = verdicts["skipped"], verdicts["direct"]
+    assert skipped.cause is Cause.NOT_CALLED and not skipped.connected
+    assert skipped.where == "skipped" and ".forward()" in skipped.hint
+    # `direct.forward(h)` bypasses __call__, but its weights are on the graph all the same
+    assert direct.cause is Cause.PARAMS_USED and not direct.connected
+    assert "2 of its 2 trainable parameter tensors reach the output" in direct.summary
     assert verdicts["trunk"].connected
 
 
