@@ -230,7 +230,7 @@ def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Mod
     elif sniffed.kind is FileKind.SAFETENSORS:
         metas = _metas_from_safetensors(path)
     else:
-        scan = pt2.scan_export(sniffed, limits)
+        scan = pt2.scan_export(sniffed)
         pt2.refuse_untrusted(scan, path, trusted=options.trust is not None)
         metas = _metas_from_export(scan)
         if not options.arch:
@@ -850,7 +850,7 @@ def read_tensors_as_data(sniffed: Sniffed) -> dict[str, torch.Tensor]:
 def _load_export(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, list[str]]:
     import torch
 
-    scan = pt2.scan_export(sniffed, options.limits)
+    scan = pt2.scan_export(sniffed)
     pt2.refuse_untrusted(scan, sniffed.path, trusted=options.trust is not None)
     if options.trust is None:
         _refuse_export_pickles(sniffed, options, scan)

@@ -22,6 +22,7 @@ Nothing here imports torch, so ``fvis layers`` runs the same scan as ``fvis dump
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 import re
 import zipfile
@@ -31,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fvis.errors import BadFileError, RefusedError
-from fvis.formats import ZIP_ERRORS, Limits, Sniffed
+from fvis.errors import BadFileError, ModelInputError, RefusedError
+from fvis.formats import ZIP_ERRORS, Sniffed
 
 # torch/export/pt2_archive/constants.py
 AOTI_DIR = "data/aotinductor/"
@@ -110,7 +111,7 @@ class ExportScan:
     safe_pickles: tuple[str, ...]  # torch.load'ed members fvis keeps under weights_only
 
 
-def scan_export(sniffed: Sniffed, limits: Limits | None = None) -> ExportScan:
+def scan_export(sniffed: Sniffed) -> ExportScan:
     """Read the JSON of a ``.pt2`` (never its pickles or libraries) and check it.
 
     >>> scan_export(sniff(Path("model.pt2"))).code          # doctest: +SKIP
@@ -121,7 +122,7 @@ def scan_export(sniffed: Sniffed, limits: Limits | None = None) -> ExportScan:
     """
     try:
         with zipfile.ZipFile(sniffed.path) as archive:
-            return _scan(_Archive(sniffed, archive), limits or Limits())
+            return _scan(_Archive(sniffed, archive))
     except ZIP_ERRORS as exc:
         raise BadFileError(f"{sniffed.path} is a damaged torch.export archive ({exc})") from None
 
@@ -173,7 +174,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def _scan(archive: _Archive, limits: Limits) -> ExportScan:
+def _scan(archive: _Archive) -> ExportScan:
     duplicates = tuple(name for name, n in Counter(archive.names).items() if n > 1)
     # load_pt2 loads a program for each record under models/ (the name is cut, not matched).
     models = [n[len(MODELS_DIR) : -len(".json")] for n in archive.names if n.startswith(MODELS_DIR)]
@@ -182,7 +183,6 @@ def _scan(archive: _Archive, limits: Limits) -> ExportScan:
     safe = [f"data/sample_inputs/{m}.pt" for m in models]
     safe = [m for m in safe if m in archive.sizes]  # a missing one fails in torch, unread
     weights: dict[str, dict[str, Any]] = {}
-    declared = 0
     for model in models:
         code += _unsafe_expressions(archive, f"{MODELS_DIR}{model}.json")
         for folder, kind in ((WEIGHTS_DIR, "weights"), (CONSTANTS_DIR, "constants")):
@@ -192,9 +192,8 @@ def _scan(archive: _Archive, limits: Limits) -> ExportScan:
                 continue
             config = _payload_config(archive, f"{folder}{model}_{kind}_config.json")
             found = _payloads(archive, folder, config, is_constant=kind == "constants")
-            code, pickled, declared = code + found[0], pickled + found[1], declared + found[2]
+            code, pickled = code + found[0], pickled + found[1]
             weights = config if (kind, model) == ("weights", "model") else weights
-    _check_budget(archive.path, declared, limits)
     return ExportScan(
         tuple(models),
         tuple(_weight(name, entry) for name, entry in weights.items()),
@@ -279,12 +278,12 @@ def _as_int(value: Any) -> int | None:
 
 def _payloads(
     archive: _Archive, folder: str, config: Mapping[str, Mapping[str, Any]], is_constant: bool
-) -> tuple[list[Payload], list[Payload], int]:
-    """One config's members that run code and that are pickled, and the bytes its raw
-    tensors span (each checked to be in the archive)."""
+) -> tuple[list[Payload], list[Payload]]:
+    """One config's members that run code and that are pickled; raw tensors are checked to
+    have their bytes in the archive (so ``--max-model-bytes``, checked on the archive's
+    entries, bounds what torch allocates)."""
     code: list[Payload] = []
     pickled: list[Payload] = []
-    declared = 0
     for name, entry in config.items():
         path_name = entry["path_name"]
         member = posixpath.join(folder, path_name)  # torch's os.path.join
@@ -298,11 +297,11 @@ def _payloads(
         elif entry.get("use_pickle"):
             pickled.append(Payload(name, member, "torch.load(weights_only=False)"))
         else:
-            declared += _check_bytes(archive, name, member, entry["tensor_meta"])
-    return code, pickled, declared
+            _check_bytes(archive, name, member, entry["tensor_meta"])
+    return code, pickled
 
 
-def _check_bytes(archive: _Archive, name: str, member: str, meta: Mapping[str, Any]) -> int:
+def _check_bytes(archive: _Archive, name: str, member: str, meta: Mapping[str, Any]) -> None:
     """The bytes a raw tensor spans, which its record must hold: torch makes an empty record
     into ``torch.zeros(shape)``, so a few KB could declare gigabytes."""
     sizes = [_as_int(s) or 0 for s in meta["sizes"]]
@@ -322,15 +321,6 @@ def _check_bytes(archive: _Archive, name: str, member: str, meta: Mapping[str, A
             f"{archive.path}: {name!r} declares shape {sizes} ({needed:,} bytes) but {member} "
             f"holds {held:,} bytes",
             hint="the archive is damaged or crafted; torch would allocate the declared size",
-        )
-    return needed
-
-
-def _check_budget(path: Path, declared: int, limits: Limits) -> None:
-    if limits.max_model_bytes is not None and declared > limits.max_model_bytes:
-        raise BadFileError(
-            f"{path} declares {declared:,} bytes of weights and constants, more than "
-            f"--max-model-bytes {limits.max_model_bytes:,}"
         )
 
 
@@ -386,6 +376,21 @@ def _plain_token(match: re.Match[str]) -> bool:
     if name is None:
         return True
     return bool(name in _SYMPY_NAMES or _SYMBOL.fullmatch(name) or _OPAQUE_FN.fullmatch(name))
+
+
+def check_example_inputs(
+    label: str, examples: tuple[tuple[tuple[int, ...], str], ...], max_elements: int
+) -> None:
+    """Refuse to synthesize a program's example input above the ``--shape`` element cap: the
+    shapes come from the file's JSON, so a few KB can ask for gigabytes."""
+    for shape, _dtype in examples:
+        count = math.prod(shape)
+        if min(shape, default=0) < 0 or count > max_elements:
+            raise ModelInputError(
+                f"{label}: the program's example input {_clip(list(shape))} has "
+                f"{count:,} elements; fvis synthesizes at most {max_elements:,}",
+                hint="pass an input with --input FILE or --shape",
+            )
 
 
 def _clip(text: Any, limit: int = 60) -> str:
