@@ -26,7 +26,7 @@ import pytest
 import torch
 from payloads import SystemPayload
 
-from fvis.errors import BadFileError, ExitStatus
+from fvis.errors import BadFileError, ExitStatus, RefusedError
 from fvis.loading import LoadOptions, load_model
 
 Entries = list[tuple[str, bytes]]
@@ -398,3 +398,39 @@ def test_legit_program_still_runs_with_and_without_trust(cli: Any, chdir: Path, 
         code, _, stderr = cli("dump", zoo / "nested_cnn.pt2", "--out", out, "-q", *extra)
         assert code == 0, stderr
         assert any(Path(out).glob("**/*.png"))
+
+
+# --------------------------------------------------------------------------- other pickles
+
+
+def test_legacy_weights_file_is_checked_like_sample_inputs(
+    cli: Any, chdir: Path, zoo: Path, tmp_path: Path
+) -> None:
+    """torch prefers a legacy ``data/weights/model.pt`` to the weights config and torch.load's
+    it: its globals are checked before torch sees it."""
+    marker = tmp_path / "legacy-weights-ran"
+    evil = io.BytesIO()
+    torch.save({"w": SystemPayload(marker)}, evil)
+    entries = [*_entries(zoo), (f"{PREFIX}data/weights/model.pt", evil.getvalue())]
+    path = _write(tmp_path / "legacy.pt2", entries)
+    code, _, stderr = cli("dump", path, "--out", "out")
+    _cli_clean(code, stderr, ExitStatus.REFUSED, str(path), "data/weights/model.pt", "posix.system")
+    assert not marker.exists()
+
+
+def test_torch_weights_only_advice_is_never_relayed(
+    zoo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should torch meet a pickle fvis's scan did not see, its "re-run with weights_only=False"
+    advice becomes fvis's own refusal."""
+    advice = "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False`"
+
+    def unsafe(*_args: Any, **_kwargs: Any) -> Any:
+        raise pickle.UnpicklingError(advice)
+
+    monkeypatch.setattr(torch.export, "load", unsafe)
+    with pytest.raises(RefusedError) as info:
+        load_model(zoo / "inner_outer.pt2")
+    text = f"{info.value.message} {info.value.hint}"
+    assert "weights_only" not in text
+    assert "--trust" not in text
