@@ -129,7 +129,10 @@ def test_aoti_library_is_live(aoti_program: tuple[Path, Path]) -> None:
     path, marker = aoti_program
     script = "import sys\nfrom torch.export.pt2_archive._package import load_pt2\n"
     script += "try:\n    load_pt2(sys.argv[1])\nexcept Exception:\n    pass\n"
-    subprocess.run([sys.executable, "-c", script, str(path)], check=True, capture_output=True)
+    env = {**os.environ, "TMPDIR": str(path.parent)}  # torch unpacks the package there
+    subprocess.run(
+        [sys.executable, "-c", script, str(path)], check=True, capture_output=True, env=env
+    )
     assert marker.exists()
 
 
