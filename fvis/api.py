@@ -106,11 +106,14 @@ def list_layers(ref: ModelRef, inputs: InputOptions | None = None) -> Listing:
 
 
 def prepare_inputs(loaded: LoadedModel, inputs: InputOptions) -> Prepared:
-    from fvis.inputs import prepare
+    from fvis.inputs import MAX_SHAPE_ELEMENTS, prepare
+    from fvis.pt2 import check_example_inputs
     from fvis.sample import SAMPLE_INPUT_SHAPE
 
     if loaded.source.path is None and not inputs.sources and not inputs.shape:
         inputs = dataclasses.replace(inputs, shape=SAMPLE_INPUT_SHAPE)
+    if not inputs.sources and not inputs.shape:  # the program's own shapes get synthesized
+        check_example_inputs(loaded.source.label, loaded.source.example_inputs, MAX_SHAPE_ELEMENTS)
     return prepare(loaded.module, inputs, loaded.source.example_inputs)
 
 

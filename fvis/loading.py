@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
-from fvis import hf, inert
+from fvis import hf, inert, pt2
 from fvis.errors import BadFileError, ModelInputError, RefusedError, UsageError, first_line
 from fvis.formats import ZIP_ERRORS, FileKind, Limits, Sniffed, read_safetensors_header, sniff
 from fvis.layers import (
@@ -185,7 +185,9 @@ def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Mod
     elif sniffed.kind is FileKind.SAFETENSORS:
         found = Nested(_metas_from_safetensors(path), ())
     else:
-        found = Nested(_metas_from_export(sniffed), ())
+        scan = pt2.scan_export(sniffed)
+        pt2.refuse_untrusted(scan, path, trusted=options.trust is not None)
+        found = Nested(_metas_from_export(scan), ())
         if not options.arch:
             return ModelTree.of(
                 _tree_from_export(sniffed, found.state),
@@ -372,16 +374,11 @@ def _metas_from_safetensors(path: Path) -> dict[str, TensorMeta]:
     }
 
 
-def _metas_from_export(sniffed: Sniffed) -> dict[str, TensorMeta]:
-    config = _export_config(sniffed, "data/weights/model_weights_config.json")
-    metas = {}
-    for name, entry in config.items():
-        sizes = entry.get("tensor_meta", {}).get("sizes", [])
-        shape = tuple(int(s.get("as_int", 0)) for s in sizes if isinstance(s, dict))
-        requires_grad = bool(entry.get("tensor_meta", {}).get("requires_grad", True))
-        is_buffer = not entry.get("is_param", True)
-        metas[name] = TensorMeta(name, shape, "float32", requires_grad, is_buffer=is_buffer)
-    return metas
+def _metas_from_export(scan: pt2.ExportScan) -> dict[str, TensorMeta]:
+    return {
+        w.name: TensorMeta(w.name, w.shape, "float32", w.requires_grad, is_buffer=not w.is_param)
+        for w in scan.weights
+    }
 
 
 _EXPORT_JSON_ERRORS: tuple[type[BaseException], ...] = (*ZIP_ERRORS, TypeError)
@@ -423,18 +420,6 @@ def _module_stacks(value: Any) -> Iterator[str]:
             pending.extend(reversed(list(item.values())))
         elif isinstance(item, list):
             pending.extend(reversed(item))
-
-
-def _export_config(sniffed: Sniffed, member: str) -> dict[str, Any]:
-    try:
-        with zipfile.ZipFile(sniffed.path) as archive:
-            raw = json.loads(archive.read(sniffed.prefix + member))
-    except KeyError:
-        return {}
-    except ZIP_ERRORS as exc:
-        raise BadFileError(f"{sniffed.path} is a damaged torch.export archive ({exc})") from None
-    config = raw.get("config", {}) if isinstance(raw, dict) else {}
-    return config if isinstance(config, dict) else {}
 
 
 def _metas_of_module(model: nn.Module) -> dict[str, TensorMeta]:
@@ -871,38 +856,60 @@ def read_tensors_as_data(sniffed: Sniffed) -> dict[str, torch.Tensor]:
 def _load_export(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, list[str]]:
     import torch
 
+    scan = pt2.scan_export(sniffed)
+    pt2.refuse_untrusted(scan, sniffed.path, trusted=options.trust is not None)
     if options.trust is None:
-        _refuse_export_pickles(sniffed, options)
+        _refuse_export_pickles(sniffed, options, scan)
     source = _trusted_bytes(sniffed.path, options.trust) if options.trust else sniffed.path
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_torch_logging():
             warnings.simplefilter("ignore")
             with _weights_only_unless(options.trust is not None):
                 program = torch.export.load(source)
             # Decompose so in-place ops (aten.relu_) become real values, then rebuild the tree.
             module = torch.export.unflatten(program.run_decompositions())
     except Exception as exc:
-        raise BadFileError(
-            f"{sniffed.path}: torch.export program could not be loaded: {torch_reason(exc)}"
-        ) from None
+        raise _export_load_error(sniffed, exc, trusted=options.trust is not None) from None
     notes = ["torch.export program: decomposed and unflattened to its module tree"]
     if options.arch:
         return _with_arch(sniffed, options, module.state_dict(), notes)
     return module, notes
 
 
-def _refuse_export_pickles(sniffed: Sniffed, options: LoadOptions) -> None:
+# torch's advice when a safe load fails: never relayed (fvis decides what needs --trust)
+_UNSAFE_ADVICE = re.compile(r"weights_only`?\s*(=|set to)\s*`?False|Weights only load failed")
+
+
+def _export_load_error(
+    sniffed: Sniffed, exc: Exception, trusted: bool
+) -> BadFileError | RefusedError:
+    """fvis's own error for a program torch could not load."""
+    if not trusted and _UNSAFE_ADVICE.search(str(exc)):
+        return RefusedError(
+            f"{sniffed.path}: torch.export.load met a pickled member that safe loading refuses, "
+            "though fvis's check of the archive found none; the archive may have been crafted "
+            "to hide it",
+            hint="rebuild the program with torch.export.save from code you trust",
+        )
+    return BadFileError(
+        f"{sniffed.path}: torch.export program could not be loaded: {torch_reason(exc)}"
+    )
+
+
+def _refuse_export_pickles(sniffed: Sniffed, options: LoadOptions, scan: pt2.ExportScan) -> None:
     """torch.export.load unpickles weights and constants marked ``use_pickle`` with
     ``weights_only=False``: such a program needs --trust. Its sample inputs are pickled too;
     they load under forced ``weights_only`` when they name only safe globals."""
-    pickled, inputs = _export_pickled_members(sniffed)
-    seen, unreadable = _globals_of_members(sniffed, [*pickled.values(), *inputs])
+    pickled = {p.name: p.member for p in scan.pickled}
+    inputs = [sniffed.prefix + m for m in scan.safe_pickles]
+    members = [sniffed.prefix + m for m in pickled.values()]
+    seen, unreadable = _globals_of_members(sniffed, [*members, *inputs])
     blocked = untrusted_globals(seen, options.allow_modules)
     if not (pickled or blocked or unreadable):
         return
     named = [_preview(blocked, 5)] if blocked else []
     named += [f"unreadable {_preview(unreadable)}"] if unreadable else []
-    members = _preview(list(pickled) or [m.removeprefix(sniffed.prefix) for m in inputs])
+    listed = _preview(list(pickled) or list(scan.safe_pickles))
     if blocked:
         hint = ways_forward(sniffed.path, blocked)
     elif unreadable:
@@ -911,33 +918,10 @@ def _refuse_export_pickles(sniffed: Sniffed, options: LoadOptions) -> None:
         hint = f"--trust if you trust {sniffed.path.name}"
     detail = f"; they name {', '.join(named)}" if named else ""
     raise RefusedError(
-        f"{sniffed.path} is a torch.export program with pickled members ({members}) that "
+        f"{sniffed.path} is a torch.export program with pickled members ({listed}) that "
         f"would run code when loaded{detail}",
         hint=hint,
     )
-
-
-def _export_pickled_members(sniffed: Sniffed) -> tuple[dict[str, str], list[str]]:
-    """Weights and constants marked ``use_pickle`` in any program's config (by their name in
-    the state dict -> archive member), and the sample inputs."""
-    pickled: dict[str, str] = {}
-    inputs: list[str] = []
-    try:
-        with zipfile.ZipFile(sniffed.path) as archive:
-            for name in archive.namelist():
-                if name.endswith(("_weights_config.json", "_constants_config.json")):
-                    folder = name.rsplit("/", 1)[0]
-                    config = json.loads(archive.read(name)).get("config", {})
-                    pickled.update(
-                        (str(key), f"{folder}/{entry.get('path_name', '')}")
-                        for key, entry in config.items()
-                        if isinstance(entry, dict) and entry.get("use_pickle")
-                    )
-                elif "/sample_inputs/" in name:
-                    inputs.append(name)
-    except _EXPORT_JSON_ERRORS as exc:
-        raise BadFileError(f"{sniffed.path} is a damaged torch.export archive ({exc})") from None
-    return pickled, inputs
 
 
 def _globals_of_members(sniffed: Sniffed, members: list[str]) -> tuple[tuple[str, ...], list[str]]:
@@ -954,22 +938,31 @@ def _globals_of_members(sniffed: Sniffed, members: list[str]) -> tuple[tuple[str
 
 
 @contextlib.contextmanager
+def _quiet_torch_logging() -> Iterator[None]:
+    """Keep torch's logged tracebacks (a failed load, a failed decomposition) off stderr:
+    fvis says what failed in one line. The caller's own ``logging.disable`` level returns."""
+    previous_level = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous_level)
+
+
+@contextlib.contextmanager
 def _weights_only_unless(trusted: bool) -> Iterator[None]:
     """torch.export.load unpickles some members with ``weights_only=False`` and, when a safe
     load fails, retries unsafely on its own. Unless the user trusts the file, force every
-    ``torch.load`` inside it to stay safe (and keep torch's retry log off stderr)."""
+    ``torch.load`` inside it to stay safe."""
     if trusted:
         yield
         return
     names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
     previous = {name: os.environ.pop(name, None) for name in names}  # torch refuses both set
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    previous_level = logging.root.manager.disable  # the caller's own logging.disable level
-    logging.disable(logging.CRITICAL)
     try:
         yield
     finally:
-        logging.disable(previous_level)
         for name, value in previous.items():
             os.environ.pop(name, None)
             if value is not None:
