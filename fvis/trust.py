@@ -417,3 +417,40 @@ def import_user(module_name: str) -> Any:
             f"importing {module_name!r} failed: {type(exc).__name__}: {first_line(exc)}",
             hint="run --debug to see the traceback",
         ) from None
+
+
+@dataclass(frozen=True)
+class Trust:
+    """The user's decision to run code from a checkpoint, optionally bound to one file."""
+
+    sha256: str | None = None  # None: trust whatever file is given
+
+    @classmethod
+    def parse(cls, value: str | None) -> Trust | None:
+        """``None`` -> no trust; ``"any"`` (bare ``--trust``); ``"sha256:<hex>"`` or
+        ``"<hex>"`` (``--trust-sha256``) -> trust bound to one exact file."""
+        if value is None:
+            return None
+        if value == "any":
+            return cls()
+        match = re.fullmatch(r"(?:sha256:)?([0-9a-fA-F]{64})", value.strip())
+        if not match:
+            raise UsageError(
+                f"--trust-sha256 takes the file's SHA-256 (64 hex digits), not {value!r}",
+                hint="compute it with: sha256sum MODEL",
+            )
+        return cls(match.group(1).lower())
+
+    @classmethod
+    def from_flags(cls, trust: bool, sha256: str | None) -> Trust | None:
+        """``--trust`` and ``--trust-sha256 HEX`` (which implies ``--trust``)."""
+        return cls.parse(sha256) if sha256 is not None else (cls() if trust else None)
+
+
+def check_trust_binding(path: Path, digest: str, trust: Trust | None) -> None:
+    """Refuse a file whose hash is not the one --trust-sha256 names."""
+    if trust is not None and trust.sha256 is not None and trust.sha256 != digest:
+        raise RefusedError(
+            f"{path} has SHA-256 {digest}, not the {trust.sha256} that --trust-sha256 names",
+            hint="the file changed since you trusted it; check where it came from",
+        )

@@ -430,9 +430,10 @@ def test_inspect_with_arch_builds_on_meta_and_reads_no_data(
 
     import safetensors.torch
 
+    import fvis.arch
     import fvis.weights
 
-    monkeypatch.setattr(loading, "build_arch", spy_build)
+    monkeypatch.setattr(fvis.arch, "build_arch", spy_build)
     monkeypatch.setattr(torch, "load", no_data)
     monkeypatch.setattr(torch.export, "load", no_data)
     monkeypatch.setattr(safetensors.torch, "load_file", no_data)
