@@ -7,7 +7,7 @@
    and each kernel on one 1x64x112x112 map.
 1. cProfile of ``capture`` on every leaf of the ResNet-18-shaped model (both modes), fvis
    functions only, by total and own time.
-2. What-if: the same capture with ``fvis.capture.tensor_stats`` replaced by (a) a 5-kernel
+2. What-if: the same capture with ``fvis.session.tensor_stats`` replaced by (a) a 5-kernel
    prototype (aminmax, sum, norm of the centred values, per-channel count_nonzero; the current
    code as the fallback when a value is not finite) and (b) nothing at all (the floor of the
    hook machinery), and the capture of one layer only (``layer1.0.conv1``: every call is still
@@ -110,7 +110,7 @@ def fast_stats_factory():  # type: ignore[no-untyped-def]
 
 
 def whatif(reps: int) -> str:
-    cap = importlib.import_module("fvis.capture")  # `fvis.capture` is the function
+    cap = importlib.import_module("fvis.session")  # where the hooks call tensor_stats
     from fvis.capture import Mode, capture
     from fvis.stats import Stats
 
@@ -423,7 +423,7 @@ def main() -> None:
                     lambda mode=mode: capture(model, [x], layers, mode=mode, keep_values=False), 20
                 )
             )
-        cap = importlib.import_module("fvis.capture")  # `fvis.capture` is the function
+        cap = importlib.import_module("fvis.session")  # where the hooks call tensor_stats
         from fvis.stats import Stats
 
         original = cap.tensor_stats

@@ -1,0 +1,248 @@
+"""The records a capture produces: frozen, and apart from the tensors they describe.
+
+``GradFacts`` (autograd state of one captured tensor), ``Capture`` (one tensor from one call
+of one module), ``CallRecord`` (one call of any module: the trace), ``Detach`` (a detach seen
+during forward), ``NotCalled`` (a requested module that never ran) and ``CaptureResult``
+(everything one forward pass produced). ``fvis.capture`` re-exports them.
+
+``_Live`` is a capture while it is being recorded (made by the hook session, turned into a
+frozen ``Capture`` once at the end), kept here next to the records it builds positionally;
+``_Held`` is its strong reference to a tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import torch
+
+from fvis.choices import Mode
+from fvis.stats import Stats
+
+if TYPE_CHECKING:
+    from fvis.tensor_facts import _RawFacts
+
+
+@dataclass(frozen=True, slots=True)
+class GradFacts:
+    """Autograd state of one captured tensor, recorded at hook time."""
+
+    grad_enabled: bool
+    inference_mode: bool
+    requires_grad: bool
+    grad_fn: str | None
+    is_leaf: bool
+    is_inference: bool
+    version: int | None  # None for inference tensors (they have no version counter)
+    version_after: int | None = None  # at the end of forward, if the tensor was still alive
+    grad_fn_after: str | None = None
+
+    @property
+    def modified_in_place(self) -> bool:
+        return (
+            self.version is not None
+            and self.version_after is not None
+            and self.version_after != self.version
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """One tensor from one call of one module.
+
+    ``values`` is a float32 copy of the shown sample (or the whole tensor if it has no batch
+    dimension) taken at hook time; it is ``None`` once a streaming consumer dropped it.
+    """
+
+    layer: str
+    call: int
+    path: str  # "" for a plain tensor output, "[0]" or ".logits" inside containers
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    grad: GradFacts
+    stats: Stats
+    values: np.ndarray | None = field(default=None, repr=False, compare=False)
+    calls_total: int = 1
+    batch: int | None = None  # which forward pass, when inputs ran in several batches
+    call_id: int = -1  # links to the CallRecord of the call that produced it
+    # (prefix tokens, grid height, grid width) for (N, T, D) ViT tokens made from a patch grid
+    token_grid: tuple[int, int, int] | None = None
+
+    @property
+    def label(self) -> str:
+        """``inner.relu``, ``relu#2`` for the second call of a shared module, plus the path;
+        ``@batch1`` when the inputs ran in several batches."""
+        call = f"#{self.call}" if self.calls_total > 1 else ""
+        batch = f"@batch{self.batch}" if self.batch is not None else ""
+        return f"{self.layer}{call}{self.path}{batch}"
+
+
+class CallRecord(NamedTuple):
+    """One call of any module of the model (the trace).
+
+    Immutable like the dataclasses around it, but a ``NamedTuple``: one is built per module
+    call inside the hook, about 5x faster than a frozen dataclass."""
+
+    name: str
+    class_name: str
+    call: int
+    grad_enabled: bool
+    inference_mode: bool
+    inputs_require_grad: bool
+    params_require_grad: bool  # any parameter of the module or its children
+    outputs_require_grad: bool
+    has_float_output: bool
+    output_shapes: tuple[tuple[int, ...], ...]
+    call_id: int = -1  # order in which calls started
+    parent_id: int | None = None  # the call this one ran inside (None for the outermost)
+    constant: bool = False  # output unchanged when its inputs' values change (see _is_constant)
+    has_params: bool = False  # the module holds parameters of its own (trainable or not)
+
+    @property
+    def is_cut(self) -> bool:
+        """Grad on, inputs or parameters required grad, floating outputs did not, and the
+        output depends on the input values (an anchor generator reads only shapes)."""
+        return (
+            self.grad_enabled
+            and not self.inference_mode
+            and self.has_float_output
+            and (self.inputs_require_grad or self.params_require_grad)
+            and not self.outputs_require_grad
+            and not self.constant
+        )
+
+    @property
+    def is_no_grad_inside(self) -> bool:
+        """Ran with grad off although its inputs or parameters required grad."""
+        return (
+            not self.grad_enabled
+            and self.has_float_output
+            and (self.inputs_require_grad or self.params_require_grad)
+        )
+
+
+@dataclass(frozen=True)
+class Detach:
+    """A ``.detach()`` / ``.data`` / ``torch.detach`` of a tensor that required grad, seen
+    during forward: the innermost module call under way and the detached tensor's edge."""
+
+    call_id: int
+    edge: tuple[Any, int] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class NotCalled:
+    """A requested module whose ``__call__`` never happened, and what can be said of it."""
+
+    name: str
+    class_name: str
+    container: bool  # no forward of its own (ModuleList, ModuleDict): it can never be called
+    params: tuple[torch.Tensor, ...] = field(repr=False, compare=False)  # trainable ones
+    exported: bool = False  # a module of an unflattened torch.export program
+    has_params: bool = False  # any parameter at all, trainable or frozen
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    """Everything one forward pass produced."""
+
+    captures: tuple[Capture, ...]
+    trace: tuple[CallRecord, ...]
+    never_ran: tuple[str, ...]  # requested layers whose __call__ never happened
+    output: Any = field(repr=False, compare=False)  # the model's output (graph alive in grad mode)
+    edges: Mapping[tuple[str, int, str], tuple[Any, int]] = field(
+        default_factory=dict, repr=False, compare=False
+    )  # capture key -> (grad node, output_nr)
+    mode: Mode = Mode.GRAD
+    cut_inputs: Mapping[int, tuple[tuple[Any, int], ...]] = field(
+        default_factory=dict, repr=False, compare=False
+    )  # call_id of a cut -> gradient edges of its inputs that required grad
+    fed_by_cut: Mapping[int, int] = field(default_factory=dict, repr=False, compare=False)
+    # call_id -> call_id of the cut whose (detached) output reached this call's inputs
+    output_notes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # captured layer -> what its output held that could not be captured (no tensor, an
+    # object that could not be followed)
+    detaches: tuple[Detach, ...] = field(default=(), repr=False, compare=False)
+    not_called: Mapping[str, NotCalled] = field(default_factory=dict, repr=False, compare=False)
+    classes: Mapping[str, type] = field(default_factory=dict, repr=False, compare=False)
+    # dotted name -> the module's class (to find the source of a cut)
+    in_place_ops: bool = False  # an in-place op ran during forward (grad mode only)
+
+
+class _Held:
+    """A strong reference with the call shape of ``weakref.ref``."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __call__(self) -> torch.Tensor:
+        return self.tensor
+
+
+class _Live:
+    """A capture being recorded: what the hook saw, plus a reference to its tensor (strong in
+    grad mode, weak otherwise) to compare ``_version`` later. A plain slotted class: one is
+    made per captured tensor inside the hook, and the frozen ``Capture`` only once at the end."""
+
+    __slots__ = (
+        "call",
+        "call_id",
+        "facts",
+        "key",
+        "last_grad_fn",
+        "last_version",
+        "layer",
+        "path",
+        "ref",
+        "seq",
+        "stats",
+        "tensor_info",
+        "token_grid",
+        "values",
+    )
+
+    def __init__(
+        self,
+        key: int,
+        layer: str,
+        call: int,
+        path: str,
+        tensor_info: tuple[tuple[int, ...], str, str],
+        facts: _RawFacts,
+        stats: Stats,
+        values: np.ndarray | None,
+        call_id: int,
+        ref: Callable[[], torch.Tensor | None] | None,
+        seq: int,
+    ) -> None:
+        self.key, self.layer, self.call, self.path = key, layer, call, path
+        self.tensor_info, self.facts, self.stats, self.values = tensor_info, facts, stats, values
+        self.call_id, self.ref, self.seq = call_id, ref, seq
+        self.token_grid: tuple[int, int, int] | None = None
+        self.last_grad_fn, self.last_version = facts[3], facts[6]
+
+    def capture(self, batch: int | None, calls_total: int = 1, final: bool = False) -> Capture:
+        after = (self.last_version, self.last_grad_fn) if final else (None, None)
+        facts = GradFacts(*self.facts, *after)
+        shape, dtype, device = self.tensor_info
+        return Capture(
+            self.layer,
+            self.call,
+            self.path,
+            shape,
+            dtype,
+            device,
+            facts,
+            self.stats,
+            self.values,
+            calls_total,
+            batch,
+            self.call_id,
+            self.token_grid,
+        )
