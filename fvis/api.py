@@ -318,6 +318,11 @@ class _Pass:
     output_notes: Mapping[str, tuple[str, ...]]
 
 
+# Verdicts an op watch can refine: a capture that requires grad but does not reach the output
+# may have been used and then detached inside a parent's forward (see fvis.capture).
+_NEEDS_OP_WATCH = frozenset({"unused", "cut-downstream"})
+
+
 def _capture_and_analyse(
     loaded: LoadedModel,
     inputs: tuple[tuple[Any, ...], dict[str, Any]],
@@ -347,15 +352,35 @@ def _capture_and_analyse(
         callback_values=options.images,  # the progress line alone needs no copies
     )
     # Analyse each pass before the next: its autograd graph is released with `result`.
-    verdicts = verdict_dicts(diagnose(result))
+    captures, notes = result.captures, result.output_notes
+    verdicts = diagnose(result)
+    if Mode(options.mode) is Mode.GRAD and any(
+        v.cause in _NEEDS_OP_WATCH for v in verdicts.values()
+    ):
+        # Only an op watch tells "detached in a parent's forward" from "unused": run the same
+        # pass again with it, for the verdicts (the pictures and statistics are the first's).
+        del result
+        result = capture(
+            loaded.module,
+            args,
+            layers,
+            kwargs=kwargs,
+            mode=Mode.GRAD,
+            train=options.train,
+            sample=sample,
+            keep_values=False,
+            batch=index if passes > 1 else None,
+            watch_ops=True,
+        )
+        verdicts = diagnose(result)
     flow = _backward(loaded, result, options, sample)
     return _Pass(
-        result.captures,
-        verdicts,
+        captures,
+        verdict_dicts(verdicts),
         flow,
         result.never_ran,
         tuple(result.not_called),
-        result.output_notes,
+        notes,
     )
 
 

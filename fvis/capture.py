@@ -68,6 +68,7 @@ def capture(
     batch: int | None = None,
     callback_values: bool = True,
     kwargs: Mapping[str, Any] | None = None,
+    watch_ops: bool = False,
 ) -> CaptureResult:
     """Run ``model`` once and capture the outputs of the dotted ``layers``.
 
@@ -82,6 +83,10 @@ def capture(
     ``on_capture`` sees each capture as soon as its call returns (for streaming rendering:
     ``calls_total`` and the in-place facts are not known yet at that moment); with
     ``callback_values=False`` it gets no values (a progress display needs none: no copy).
+
+    ``watch_ops`` (grad mode) also watches every tensor op for ``.detach()`` / ``.data`` and
+    in-place ops, which module hooks cannot see; it costs ~10 us per op (a ResNet-18 forward
+    +25%), so ``fvis.api`` turns it on only for a second pass when a capture is unreachable.
     """
     _refuse_script(model, layers)
     tree = _walk(model)
@@ -100,7 +105,7 @@ def capture(
     with train_mode(model, train, tree), ExitStack() as stack:
         stack.enter_context(_grad_context(mode))
         session.install(model, stack)
-        if mode is Mode.GRAD:  # only a graph can be cut; the watch costs ~10 us per op
+        if watch_ops and mode is Mode.GRAD:  # only a graph can be cut
             stack.enter_context(_DetachWatch(session))
         output = _run(model, inputs, kwargs or {}, session)
         session.finish()

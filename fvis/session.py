@@ -137,6 +137,8 @@ class _Session:
         if record.is_cut and not params_grad and self._is_constant(module, args, kwargs, output):
             record = record._replace(constant=True)
         self.trace.append(record)
+        if module.__dict__.get("inplace") is True:  # ReLU(inplace=True) and kin, seen cheaply
+            self.in_place_ops = True
         if self.cut_outputs or record.is_cut or record.is_no_grad_inside:  # nearly always none
             self._follow_cuts(record, inputs, output)
         if not self.hold:
@@ -332,6 +334,7 @@ class _Session:
             item.capture(self.batch, self.calls.get(item.key, 1), final=True)
             for item in sorted(self.done, key=lambda it: it.seq)
         )
+        self.in_place_ops = self.in_place_ops or any(c.grad.modified_in_place for c in captures)
         not_called = {
             name: _not_called(name, module, exported)
             for key, (name, module) in self.targets.items()

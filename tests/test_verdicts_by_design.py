@@ -22,8 +22,10 @@ from fvis.origins import is_library_file, origin_of
 DEFAULT = parse_gates("missing,not-run,disconnected,nonfinite")
 
 
-def _diagnose(model: nn.Module, x: Tensor, layers: list[str]) -> dict[str, Verdict]:
-    return diagnose(capture(model.eval(), [x], layers))
+def _diagnose(
+    model: nn.Module, x: Tensor, layers: list[str], watch_ops: bool = False
+) -> dict[str, Verdict]:
+    return diagnose(capture(model.eval(), [x], layers, watch_ops=watch_ops))
 
 
 class FunctionalProj(nn.Module):
@@ -156,15 +158,49 @@ class StraightThrough(nn.Module):
 def test_detach_in_parent_forward_is_used_then_detached() -> None:
     model, x = DetachingWrapper(), torch.randn(2, 4)
     assert torch.autograd.grad(model(x).sum(), model.backbone.weight, allow_unused=True)[0] is None
-    v = _diagnose(model, x, ["backbone", "head"])["backbone"]
+    assert _diagnose(model, x, ["backbone"])["backbone"].cause is Cause.UNUSED  # hooks alone
+    v = _diagnose(model, x, ["backbone", "head"], watch_ops=True)["backbone"]
     assert v.cause is Cause.CUT_DOWNSTREAM and v.where == ""
     assert v.summary.startswith("used, then detached: DetachingWrapper.forward detaches")
     assert "dead branch" not in v.summary and "[your code: " in v.summary
     assert not v.library and v.origin is not None and v.origin.endswith(".py:" + str(
         DetachingWrapper.forward.__code__.co_firstlineno))  # fmt: skip
-    vq = _diagnose(StraightThrough(), x, ["codebook", "encoder"])
+    vq = _diagnose(StraightThrough(), x, ["codebook", "encoder"], watch_ops=True)
     assert vq["codebook"].summary.startswith("used, then detached: StraightThrough.forward")
     assert vq["encoder"].connected
+
+
+def test_dump_runs_the_op_watch_only_when_a_capture_is_unreachable() -> None:
+    from fvis.api import DumpOptions, check_module
+
+    result = check_module(
+        DetachingWrapper().eval(),
+        [torch.randn(2, 4)],
+        DumpOptions(layers=("backbone", "head"), images=False),
+    )
+    verdict = {c["label"]: c["verdict"] for c in result.dump.report["captures"]}["backbone"]
+    assert verdict["summary"].startswith("used, then detached: DetachingWrapper.forward")
+    calls: list[bool] = []
+    import sys
+
+    module = sys.modules["fvis.capture"]  # `import fvis.capture` gives the function
+    real = module.capture
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("watch_ops", False))
+        return real(*args, **kwargs)
+
+    module.capture = spy
+    try:
+        check_module(nn.Sequential(nn.Linear(4, 4)), [torch.randn(2, 4)], DumpOptions(images=False))
+        check_module(
+            DetachingWrapper().eval(),
+            [torch.randn(2, 4)],
+            DumpOptions(layers=("backbone",), images=False),
+        )
+    finally:
+        module.capture = real
+    assert calls == [False, False, True]  # a connected model runs once, without the watch
 
 
 class NoGradThenDropout(nn.Module):
