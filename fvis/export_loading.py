@@ -20,7 +20,7 @@ from fvis.formats import ZIP_ERRORS, Sniffed
 from fvis.layers import ModuleNode, TensorMeta, node_from_paths
 from fvis.pickles import trusted_bytes, weights_only_unless
 from fvis.text import preview as _preview
-from fvis.trust import torch_reason, untrusted_globals, ways_forward
+from fvis.trust import screen, torch_reason, untrusted_globals, ways_forward
 
 if TYPE_CHECKING:
     from torch import nn
@@ -85,6 +85,7 @@ def load_export(sniffed: Sniffed, options: LoadOptions) -> tuple[nn.Module, list
 
     scan = pt2.scan_export(sniffed)
     pt2.refuse_untrusted(scan, sniffed.path, trusted=options.trust is not None)
+    screen_export(sniffed, scan, trusted=options.trust is not None)
     if options.trust is None:
         _refuse_export_pickles(sniffed, options, scan)
     source = trusted_bytes(sniffed.path, options.trust) if options.trust else sniffed.path
@@ -149,6 +150,15 @@ def _refuse_export_pickles(sniffed: Sniffed, options: LoadOptions, scan: pt2.Exp
         f"would run code when loaded{detail}",
         hint=hint,
     )
+
+
+def screen_export(sniffed: Sniffed, scan: pt2.ExportScan, trusted: bool) -> None:
+    """The malicious-file verdict for a program's pickled members (weights, constants, sample
+    inputs), read with stand-ins: ``fvis layers`` refuses a payload as it does in any other
+    format, even though listing never unpickles them."""
+    for member in (*(p.member for p in scan.pickled), *scan.safe_pickles):
+        seen, _unreadable = _globals_of_members(sniffed, [sniffed.prefix + member])
+        screen(sniffed.path, seen, trusted, sniffed.kind.value, part=member)
 
 
 def _globals_of_members(sniffed: Sniffed, members: list[str]) -> tuple[tuple[str, ...], list[str]]:

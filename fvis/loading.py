@@ -30,6 +30,7 @@ from fvis.export_loading import (
     export_example_inputs,
     load_export,
     metas_from_export,
+    screen_export,
     tree_from_export,
 )
 from fvis.formats import FileKind, Limits, Sniffed, read_safetensors_header, sniff
@@ -161,6 +162,7 @@ def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Mod
     else:
         scan = pt2.scan_export(sniffed)
         pt2.refuse_untrusted(scan, path, trusted=options.trust is not None)
+        screen_export(sniffed, scan, trusted=options.trust is not None)
         found = Nested(metas_from_export(scan), ())
         if not options.arch:
             return ModelTree.of(

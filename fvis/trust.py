@@ -144,21 +144,23 @@ def findings(seen: Iterable[str]) -> tuple[Finding, ...]:
     return tuple(Finding(g, e) for g in dict.fromkeys(seen) if (e := effect_of(g)) is not None)
 
 
-def screen(path: Path, seen: Iterable[str], trusted: bool, kind: str = "") -> None:
-    """Refuse a file that names dangerous globals (exit 4); with ``--trust``, warn and go on."""
+def screen(path: Path, seen: Iterable[str], trusted: bool, kind: str = "", part: str = "") -> None:
+    """Refuse a file that names dangerous globals (exit 4); with ``--trust``, warn and go on.
+    ``part`` names the member of an archive that names them (``data/weights/model.pt``)."""
     found = findings(seen)
     if not found:
         return
     named = preview([f.text() for f in found], 4)
+    where = f"{path} ({part})" if part else f"{path}"
     if trusted:
         warnings.warn(
-            f"{path} names dangerous globals: {named}; going on because of --trust",
+            f"{where} names dangerous globals: {named}; going on because of --trust",
             TrustWarning,
             stacklevel=2,
         )
         return
     raise MaliciousFileError(
-        f"{path} names dangerous globals: {named}",
+        f"{where} names dangerous globals: {named}",
         hint="nothing from the file ran; these globals are dangerous (each effect is what full "
         "unpickling would do): treat the file as malicious and do not load it anywhere",
         findings=found,

@@ -977,7 +977,12 @@ LAYERS = [
         OK,
         ("67 params",),
     ),
-    Case("layers-pt2-payload-listed", ("layers", "{kit}/sample-inputs-payload.pt2"), OK),
+    Case(
+        "layers-pt2-payload-refused",
+        ("layers", "{kit}/sample-inputs-payload.pt2"),
+        REFUSED,
+        ("{kit}/sample-inputs-payload.pt2", "posix.system (would run a shell command)"),
+    ),
     Case(
         "layers-payload-run",
         ("layers", "{kit}/os.system.zip.pt", "--shape", "1,10"),
