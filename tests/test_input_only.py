@@ -45,3 +45,28 @@ def test_frozen_parameters_before_a_parameter_free_layer_stay_frozen() -> None:
     verdicts = diagnose(capture(model, [torch.randn(3, 4)], ["after"]))
     assert verdicts["after"].cause is Cause.FROZEN
     assert not _by_design(verdicts["after"].as_dict(), strict_library=False)
+
+
+class Labels(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.pick = Argmax()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.fc(x)
+        return scores, self.pick(scores)
+
+
+class Argmax(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.argmax(-1)
+
+
+def test_integer_outputs_do_not_fail_the_disconnected_gate() -> None:
+    from fvis.api import DumpOptions, check_module
+
+    result = check_module(Labels(), [torch.randn(2, 4)], DumpOptions(layers=("pick", "fc")))
+    verdicts = {c["label"]: c["verdict"] for c in result.dump.report["captures"]}
+    assert verdicts["pick"]["cause"] == "not-differentiable"
+    assert result.passed, result.failures
