@@ -228,3 +228,52 @@ def test_a_payload_in_bin_weights_is_refused(
     assert code == 4, err
     assert not marker.exists()
     assert "weights_only=False" not in err
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_default_check_passes_on_the_folder(
+    saved: dict[tuple[str, str], tuple[Any, Path]], cli: RunCli, tmp_path: Path, name: str
+) -> None:
+    _, folder = saved[(name, "sharded")]
+    code, out, err = cli("check", folder)
+    assert code == 0, out + err
+    assert out.strip().splitlines()[-1].startswith("fvis check passed")
+
+
+def test_listing_a_folder_reads_no_tensor_data(
+    saved: dict[tuple[str, str], tuple[Any, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors
+    import safetensors.torch
+
+    from fvis.loading import inspect_model
+
+    def no_data(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("listing must not read tensor data")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_data)
+    monkeypatch.setattr(safetensors.torch, "load", no_data)
+    monkeypatch.setattr(torch, "load", no_data)
+    monkeypatch.setattr(safetensors, "safe_open", no_data)  # with transformers: the config
+    model, folder = saved[("llama", "sharded")]
+    tree = inspect_model(folder)
+    assert tree.layers[0].params == sum(p.numel() for p in model.parameters())
+
+
+def test_a_builder_that_fails_on_meta_lists_for_real(tmp_path: Path, cli: RunCli) -> None:
+    """torchvision's RegNet copies values in while it builds: 'Cannot copy out of meta'."""
+    import torchvision
+
+    model = torchvision.models.regnet_y_400mf(weights=None)
+    torch.save(model.state_dict(), tmp_path / "regnet.pt")
+    code, out, err = cli(
+        "layers",
+        tmp_path / "regnet.pt",
+        "--arch",
+        "torchvision.models:regnet_y_400mf",
+        "--depth",
+        "0",
+    )
+    assert code == 0, err
+    assert "built on the CPU: the builder fails on the meta device" in out
+    assert f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M" in out
