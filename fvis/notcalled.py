@@ -46,7 +46,7 @@ def not_called_verdicts(result: CaptureResult, verdict: Any, cause: Any) -> dict
 
 def _one(info: NotCalled, leaves: set[int], checked: bool, verdict: Any, cause: Any) -> Any:
     name, cls = info.name, info.class_name
-    if info.container:
+    if info.container and not info.exported:  # an export leaves a bare Module placeholder
         return verdict(
             False,
             cause.CONTAINER,
