@@ -243,7 +243,7 @@ def _check_expectation(capture: Mapping[str, Any], expectation: Expectation) -> 
 def _by_design(verdict: Mapping[str, Any], strict_library: bool) -> bool:
     """Not connected, and not a fault: constant outputs, values computed from the input alone
     (nothing to differentiate yet), integer outputs, and cuts inside library code."""
-    if verdict.get("cause") in ("constant", "input-only", "not-differentiable"):
+    if verdict.get("cause") in ("constant", "input-only", "not-differentiable", "checkpointed"):
         return True  # integer outputs (labels, token ids) can never carry a gradient
     return bool(verdict.get("library")) and not strict_library
 

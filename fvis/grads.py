@@ -53,6 +53,7 @@ class Cause(StrEnum):
     NOT_DIFFERENTIABLE = "not-differentiable"  # integer or boolean tensor
     NEVER_RAN = "never-ran"
     CONSTANT = "constant"  # computed from shapes or positions, not from the input values
+    CHECKPOINTED = "checkpointed"  # first forward of a reentrant checkpoint: no_grad by design
     INPUT_ONLY = "input-only"  # computed from the input alone (no parameters before it)
     BACKWARD_FAILS = "backward-fails"  # on the graph, but a saved tensor changed in place
     PARAMS_USED = "params-used"  # never called, its parameters used functionally by its parent
@@ -248,6 +249,21 @@ def _inference_verdict(capture: Capture, calls: _Calls) -> Verdict:
 
 
 def _grad_off_verdict(capture: Capture, calls: _Calls) -> Verdict:
+    if capture.call_id in calls.result.checkpointed:
+        return Verdict(
+            False,
+            Cause.CHECKPOINTED,
+            None,
+            "inside a reentrant activation checkpoint (torch.utils.checkpoint, "
+            "use_reentrant=True): this first forward runs under no_grad by design and backward "
+            "recomputes it with grad",
+            "its parameters still get gradients (check with --backward); use_reentrant=False "
+            "keeps the first forward on the graph",
+        )
+    return _grad_off_cause(capture, calls)
+
+
+def _grad_off_cause(capture: Capture, calls: _Calls) -> Verdict:
     if calls.result.mode is Mode.NO_GRAD:
         return Verdict(
             False,

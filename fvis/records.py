@@ -171,6 +171,7 @@ class CaptureResult:
     classes: Mapping[str, type] = field(default_factory=dict, repr=False, compare=False)
     # dotted name -> the module's class (to find the source of a cut)
     in_place_ops: bool = False  # an in-place op ran during forward (grad mode only)
+    checkpointed: frozenset[int] = frozenset()  # call_ids run inside a reentrant checkpoint
 
 
 class _Held:

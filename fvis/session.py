@@ -10,6 +10,8 @@ from a cut. ``fvis.capture`` runs the model inside one session.
 
 from __future__ import annotations
 
+import os
+import sys
 import weakref
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
@@ -86,6 +88,7 @@ class _Session:
         self.replaying = False  # re-running a module to test whether its output is constant
         self.in_hook = False
         self.in_place_ops = False
+        self.checkpointed: set[int] = set()
 
     def install(self, model: nn.Module, stack: ExitStack) -> None:
         # One pair of global hooks (filtered to this model's modules) instead of a pair per
@@ -100,8 +103,16 @@ class _Session:
             return
         parent = self.stack[-1].call_id if self.stack else None
         grad_off = not torch.is_grad_enabled()
+        if grad_off and self.hold:  # rare in grad mode: a no_grad block, or a checkpoint
+            self._note_checkpoint(parent)
         self.stack.append(_Frame(id(module), names[0], self.next_call_id, parent, grad_off))
         self.next_call_id += 1
+
+    def _note_checkpoint(self, parent: int | None) -> None:
+        """A reentrant ``torch.utils.checkpoint`` runs its first forward under no_grad by design
+        (backward recomputes it with grad): remember the calls made inside one."""
+        if parent in self.checkpointed or _inside_reentrant_checkpoint():
+            self.checkpointed.add(self.next_call_id)
 
     def _pop(self, key: int) -> _Frame:
         # Frames above ours belong to calls that raised and were caught by their parent.
@@ -358,7 +369,23 @@ class _Session:
             not_called,
             classes,
             self.in_place_ops,
+            frozenset(self.checkpointed),
         )
+
+
+def _inside_reentrant_checkpoint() -> bool:
+    """Whether the Python stack holds ``CheckpointFunction.forward`` (torch.utils.checkpoint
+    with ``use_reentrant=True``)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "forward" and code.co_filename.endswith(_CHECKPOINT_FILE):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
 
 class _Frame(NamedTuple):
