@@ -23,6 +23,7 @@ ViT tokens ``(N, 1+HW, D)`` are also placed back on their patch grid when the tr
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -72,7 +73,21 @@ def channel_axis(
 
 
 def decide(module: nn.Module, shape: tuple[int, ...], depth: int = 0) -> Axis | None:
-    """The axis ``module`` itself (or its last deciding child) implies, or None."""
+    """The axis ``module`` itself (or its last deciding child) implies, or None; remembered per
+    module and shape (a hook runs this for every captured call, and the answer only depends
+    on the module's type and sizes)."""
+    known = _DECIDED.get(module)
+    if known is None:
+        known = _DECIDED[module] = {}
+    if (shape, depth) not in known:
+        known[(shape, depth)] = _decide(module, shape, depth)
+    return known[(shape, depth)]
+
+
+_DECIDED: weakref.WeakKeyDictionary[nn.Module, dict[Any, Axis | None]] = weakref.WeakKeyDictionary()
+
+
+def _decide(module: nn.Module, shape: tuple[int, ...], depth: int) -> Axis | None:
     own = _by_type(module, shape)
     if own is not None or depth > 6:
         return own

@@ -88,8 +88,8 @@ def capture(
     in-place ops, which module hooks cannot see; it costs ~10 us per op (a ResNet-18 forward
     +25%), so ``fvis.api`` turns it on only for a second pass when a capture is unreachable.
     """
-    _refuse_script(model, layers)
     tree = _walk(model)
+    _refuse_script(model, layers, tree)
     targets = _targets(tree, layers)
     session = _Session(
         tree.names,
@@ -134,10 +134,12 @@ def train_mode(model: nn.Module, train: bool, tree: _Tree | None = None) -> Iter
                 module.training = training
 
 
-def _refuse_script(model: nn.Module, layers: Sequence[str]) -> None:
+def _refuse_script(model: nn.Module, layers: Sequence[str], tree: _Tree) -> None:
     """A ScriptModule never calls Python hooks: every layer would be reported "never ran"."""
     if isinstance(model, torch.jit.ScriptModule):
         raise torchscript_refused(f"the model ({type(model).__name__})")
+    if not any(isinstance(m, torch.jit.ScriptModule) for m in tree.modules.values()):
+        return  # the usual case: no scripted submodule anywhere
     for layer in layers:
         parts = layer.split(".") if layer else []
         module: nn.Module | None = model
