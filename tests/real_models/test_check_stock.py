@@ -91,17 +91,9 @@ def test_gpt2(monkeypatch: pytest.MonkeyPatch, ids_folder: Path) -> None:
 
 
 def test_bert(monkeypatch: pytest.MonkeyPatch, ids_folder: Path) -> None:
-    from transformers import BertConfig, BertModel
+    from tests.real_models.tiny import bert
 
-    config = BertConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=32,
-    )
-    result = default_check(monkeypatch, BertModel(config), token_ids(ids_folder))
+    result = default_check(monkeypatch, bert(), token_ids(ids_folder))
     assert result.passed, failures_text(result)
 
 
