@@ -125,9 +125,35 @@ def prepare(
         kwargs[name] = tensor
         notes.append(f"{name}={note}")
     args, kwargs, cast = _match_dtype(model, args, kwargs)
-    return with_decoder_start(
-        model, Prepared(args, kwargs, "; ".join([*notes, *cast]), labels, displays)
-    )
+    prepared = Prepared(args, kwargs, "; ".join([*notes, *cast]), labels, displays)
+    check_token_ids(model, prepared)
+    return with_decoder_start(model, prepared)
+
+
+def check_token_ids(model: nn.Module, prepared: Prepared) -> None:
+    """Token ids outside the first embedding's vocabulary are named before the forward (the
+    model would fail deep inside with an index error).
+
+    >>> check_token_ids(gpt2, Prepared((torch.tensor([[50256]]),)))     # doctest: +SKIP
+    ModelInputError: input id 50256 >= vocab 1000 of transformer.wte
+    """
+    found = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)), None)
+    ids = prepared.kwargs.get("input_ids")
+    if ids is None and len(prepared.args) == 1 and not prepared.kwargs:
+        ids = prepared.args[0]
+    if found is None or not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+        return
+    if ids.dtype == torch.bool or not ids.numel():
+        return
+    name, embedding = found
+    low, high = int(ids.min()), int(ids.max())
+    if high >= embedding.num_embeddings or low < 0:
+        bad = high if high >= embedding.num_embeddings else low
+        raise ModelInputError(
+            f"input id {bad} is outside the vocabulary [0, {embedding.num_embeddings}) of "
+            f"{name or 'the model'} ({type(embedding).__name__})",
+            hint="the ids come from another tokenizer or model; use this model's tokenizer",
+        )
 
 
 _DECODER_KEYS = ("decoder_input_ids", "decoder_inputs_embeds", "labels")

@@ -1,0 +1,75 @@
+"""Token-id inputs: ids outside the vocabulary are named before the forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import RunCli
+
+ARCH = """
+from torch import nn
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(self.wte(ids))
+"""
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> tuple[Path, str]:
+    (tmp_path / "tok.py").write_text(ARCH)
+    namespace: dict[str, object] = {}
+    exec(ARCH, namespace)
+    torch.save(namespace["Tokens"]().state_dict(), tmp_path / "w.pt")  # type: ignore[operator]
+    return tmp_path / "w.pt", f"{tmp_path / 'tok.py'}:Tokens"
+
+
+@pytest.mark.parametrize(("ids", "bad"), [([[1, 2, 12]], 12), ([[3, -1]], -1)])
+def test_ids_outside_the_vocabulary_are_one_line_before_the_forward(
+    tmp_path: Path, cli: RunCli, model: tuple[Path, str], ids: list[list[int]], bad: int
+) -> None:
+    torch.save(torch.tensor(ids), tmp_path / "ids.pt")
+    with pytest.raises(IndexError):  # ground truth: the model itself fails deep inside
+        nn.Embedding(10, 4)(torch.tensor(ids))
+    code, _, err = cli(
+        "dump",
+        model[0],
+        "--arch",
+        model[1],
+        "--input",
+        tmp_path / "ids.pt",
+        "--out",
+        tmp_path / "out",
+    )
+    assert code == 5
+    assert err.splitlines()[0] == (
+        f"fvis: error: input id {bad} is outside the vocabulary [0, 10) of wte (Embedding)"
+    )
+    assert "forward failed" not in err and not (tmp_path / "out").exists()
+
+
+def test_ids_inside_the_vocabulary_run(
+    tmp_path: Path, cli: RunCli, model: tuple[Path, str]
+) -> None:
+    torch.save(torch.tensor([[0, 9, 4]]), tmp_path / "ids.pt")
+    code, _, err = cli(
+        "dump",
+        model[0],
+        "--arch",
+        model[1],
+        "--input",
+        tmp_path / "ids.pt",
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+    )
+    assert code == 0, err
