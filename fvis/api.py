@@ -256,8 +256,10 @@ def _run_dump(
     gallery = Gallery.from_options(options, prepared.labels)
     if options.images and prepared.display is not None:
         gallery.add_input(prepared.display)
-    if options.input_requires_grad:
-        _require_grad(prepared)
+    grad_at: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if options.input_requires_grad and not _require_grad(prepared):
+        grad_at, note = _embedding_requires_grad(loaded.module)
+        notes.append(note)
     captures: list[Any] = []
     verdicts: dict[str, Any] = {}
     flows = []
@@ -265,28 +267,29 @@ def _run_dump(
     output_notes: dict[str, list[str]] = {}
     not_called_sets: list[set[str]] = []
     chunks = _batches(prepared, options.batch_size)
-    for index, (args, kwargs) in enumerate(chunks):
-        with train_mode(loaded.module, options.train):  # backward recomputes checkpoints
-            result = _capture_and_analyse(
-                loaded,
-                (args, kwargs),
-                layers,
-                options,
-                sample,
-                gallery,
-                progress,
-                index,
-                len(chunks),
-            )
-        captures += result.captures
-        verdicts.update(result.verdicts)
-        flows.append(result.flow)
-        never_sets.append(result.never_ran)
-        for layer, texts in result.output_notes.items():
-            known = output_notes.setdefault(layer, [])
-            known += [t for t in texts if t not in known]
-        not_called_sets.append(set(result.not_called))
-        del result
+    with grad_at:  # the embedding hook, where --input-requires-grad needs one
+        for index, (args, kwargs) in enumerate(chunks):
+            with train_mode(loaded.module, options.train):  # backward recomputes checkpoints
+                result = _capture_and_analyse(
+                    loaded,
+                    (args, kwargs),
+                    layers,
+                    options,
+                    sample,
+                    gallery,
+                    progress,
+                    index,
+                    len(chunks),
+                )
+            captures += result.captures
+            verdicts.update(result.verdicts)
+            flows.append(result.flow)
+            never_sets.append(result.never_ran)
+            for layer, texts in result.output_notes.items():
+                known = output_notes.setdefault(layer, [])
+                known += [t for t in texts if t not in known]
+            not_called_sets.append(set(result.not_called))
+            del result
     never_ran = tuple(n for n in never_sets[0] if all(n in s for s in never_sets))
     not_called = set.intersection(*not_called_sets)
     not_run = _not_run_entries(tree, options.layers, not_called, verdicts)
@@ -457,12 +460,43 @@ def _each_capture(*consumers: Callable[[Any], None] | None) -> Callable[[Any], N
     return call_all
 
 
-def _require_grad(prepared: Prepared) -> None:
+def _require_grad(prepared: Prepared) -> bool:
+    """Floating inputs require grad (``--input-requires-grad``); False when there is none."""
     import torch
 
-    for tensor in [*prepared.args, *prepared.kwargs.values()]:
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-            tensor.requires_grad_(True)
+    floating = [
+        t
+        for t in [*prepared.args, *prepared.kwargs.values()]
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ]
+    for tensor in floating:
+        tensor.requires_grad_(True)
+    return bool(floating)
+
+
+def _embedding_requires_grad(model: Any) -> tuple[Any, str]:
+    """Integer inputs (token ids) cannot require grad: the first embedding's output does
+    instead, through a global hook that runs before fvis's own (global hooks run in the order
+    they were registered), so its capture already sees it."""
+    import torch
+
+    found = next(
+        ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)), None
+    )
+    if found is None:
+        raise UsageError(
+            "--input-requires-grad: the inputs are not floating point and the model has no "
+            "embedding whose output could require grad instead"
+        )
+    name, embedding = found
+
+    def hook(module: Any, _args: Any, output: Any) -> None:
+        if module is embedding and isinstance(output, torch.Tensor) and not output.requires_grad:
+            output.requires_grad_(True)
+
+    where = name or "the model"
+    note = f"--input-requires-grad: the input ids are integers, so {where}'s output requires grad"
+    return torch.nn.modules.module.register_module_forward_hook(hook), note
 
 
 def _backward(loaded: LoadedModel, result: Any, options: DumpOptions, sample: int | None) -> Any:

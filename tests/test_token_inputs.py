@@ -73,3 +73,49 @@ def test_ids_inside_the_vocabulary_run(
         "--quiet",
     )
     assert code == 0, err
+
+
+class Frozen(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(10, 4)
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+        self.requires_grad_(False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(self.wte(ids))))
+
+
+def test_input_requires_grad_on_ids_makes_the_embedding_output_require_grad() -> None:
+    from fvis.api import DumpOptions, check_module
+
+    ids = torch.tensor([[1, 2, 3]])
+    plain = check_module(Frozen(), [ids], DumpOptions(layers=("body",), images=False))
+    cause = {c["label"]: c["verdict"]["cause"] for c in plain.dump.report["captures"]}
+    assert cause["body"] == "nothing-requires-grad"
+    options = DumpOptions(layers=("wte", "body"), images=False, input_requires_grad=True)
+    result = check_module(Frozen(), [ids], options)
+    verdicts = {c["label"]: c["verdict"] for c in result.dump.report["captures"]}
+    assert verdicts["wte"]["connected"] and verdicts["body"]["connected"]
+    assert any(
+        "the input ids are integers, so wte's output requires grad" in n for n in result.dump.notes
+    )
+    # ground truth: with the embedding output requiring grad, a gradient reaches it
+    model = Frozen()
+    hidden = model.wte(ids).requires_grad_(True)
+    out = model.head(torch.relu(model.body(hidden)))
+    assert torch.autograd.grad(out.sum(), hidden)[0].abs().sum() > 0
+    assert torch.nn.modules.module._global_forward_hooks == {}  # the hook is gone
+
+
+def test_input_requires_grad_without_floats_or_embedding_is_a_usage_error() -> None:
+    from fvis.api import DumpOptions, check_module
+    from fvis.errors import UsageError
+
+    with pytest.raises(UsageError, match="no embedding"):
+        check_module(
+            nn.Linear(3, 3),
+            [torch.tensor([[1, 2, 3]])],
+            DumpOptions(images=False, input_requires_grad=True),
+        )
