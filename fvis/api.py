@@ -150,6 +150,7 @@ class DumpOptions:
     max_channels: int = 64
     backward: bool = False
     target: int | None = None  # logit to backpropagate from; None: the sum of the output
+    target_position: int | None = None  # token of a (N, T, V) output; None: the last token
     gradcam: bool = False
     input_requires_grad: bool = False
     missing_ok: bool = False  # unknown --layer names are returned (for the `missing` gate)
@@ -512,7 +513,7 @@ def _backward(loaded: LoadedModel, result: Any, options: DumpOptions, sample: in
             (),
             {},
         )
-    return run_backward(loaded.module, result, options.target, sample)
+    return run_backward(loaded.module, result, options.target, sample, options.target_position)
 
 
 def _report_input(

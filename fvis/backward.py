@@ -50,18 +50,23 @@ class BackwardResult:
 
 
 def run_backward(
-    model: nn.Module, result: CaptureResult, target: int | None = None, sample: int | None = 0
+    model: nn.Module,
+    result: CaptureResult,
+    target: int | None = None,
+    sample: int | None = 0,
+    position: int | None = None,
 ) -> BackwardResult:
-    """Backpropagate from the output (its sum, or logit ``target``) to every capture.
+    """Backpropagate from the output (its sum, or logit ``target``) to every capture. On a
+    sequence output ``(N, T, V)`` the logit is taken at token ``position`` (default: the last
+    token), not summed over every position.
 
     >>> flow = run_backward(model, capture(model, [x], ["inner.relu"]))   # doctest: +SKIP
     >>> flow.captures["inner.relu"].reached
     True
     """
-    label = "sum of the output" if target is None else f"output[..., {target}]"
     layers = list(dict.fromkeys(c.layer for c in result.captures))
     params = _trainable_params(model, layers)
-    scalar, error = _objective(result.output, target)
+    scalar, error, label = _objective(result.output, target, position)
     if scalar is None:
         return BackwardResult(label, error, {}, _param_flow(params), {})
     keyed = [
@@ -112,20 +117,45 @@ def _param_grads(
             p.grad = grad
 
 
-def _objective(output: Any, target: int | None) -> tuple[torch.Tensor | None, str | None]:
+def _objective(
+    output: Any, target: int | None, position: int | None = None
+) -> tuple[torch.Tensor | None, str | None, str]:
+    """The scalar to backpropagate from, the error when there is none, and its label."""
     tensors = [t for _, t in flatten_tensors(output) if t.requires_grad and t.is_floating_point()]
+    label = "sum of the output" if target is None else f"output[..., {target}]"
     if not tensors:
-        return None, (
-            "backward impossible: nothing in the model's output requires grad "
-            "(everything ran under no_grad/inference mode, or every parameter is "
-            "frozen and the input does not require grad: try --input-requires-grad)"
+        return (
+            None,
+            (
+                "backward impossible: nothing in the model's output requires grad "
+                "(everything ran under no_grad/inference mode, or every parameter is "
+                "frozen and the input does not require grad: try --input-requires-grad)"
+            ),
+            label,
         )
     if target is None:
-        return torch.stack([t.sum() for t in tensors]).sum(), None
+        if position is not None:
+            return None, "--target-position needs --target (the logit to take there)", label
+        return torch.stack([t.sum() for t in tensors]).sum(), None, label
     first = tensors[0]
     if first.dim() == 0 or not -first.shape[-1] <= target < first.shape[-1]:
-        return None, f"--target {target} is outside the output's last dimension {first.shape}"
-    return first[..., target].sum(), None
+        return (
+            None,
+            f"--target {target} is outside the output's last dimension {first.shape}",
+            label,
+        )
+    if first.dim() != 3:
+        if position is not None:
+            return (
+                None,
+                f"--target-position needs a (N, T, V) output, not {tuple(first.shape)}",
+                label,
+            )
+        return first[..., target].sum(), None, label
+    where = -1 if position is None else position
+    if not -first.shape[1] <= where < first.shape[1]:
+        return None, f"--target-position {where} is outside the {first.shape[1]} tokens", label
+    return first[:, where, target].sum(), None, f"output[:, {where}, {target}] (token {where})"
 
 
 def _trainable_params(

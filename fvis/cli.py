@@ -195,6 +195,15 @@ TargetOpt = Annotated[
         show_default=False,
     ),
 ]
+TargetPositionOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--target-position",
+        help="With --target on a (N, T, V) output: the token to take the logit at "
+        "(default: the last token, -1), instead of summing it over every position.",
+        show_default=False,
+    ),
+]
 InputGradOpt = Annotated[
     bool,
     typer.Option(
@@ -541,6 +550,7 @@ def dump(
     ] = 64,
     backward: BackwardOpt = False,
     target: TargetOpt = None,
+    target_position: TargetPositionOpt = None,
     gradcam: Annotated[
         bool,
         typer.Option(
@@ -589,6 +599,7 @@ def dump(
         max_channels=max_channels,
         backward=backward or gradcam,
         target=target,
+        target_position=target_position,
         gradcam=gradcam,
         input_requires_grad=input_requires_grad,
         batch_size=_positive(batch_size, "--batch-size"),
@@ -762,6 +773,7 @@ def check(
     mode: ModeOpt = Mode.GRAD,
     backward: BackwardOpt = False,
     target: TargetOpt = None,
+    target_position: TargetPositionOpt = None,
     input_requires_grad: InputGradOpt = False,
     images: Annotated[
         bool, typer.Option("--images", help="Also write pictures and reports to --out.")
@@ -817,6 +829,7 @@ def check(
         images=images,
         backward=backward,
         target=target,
+        target_position=target_position,
         input_requires_grad=input_requires_grad,
     )
     if images and out is None:

@@ -119,3 +119,45 @@ def test_input_requires_grad_without_floats_or_embedding_is_a_usage_error() -> N
             [torch.tensor([[1, 2, 3]])],
             DumpOptions(images=False, input_requires_grad=True),
         )
+
+
+class Seq(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(10, 4)
+        self.mix = nn.Linear(4, 4)
+        self.lm_head = nn.Linear(4, 10)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.mix(self.wte(ids))
+        return self.lm_head(hidden.cumsum(1))  # later tokens see earlier ones
+
+
+@pytest.mark.parametrize("position", [None, 0, 2])
+def test_target_on_a_sequence_output_is_taken_at_one_token(position: int | None) -> None:
+    from fvis.backward import run_backward
+    from fvis.capture import capture
+
+    torch.manual_seed(0)
+    model, ids = Seq(), torch.tensor([[1, 2, 3, 4]])
+    result = capture(model, [ids], ["mix"])
+    flow = run_backward(model, result, target=7, position=position)
+    where = -1 if position is None else position
+    assert flow.target == f"output[:, {where}, 7] (token {where})"
+    # ground truth: autograd from that one logit to mix's output
+    seen: list[torch.Tensor] = []
+    model.mix.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    out = model(ids)
+    expected = torch.autograd.grad(out[:, where, 7].sum(), seen[0], retain_graph=True)[0]
+    assert flow.captures["mix"].norm == pytest.approx(float(expected.norm()), rel=1e-5)
+    summed = torch.autograd.grad(out[..., 7].sum(), seen[0])[0]
+    assert float(summed.norm()) != pytest.approx(flow.captures["mix"].norm)  # not the old sum
+
+
+def test_target_position_without_a_sequence_output_is_explained() -> None:
+    from fvis.backward import run_backward
+    from fvis.capture import capture
+
+    model = nn.Linear(3, 2)
+    flow = run_backward(model, capture(model, [torch.randn(1, 3)], [""]), 1, position=0)
+    assert flow.error == "--target-position needs a (N, T, V) output, not (1, 2)"
