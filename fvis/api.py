@@ -481,9 +481,9 @@ def _embedding_requires_grad(model: Any) -> tuple[Any, str]:
     they were registered), so its capture already sees it."""
     import torch
 
-    found = next(
-        ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)), None
-    )
+    from fvis.inputs import first_embedding
+
+    found = first_embedding(model)
     if found is None:
         raise UsageError(
             "--input-requires-grad: the inputs are not floating point and the model has no "

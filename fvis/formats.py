@@ -14,6 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from fvis.errors import BadFileError, RefusedError, UsageError
+from fvis.layers import TensorMeta
 
 # The largest safetensors header we accept (the format's own limit is 100 MB).
 _MAX_SAFETENSORS_HEADER = 100_000_000
@@ -291,3 +292,15 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, object]]:
         raise BadFileError(f"{path} is a damaged safetensors file: {exc}") from None
     header.pop("__metadata__", None)
     return {key: header[key] for key in keys}
+
+
+def safetensors_metas(path: Path) -> dict[str, TensorMeta]:
+    """Name, shape and dtype of every tensor of a safetensors file, from its header alone."""
+    return {
+        name: TensorMeta(
+            name,
+            tuple(int(d) for d in info["shape"]),  # type: ignore[attr-defined]
+            str(info["dtype"]).lower(),
+        )
+        for name, info in read_safetensors_header(path).items()
+    }

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fvis.errors import BadFileError, ModelInputError, RefusedError, UsageError, first_line
-from fvis.formats import read_safetensors_header
+from fvis.formats import safetensors_metas
 from fvis.layers import TensorMeta
 
 if TYPE_CHECKING:
@@ -265,9 +265,7 @@ def header_metas(folder: HFFolder) -> dict[str, TensorMeta]:
     """Every tensor's name, shape and dtype from the shards' safetensors headers (no data)."""
     metas: dict[str, TensorMeta] = {}
     for shard in _safetensors_shards(folder, "listing them needs transformers"):
-        for name, info in read_safetensors_header(shard).items():
-            shape = tuple(int(d) for d in info["shape"])  # type: ignore[attr-defined]
-            metas[name] = TensorMeta(name, shape, str(info["dtype"]).lower())
+        metas.update(safetensors_metas(shard))
     return metas
 
 

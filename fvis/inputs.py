@@ -130,6 +130,12 @@ def prepare(
     return with_decoder_start(model, prepared)
 
 
+def first_embedding(model: nn.Module) -> tuple[str, nn.Embedding] | None:
+    """The first ``nn.Embedding`` in registration order and its name (the token embedding of
+    a language model)."""
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)), None)
+
+
 def check_token_ids(model: nn.Module, prepared: Prepared) -> None:
     """Token ids outside the first embedding's vocabulary are named before the forward (the
     model would fail deep inside with an index error).
@@ -137,7 +143,7 @@ def check_token_ids(model: nn.Module, prepared: Prepared) -> None:
     >>> check_token_ids(gpt2, Prepared((torch.tensor([[50256]]),)))     # doctest: +SKIP
     ModelInputError: input id 50256 >= vocab 1000 of transformer.wte
     """
-    found = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)), None)
+    found = first_embedding(model)
     ids = prepared.kwargs.get("input_ids")
     if ids is None and len(prepared.args) == 1 and not prepared.kwargs:
         ids = prepared.args[0]

@@ -33,8 +33,15 @@ from fvis.export_loading import (
     screen_export,
     tree_from_export,
 )
-from fvis.formats import FileKind, Limits, Sniffed, read_safetensors_header, sniff
-from fvis.layers import ModelTree, TensorMeta, node_from_module, node_from_state_dict
+from fvis.formats import (
+    FileKind,
+    Limits,
+    Sniffed,
+    read_safetensors_header,
+    safetensors_metas,
+    sniff,
+)
+from fvis.layers import ModelTree, node_from_module, node_from_state_dict
 from fvis.pickles import load_pickle_checkpoint, metas_from_inert, read_inert, read_tensors_as_data
 from fvis.state_dicts import (
     Nested,
@@ -158,7 +165,7 @@ def inspect_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Mod
             return ModelTree.of(tree, note, kind=sniffed.kind.value)
         found = metas_from_inert(sniffed, loaded.obj)
     elif sniffed.kind is FileKind.SAFETENSORS:
-        found = Nested(_metas_from_safetensors(path), ())
+        found = Nested(safetensors_metas(path), ())
     else:
         scan = pt2.scan_export(sniffed)
         pt2.refuse_untrusted(scan, path, trusted=options.trust is not None)
@@ -250,18 +257,6 @@ def _refuse_untrusted_shards(folder: hf.HFFolder, options: LoadOptions) -> None:
         seen = read_inert(sniffed).globals_seen
         screen(shard, seen, False, sniffed.kind.value)
         allowed_classes(shard, seen, options.allow_modules)
-
-
-def _metas_from_safetensors(path: Path) -> dict[str, TensorMeta]:
-    header = read_safetensors_header(path)
-    return {
-        name: TensorMeta(
-            name,
-            tuple(int(d) for d in info["shape"]),  # type: ignore[attr-defined]
-            str(info["dtype"]).lower(),
-        )
-        for name, info in header.items()
-    }
 
 
 # --------------------------------------------------------------------------- loading to run

@@ -20,33 +20,25 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import RunCli
 from tests.real_models.tiny import IDS, bert, dumped, gpt2, hooked_output
 
+# Llama and Qwen2 share a shape: grouped-query attention, embeddings tied to the head.
+_DECODER = dict(
+    num_hidden_layers=2,
+    hidden_size=32,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=64,
+    vocab_size=100,
+    max_position_embeddings=32,
+    tie_word_embeddings=True,
+)
+
 
 def _llama() -> Any:
-    config = T.LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
-    )
-    return T.LlamaForCausalLM(config)
+    return T.LlamaForCausalLM(T.LlamaConfig(**_DECODER))
 
 
 def _qwen2() -> Any:
-    config = T.Qwen2Config(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
-    )
-    return T.Qwen2ForCausalLM(config)
+    return T.Qwen2ForCausalLM(T.Qwen2Config(**_DECODER))
 
 
 def _t5() -> Any:
