@@ -350,7 +350,8 @@ def _capture_and_analyse(
         mode=Mode(options.mode),
         train=options.train,
         sample=sample,
-        keep_values=options.save_tensors or options.gradcam,
+        keep_values=options.gradcam,
+        keep_tensors=options.save_tensors,
         on_capture=_each_capture(gallery.add if options.images else None, progress),
         batch=index if passes > 1 else None,
         callback_values=options.images,  # the progress line alone needs no copies

@@ -69,6 +69,7 @@ def capture(
     callback_values: bool = True,
     kwargs: Mapping[str, Any] | None = None,
     watch_ops: bool = False,
+    keep_tensors: bool = False,
 ) -> CaptureResult:
     """Run ``model`` once and capture the outputs of the dotted ``layers``.
 
@@ -87,6 +88,9 @@ def capture(
     ``watch_ops`` (grad mode) also watches every tensor op for ``.detach()`` / ``.data`` and
     in-place ops, which module hooks cannot see; it costs ~10 us per op (a ResNet-18 forward
     +25%), so ``fvis.api`` turns it on only for a second pass when a capture is unreachable.
+
+    ``keep_tensors`` also keeps each captured tensor whole (every sample) in its own dtype, on
+    the CPU, as ``Capture.tensor`` (what ``--save-tensors`` writes).
     """
     tree = _walk(model)
     _refuse_script(model, layers, tree)
@@ -101,6 +105,7 @@ def capture(
         hold=mode is Mode.GRAD,
         callback_values=callback_values,
         by_name=tree.by_name,
+        keep_tensors=keep_tensors,
     )
     with train_mode(model, train, tree), ExitStack() as stack:
         stack.enter_context(_grad_context(mode))

@@ -246,9 +246,37 @@ def _channel_range(values: Any, channel: int) -> tuple[int, float | None, float 
 
 
 def tensors_file(captures: Sequence[Capture]) -> bytes:
-    """The captured values as safetensors bytes, named by capture label."""
+    """The captured tensors as safetensors bytes, named by capture label.
+
+    Each is the whole captured batch in its own dtype (``Capture.tensor``; a float32 sample
+    copy only where the whole tensor was not kept). The header's metadata says, per label, the
+    layer, call, path, batch, shape and dtype (``fvis.activations/1``), so what was captured
+    can be reloaded exactly: ``safetensors.safe_open(path, "pt").metadata()``.
+    """
+    import json
+
     import torch
     from safetensors.torch import save
 
-    tensors = {c.label: torch.from_numpy(c.values.copy()) for c in captures if c.values is not None}
-    return save(tensors)
+    tensors: dict[str, torch.Tensor] = {}
+    metadata = {"format": "pt", "fvis.schema": "fvis.activations/1"}
+    for c in captures:
+        if c.tensor is not None:
+            tensor, whole = c.tensor.contiguous(), True
+        elif c.values is not None:
+            tensor, whole = torch.from_numpy(c.values.copy()), False
+        else:
+            continue
+        tensors[c.label] = tensor
+        metadata[c.label] = json.dumps(
+            {
+                "layer": c.layer,
+                "call": c.call,
+                "path": c.path,
+                "batch": c.batch,
+                "shape": list(c.shape),
+                "dtype": c.dtype,
+                "whole_batch": whole,
+            }
+        )
+    return save(tensors, metadata=metadata)

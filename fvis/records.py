@@ -71,6 +71,8 @@ class Capture:
     call_id: int = -1  # links to the CallRecord of the call that produced it
     # (prefix tokens, grid height, grid width) for (N, T, D) ViT tokens made from a patch grid
     token_grid: tuple[int, int, int] | None = None
+    # The whole captured tensor (every sample) in its own dtype, on the CPU: --save-tensors
+    tensor: Any = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -204,6 +206,7 @@ class _Live:
         "seq",
         "stats",
         "tensor_info",
+        "saved",
         "token_grid",
         "values",
     )
@@ -226,6 +229,7 @@ class _Live:
         self.tensor_info, self.facts, self.stats, self.values = tensor_info, facts, stats, values
         self.call_id, self.ref, self.seq = call_id, ref, seq
         self.token_grid: tuple[int, int, int] | None = None
+        self.saved: torch.Tensor | None = None
         self.last_grad_fn, self.last_version = facts[3], facts[6]
 
     def capture(self, batch: int | None, calls_total: int = 1, final: bool = False) -> Capture:
@@ -246,4 +250,5 @@ class _Live:
             batch,
             self.call_id,
             self.token_grid,
+            self.saved,
         )

@@ -56,8 +56,10 @@ class _Session:
         hold: bool = False,
         callback_values: bool = True,
         by_name: Mapping[str, nn.Module] | None = None,
+        keep_tensors: bool = False,
     ) -> None:
         self.by_name = by_name or {}
+        self.keep_tensors = keep_tensors
         self.callback_values = on_capture is not None and callback_values
         self.batch = batch
         # Grad mode: the graph keeps most captured tensors alive anyway, so hold them and
@@ -271,6 +273,8 @@ class _Session:
         item = _Live(key, layer, call, path, info, facts, stats, values, call_id, ref, seq)
         if tensor.dim() == 3 and axis == 2:
             item.token_grid = self._token_grid(record, info[0])
+        if self.keep_tensors:  # every sample, own dtype: what was captured, reloadable exactly
+            item.saved = tensor.detach().to("cpu", copy=True)
         if self.on_capture is not None:
             self.on_capture(item.capture(self.batch))
         if not self.keep_values:

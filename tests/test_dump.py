@@ -167,7 +167,7 @@ def test_every_runnable_format(
     assert report["captures"][0]["verdict"]["connected"] is True
     assert report["model"]["file"] == str(model_file)
     with torch.no_grad():
-        want = build_sample().inner(torch.load(example, weights_only=True))[0].numpy()
+        want = build_sample().inner(torch.load(example, weights_only=True)).numpy()
     np.testing.assert_allclose(
         load_file(str(out / "activations.safetensors"))["inner.relu"], want, rtol=1e-5
     )
@@ -242,9 +242,9 @@ def test_sample_index_picks_the_drawn_sample(cli: Any, tmp_path: Path) -> None:
     code, _, stderr = cli("dump", *args, "--out", out)
     assert code == 0, stderr
     with torch.no_grad():
-        want = build_sample().inner(_x(0, 3))[2].numpy()
+        want = build_sample().inner(_x(0, 3)).numpy()
     saved = load_file(str(out / "activations.safetensors"))["inner.relu"]
-    np.testing.assert_allclose(saved, want, rtol=1e-5)
+    np.testing.assert_allclose(saved, want, rtol=1e-5)  # the whole batch, not only sample 2
 
 
 @pytest.mark.parametrize("bad", ["x", "-1", "1.5"])
@@ -265,9 +265,10 @@ def test_save_tensors_equal_captured_values(cli: Any, tmp_path: Path) -> None:
     assert set(saved) == {c.label for c in result.captures}
     for c in result.captures:
         assert saved[c.label].dtype == np.float32
-        np.testing.assert_allclose(saved[c.label], c.values, rtol=1e-6)
+        assert saved[c.label].shape == c.shape  # the whole batch
+        np.testing.assert_allclose(saved[c.label][0], c.values, rtol=1e-6)
     with torch.no_grad():
-        np.testing.assert_allclose(saved["linear_out"], model(_x(3))[0].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(saved["linear_out"], model(_x(3)).numpy(), rtol=1e-5)
 
 
 def test_no_images_writes_only_reports(cli: Any, tmp_path: Path) -> None:

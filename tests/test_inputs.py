@@ -398,7 +398,7 @@ def test_keyword_inputs(tmp_path: Path, cli: Any) -> None:
     assert "a=a.npy" in report["input"]["description"]
     with torch.no_grad():
         want = model.proj(torch.ones(1, 3))
-    np.testing.assert_allclose(load_file(str(out / "activations.safetensors"))["proj"], want[0])
+    np.testing.assert_allclose(load_file(str(out / "activations.safetensors"))["proj"], want)
 
 
 # --------------------------------------------------------------------------- synthesized
