@@ -141,6 +141,7 @@ class DumpOptions:
     all_leaves: bool = False
     depth: int | None = None
     mode: str = "grad"
+    what: str = "output"  # output | input | both (fvis.capture's ``what``)
     train: bool = False
     sample: int | str | None = "auto"  # index; None: every sample; "auto": all if several files
     images: bool = True
@@ -350,6 +351,7 @@ def _capture_and_analyse(
         mode=Mode(options.mode),
         train=options.train,
         sample=sample,
+        what=options.what,
         keep_values=options.gradcam,
         keep_tensors=options.save_tensors,
         on_capture=_each_capture(gallery.add if options.images else None, progress),
@@ -376,6 +378,7 @@ def _capture_and_analyse(
             keep_values=False,
             batch=index if passes > 1 else None,
             watch_ops=True,
+            what=options.what,
         )
         verdicts = diagnose(result)
     flow = _backward(loaded, result, options, sample)

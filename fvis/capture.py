@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fvis.choices import Mode
-from fvis.errors import ModelInputError, first_line, torchscript_refused
+from fvis.errors import ModelInputError, UsageError, first_line, torchscript_refused
 from fvis.outputs import flatten_tensors
 from fvis.records import CallRecord, Capture, CaptureResult, Detach, GradFacts, NotCalled
 from fvis.session import _DetachWatch, _Session
@@ -70,6 +70,7 @@ def capture(
     kwargs: Mapping[str, Any] | None = None,
     watch_ops: bool = False,
     keep_tensors: bool = False,
+    what: str = "output",
 ) -> CaptureResult:
     """Run ``model`` once and capture the outputs of the dotted ``layers``.
 
@@ -91,7 +92,12 @@ def capture(
 
     ``keep_tensors`` also keeps each captured tensor whole (every sample) in its own dtype, on
     the CPU, as ``Capture.tensor`` (what ``--save-tensors`` writes).
+
+    ``what`` is ``"output"``, ``"input"`` (each chosen module's positional tensor inputs,
+    snapshot when the call starts, labelled ``layer:input``, ``layer:input[1]``) or ``"both"``.
     """
+    if what not in _WHAT:
+        raise UsageError(f"what={what!r}: choose one of {', '.join(_WHAT)}")
     tree = _walk(model)
     _refuse_script(model, layers, tree)
     targets = _targets(tree, layers)
@@ -106,6 +112,7 @@ def capture(
         callback_values=callback_values,
         by_name=tree.by_name,
         keep_tensors=keep_tensors,
+        what=what,
     )
     with train_mode(model, train, tree), ExitStack() as stack:
         stack.enter_context(_grad_context(mode))
@@ -116,6 +123,9 @@ def capture(
         session.finish()
     exported = type(model).__name__ == "UnflattenedModule"
     return session.result(output, mode, exported, tree)
+
+
+_WHAT = ("output", "input", "both")
 
 
 @contextmanager

@@ -17,6 +17,14 @@ class Mode(StrEnum):
     INFERENCE = "inference"
 
 
+class What(StrEnum):
+    """Which tensors of each chosen module to capture: what it returns, receives, or both."""
+
+    OUTPUT = "output"
+    INPUT = "input"
+    BOTH = "both"
+
+
 class Cmap(StrEnum):
     """Colour map for finite values, low to high."""
 

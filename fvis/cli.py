@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from fvis.choices import Cmap, Mode, NormScope
+from fvis.choices import Cmap, Mode, NormScope, What
 from fvis.errors import ExitStatus, FvisError, OutputError, UsageError
 
 EXIT_CODES_HELP = (
@@ -481,6 +481,13 @@ ModeOpt = Annotated[
         "no-grad / inference: as your inference code runs.",
     ),
 ]
+WhatOpt = Annotated[
+    What,
+    typer.Option(
+        "--what",
+        help="Capture each chosen module's output, its positional inputs (layer:input), or both.",
+    ),
+]
 
 
 @app.command()
@@ -507,6 +514,7 @@ def dump(
     channels: ChannelsOpt = None,
     max_input_pixels: MaxPixelsOpt = None,
     mode: ModeOpt = Mode.GRAD,
+    what: WhatOpt = What.OUTPUT,
     train: Annotated[
         bool,
         typer.Option(
@@ -590,6 +598,7 @@ def dump(
         all_leaves=all_leaves,
         depth=depth,
         mode=mode.value,
+        what=what.value,
         train=train,
         sample=_parse_sample(sample),
         images=images,
@@ -771,6 +780,7 @@ def check(
     channels: ChannelsOpt = None,
     max_input_pixels: MaxPixelsOpt = None,
     mode: ModeOpt = Mode.GRAD,
+    what: WhatOpt = What.OUTPUT,
     backward: BackwardOpt = False,
     target: TargetOpt = None,
     target_position: TargetPositionOpt = None,
@@ -826,6 +836,7 @@ def check(
         layers=tuple(layer or ()) or (config.layers if config else ()),
         all_leaves=all_leaves,
         mode=mode.value,
+        what=what.value,
         images=images,
         backward=backward,
         target=target,

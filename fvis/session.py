@@ -57,9 +57,12 @@ class _Session:
         callback_values: bool = True,
         by_name: Mapping[str, nn.Module] | None = None,
         keep_tensors: bool = False,
+        what: str = "output",
     ) -> None:
         self.by_name = by_name or {}
         self.keep_tensors = keep_tensors
+        self.want_inputs = what in ("input", "both")
+        self.want_outputs = what in ("output", "both")
         self.callback_values = on_capture is not None and callback_values
         self.batch = batch
         # Grad mode: the graph keeps most captured tensors alive anyway, so hold them and
@@ -109,6 +112,41 @@ class _Session:
             self._note_checkpoint(parent)
         self.stack.append(_Frame(id(module), names[0], self.next_call_id, parent, grad_off))
         self.next_call_id += 1
+        if self.want_inputs and id(module) in self.targets:
+            self.in_hook = True  # our own .detach() calls (snapshots) are not the model's
+            try:
+                self._snapshot_inputs(module, _args)
+            finally:
+                self.in_hook = False
+
+    def _snapshot_inputs(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """The call's positional tensor inputs as the module receives them, before it runs
+        (so an in-place op inside the module cannot change them): ``layer:input``,
+        ``layer:input[1]``, ... Keyword arguments are not visible to a global pre-hook."""
+        key = id(module)
+        frame = self.stack[-1]
+        record = CallRecord(
+            frame.name,
+            type(module).__qualname__,
+            self.calls.get(key, 0) + 1,  # the number _record gives this call when it returns
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            False,
+            False,
+            False,
+            False,
+            (),
+            frame.call_id,
+            frame.parent_id,
+        )
+        layer = self.targets[key][0]
+        parts = list(flatten_tensors(args[0] if len(args) == 1 else args))
+        for path, tensor in parts:
+            self._snapshot(key, layer, record, ":input" + path, tensor)
+        if not parts:
+            note = "input: no positional tensor (keyword inputs are not captured)"
+            if note not in self.notes.setdefault(layer, []):
+                self.notes[layer].append(note)
 
     def _note_checkpoint(self, parent: int | None) -> None:
         """A reentrant ``torch.utils.checkpoint`` runs its first forward under no_grad by design
@@ -157,7 +195,7 @@ class _Session:
         if not self.hold:
             self._check_versions()
         target = self.targets.get(key)
-        if target is None:
+        if target is None or not self.want_outputs:
             return
         if isinstance(output, torch.Tensor):  # the usual case, without the generator
             self._snapshot(key, target[0], record, "", output)
