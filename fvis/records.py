@@ -203,10 +203,10 @@ class _Live:
         "layer",
         "path",
         "ref",
+        "saved",
         "seq",
         "stats",
         "tensor_info",
-        "saved",
         "token_grid",
         "values",
     )
