@@ -123,7 +123,7 @@ def test_dump_captures_a_deep_layer_exactly(
     model, folder = saved[(name, variant)]
     _, layer, inputs = MODELS[name]
     captured = dumped(cli, folder, layer, inputs, tmp_path)
-    assert torch.equal(captured, hooked_output(model, layer, inputs)[0])
+    assert torch.equal(captured, hooked_output(model, layer, inputs))
 
 
 def test_legacy_key_names_load_through_the_library_conversion(
@@ -146,7 +146,7 @@ def test_legacy_key_names_load_through_the_library_conversion(
     save_file(renamed, str(old / "model.safetensors"), metadata={"format": "pt"})
     layer = "encoder.layer.0.output.LayerNorm"
     captured = dumped(cli, old, layer, IDS, tmp_path)
-    assert torch.equal(captured, hooked_output(model, layer, IDS)[0])
+    assert torch.equal(captured, hooked_output(model, layer, IDS))
 
 
 def test_missing_weights_fail_strict_and_load_with_no_strict(
@@ -204,7 +204,7 @@ def test_pickled_bin_weights_load_weights_only(
     folder = _bin_folder(plain, tmp_path / "bin", load_file(str(plain / "model.safetensors")))
     layer = "transformer.h.1.mlp.c_fc"
     captured = dumped(cli, folder, layer, IDS, tmp_path)
-    assert torch.equal(captured, hooked_output(model, layer, IDS)[0])
+    assert torch.equal(captured, hooked_output(model, layer, IDS))
 
 
 def test_a_payload_in_bin_weights_is_refused(
