@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fvis.choices import Mode
+from fvis.choices import Mode, What
 from fvis.errors import ModelInputError, UsageError, first_line, torchscript_refused
 from fvis.outputs import flatten_tensors
 from fvis.records import CallRecord, Capture, CaptureResult, Detach, GradFacts, NotCalled
@@ -96,8 +96,8 @@ def capture(
     ``what`` is ``"output"``, ``"input"`` (each chosen module's positional tensor inputs,
     snapshot when the call starts, labelled ``layer:input``, ``layer:input[1]``) or ``"both"``.
     """
-    if what not in _WHAT:
-        raise UsageError(f"what={what!r}: choose one of {', '.join(_WHAT)}")
+    if what not in set(What):
+        raise UsageError(f"what={what!r}: choose one of {', '.join(What)}")
     tree = _walk(model)
     _refuse_script(model, layers, tree)
     targets = _targets(tree, layers)
@@ -123,9 +123,6 @@ def capture(
         session.finish()
     exported = type(model).__name__ == "UnflattenedModule"
     return session.result(output, mode, exported, tree)
-
-
-_WHAT = ("output", "input", "both")
 
 
 @contextmanager

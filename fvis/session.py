@@ -22,7 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from fvis.axes import Axis, channel_axis, decide, find_token_grid, prefix_tokens
-from fvis.choices import Mode
+from fvis.choices import Mode, What
 from fvis.outputs import describe_value, flatten_tensors
 from fvis.records import CallRecord, Capture, CaptureResult, Detach, NotCalled, _Held, _Live
 from fvis.stats import tensor_stats
@@ -61,8 +61,8 @@ class _Session:
     ) -> None:
         self.by_name = by_name or {}
         self.keep_tensors = keep_tensors
-        self.want_inputs = what in ("input", "both")
-        self.want_outputs = what in ("output", "both")
+        self.want_inputs = what in (What.INPUT, What.BOTH)
+        self.want_outputs = what in (What.OUTPUT, What.BOTH)
         self.callback_values = on_capture is not None and callback_values
         self.batch = batch
         # Grad mode: the graph keeps most captured tensors alive anyway, so hold them and
@@ -102,7 +102,7 @@ class _Session:
         stack.enter_context(hooks.register_module_forward_pre_hook(self._pre))
         stack.enter_context(hooks.register_module_forward_hook(self._post, with_kwargs=True))
 
-    def _pre(self, module: nn.Module, _args: Any) -> None:
+    def _pre(self, module: nn.Module, args: Any) -> None:
         names = self.names.get(id(module))
         if names is None or self.replaying:  # a module of another model, or a re-run
             return
@@ -115,7 +115,7 @@ class _Session:
         if self.want_inputs and id(module) in self.targets:
             self.in_hook = True  # our own .detach() calls (snapshots) are not the model's
             try:
-                self._snapshot_inputs(module, _args)
+                self._snapshot_inputs(module, args)
             finally:
                 self.in_hook = False
 
@@ -144,9 +144,12 @@ class _Session:
         for path, tensor in parts:
             self._snapshot(key, layer, record, ":input" + path, tensor)
         if not parts:
-            note = "input: no positional tensor (keyword inputs are not captured)"
-            if note not in self.notes.setdefault(layer, []):
-                self.notes[layer].append(note)
+            self._add_note(layer, "input: no positional tensor (keyword inputs are not captured)")
+
+    def _add_note(self, layer: str, note: str) -> None:
+        known = self.notes.setdefault(layer, [])
+        if note not in known:
+            known.append(note)
 
     def _note_checkpoint(self, parent: int | None) -> None:
         """A reentrant ``torch.utils.checkpoint`` runs its first forward under no_grad by design
@@ -216,9 +219,7 @@ class _Session:
         if not parts:
             notes.append(f"returned {describe_value(output)}: no tensor to capture")
         for note in notes:
-            self.notes.setdefault(layer, [])
-            if note not in self.notes[layer]:
-                self.notes[layer].append(note)
+            self._add_note(layer, note)
 
     def _clashes(self, layer: str, path: str) -> bool:
         """Whether ``layer`` + an attribute path starts like the name of a module."""
