@@ -52,6 +52,8 @@ class Prepared:
     labels: tuple[str, ...] = ()  # one per sample of the batch (file names)
     # Each sample's image as the model saw it (HxWxC uint8), None for non-image inputs.
     displays: tuple[np.ndarray | None, ...] = field(default=(), repr=False)
+    # Each sample's tokens (from --text or a saved BatchEncoding), for the pictures' labels.
+    tokens: tuple[tuple[str, ...], ...] = ()
 
     @property
     def display(self) -> np.ndarray | None:
@@ -115,19 +117,33 @@ def prepare(
     notes: list[str] = []
     labels: tuple[str, ...] = ()
     displays: tuple[np.ndarray | None, ...] = ()
-    if positional:
+    kwargs: dict[str, Any] = {}
+    batch = _keyword_batch(positional, model)
+    tokens: tuple[tuple[str, ...], ...] = ()
+    if batch is not None:
+        kwargs, tokens = dict(batch.tensors), batch.tokens
+        notes = [batch.describe(Path(positional[0]))]
+    elif positional:
         tensor, note, labels, displays = _load_batch(positional, options, channels)
         args, notes = (tensor,), [note]
-    kwargs = {}
     for item in keyword:
         name, _, file_name = item.partition("=")
         tensor, note, _, _ = _load_batch([file_name], options, channels)
         kwargs[name] = tensor
         notes.append(f"{name}={note}")
     args, kwargs, cast = _match_dtype(model, args, kwargs)
-    prepared = Prepared(args, kwargs, "; ".join([*notes, *cast]), labels, displays)
+    prepared = Prepared(args, kwargs, "; ".join([*notes, *cast]), labels, displays, tokens)
     check_token_ids(model, prepared)
     return with_decoder_start(model, prepared)
+
+
+def _keyword_batch(positional: Sequence[str], model: nn.Module) -> Any:
+    """One file holding a tokenizer batch or a dict of the model's inputs, else None."""
+    if len(positional) != 1 or not Path(positional[0]).is_file():
+        return None
+    from fvis.token_batches import read_keyword_batch
+
+    return read_keyword_batch(Path(positional[0]), model)
 
 
 def first_embedding(model: nn.Module) -> tuple[str, nn.Embedding] | None:
