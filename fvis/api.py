@@ -110,6 +110,10 @@ def prepare_inputs(loaded: LoadedModel, inputs: InputOptions) -> Prepared:
     from fvis.pt2 import check_example_inputs
     from fvis.sample import SAMPLE_INPUT_SHAPE
 
+    if inputs.texts:
+        from fvis.prompts import prepare_text
+
+        return prepare_text(loaded.module, loaded.source.path, inputs)
     if loaded.source.path is None and not inputs.sources and not inputs.shape:
         inputs = dataclasses.replace(inputs, shape=SAMPLE_INPUT_SHAPE)
     if not inputs.sources and not inputs.shape:  # the program's own shapes get synthesized
@@ -550,6 +554,7 @@ def _report_input(
             "shapes": [list(getattr(t, "shape", ())) for t in tensors],
             "dtypes": [str(getattr(t, "dtype", "")).removeprefix("torch.") for t in tensors],
             "samples": list(prepared.labels),
+            "tokens": [list(tokens) for tokens in prepared.tokens],
         },
         mode=options.mode,
         train=options.train,

@@ -123,6 +123,30 @@ InputOpt = Annotated[
         show_default=False,
     ),
 ]
+TextOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--text",
+        help="Text to tokenize with the tokenizer saved beside the model (offline) and pass as "
+        "input_ids/attention_mask; its tokens label the pictures. Repeatable (one sample each).",
+        show_default=False,
+    ),
+]
+TextFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--text-file", help="Texts to tokenize, one per line (like --text).", show_default=False
+    ),
+]
+TokenizerOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tokenizer",
+        metavar="DIR",
+        help="Folder holding the tokenizer for --text (default: the model's folder).",
+        show_default=False,
+    ),
+]
 ShapeOpt = Annotated[
     str | None,
     typer.Option(
@@ -349,8 +373,12 @@ def _input_options(
     channels: int | None,
     config: Any,
     max_pixels: int | None = None,
+    texts: list[str] | None = None,
+    text_file: Path | None = None,
+    tokenizer: Path | None = None,
 ) -> Any:
     from fvis.inputs import MAX_IMAGE_PIXELS, InputOptions, parse_shape, parse_size
+    from fvis.prompts import read_text_file
 
     sources = tuple(inputs or ()) or (config.inputs if config and not shape else ())
     shape = shape or (config.shape if config and not sources else None)
@@ -362,6 +390,8 @@ def _input_options(
         norm=norm,
         channels=channels,
         max_pixels=max_pixels or MAX_IMAGE_PIXELS,
+        texts=(*(texts or ()), *(read_text_file(text_file) if text_file else ())),
+        tokenizer=tokenizer,
     )
 
 
@@ -405,6 +435,9 @@ def layers(
     max_model_bytes: MaxBytesOpt = None,
     strict: StrictOpt = True,
     input: InputOpt = None,
+    text: TextOpt = None,
+    text_file: TextFileOpt = None,
+    tokenizer: TokenizerOpt = None,
     shape: ShapeOpt = None,
     seed: SeedOpt = 0,
     size: SizeOpt = None,
@@ -435,9 +468,23 @@ def layers(
             arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes, strict
         ),
     )
-    wants_run = bool(input or shape or (config and (config.inputs or config.shape)))
+    wants_run = bool(
+        input or text or text_file or shape or (config and (config.inputs or config.shape))
+    )
     inputs = (
-        _input_options(input, shape, seed, size, norm, channels, config, max_input_pixels)
+        _input_options(
+            input,
+            shape,
+            seed,
+            size,
+            norm,
+            channels,
+            config,
+            max_input_pixels,
+            text,
+            text_file,
+            tokenizer,
+        )
         if wants_run
         else None
     )
@@ -507,6 +554,9 @@ def dump(
         ),
     ] = None,
     input: InputOpt = None,
+    text: TextOpt = None,
+    text_file: TextFileOpt = None,
+    tokenizer: TokenizerOpt = None,
     shape: ShapeOpt = None,
     seed: SeedOpt = 0,
     size: SizeOpt = None,
@@ -590,7 +640,19 @@ def dump(
             arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes, strict
         ),
     )
-    inputs = _input_options(input, shape, seed, size, norm, channels, config, max_input_pixels)
+    inputs = _input_options(
+        input,
+        shape,
+        seed,
+        size,
+        norm,
+        channels,
+        config,
+        max_input_pixels,
+        text,
+        text_file,
+        tokenizer,
+    )
     layers = tuple(layer or ()) or (config.layers if config else ())
     _positive(max_channels, "--max-channels")
     options = DumpOptions(
@@ -773,6 +835,9 @@ def check(
         ),
     ] = False,
     input: InputOpt = None,
+    text: TextOpt = None,
+    text_file: TextFileOpt = None,
+    tokenizer: TokenizerOpt = None,
     shape: ShapeOpt = None,
     seed: SeedOpt = 0,
     size: SizeOpt = None,
@@ -822,7 +887,19 @@ def check(
         ),
     )
     # config is None whenever MODEL was given (resolve_model does not read it then)
-    inputs = _input_options(input, shape, seed, size, norm, channels, config, max_input_pixels)
+    inputs = _input_options(
+        input,
+        shape,
+        seed,
+        size,
+        norm,
+        channels,
+        config,
+        max_input_pixels,
+        text,
+        text_file,
+        tokenizer,
+    )
     gates = CheckOptions(
         gates=parse_gates(fail_on or (config and config.fail_on) or DEFAULT_GATES),
         expectations=parse_expectations(tuple(expect or ()) or (config.expect if config else ())),

@@ -40,6 +40,8 @@ class InputOptions:
     norm: str = "auto"  # auto | imagenet | none | "m1,m2,m3/s1,s2,s3" or "MEAN,STD"
     channels: int | None = None
     max_pixels: int = MAX_IMAGE_PIXELS  # per image file (--max-input-pixels)
+    texts: tuple[str, ...] = ()  # --text / --text-file, tokenized by fvis.prompts
+    tokenizer: Path | None = None  # --tokenizer: where the tokenizer is (default: the model's)
 
 
 @dataclass(frozen=True)
