@@ -60,7 +60,8 @@ def hooked_output(model: Any, layer: str, inputs: torch.Tensor) -> torch.Tensor:
 def dumped(
     cli: RunCli, model_path: Path, layer: str, inputs: torch.Tensor, tmp: Path, *options: str
 ) -> torch.Tensor:
-    """``fvis dump --save-tensors`` of one layer; the whole captured tensor it wrote (every sample, own dtype)."""
+    """``fvis dump --save-tensors`` of one layer: the whole captured tensor it wrote (every
+    sample, in its own dtype)."""
     torch.save(inputs, tmp / "input.pt")
     code, _, err = cli(
         "dump",
