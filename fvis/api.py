@@ -259,7 +259,7 @@ def _run_dump(
     options = dataclasses.replace(options, sample=sample)
     tree = ModelTree.of(node_from_module(loaded.module))
     layers, notes, missing = choose_layers(tree, options, ref.label)
-    gallery = Gallery.from_options(options, prepared.labels)
+    gallery = Gallery.from_options(options, prepared.labels, prepared.tokens)
     if options.images and prepared.display is not None:
         gallery.add_input(prepared.display)
     grad_at: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()

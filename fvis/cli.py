@@ -112,6 +112,16 @@ MaxBytesOpt = Annotated[
         show_default=False,
     ),
 ]
+AttnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--attn-implementation",
+        metavar="KERNEL",
+        help="A transformers model's attention kernel: eager computes the attention "
+        "probabilities (sdpa and flash attention never form them), e.g. eager.",
+        show_default=False,
+    ),
+]
 InputOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -335,6 +345,7 @@ def _load_options(
     trust_sha256: str | None,
     max_model_bytes: int | None = None,
     strict: bool = True,
+    attn_implementation: str | None = None,
 ) -> Any:
     from fvis.config import check_nesting
     from fvis.formats import Limits
@@ -361,6 +372,7 @@ def _load_options(
         trust=Trust.from_flags(trust, trust_sha256),
         strict=strict,
         limits=Limits(max_model_bytes=max_model_bytes),
+        attn_implementation=attn_implementation,
     )
 
 
@@ -617,6 +629,7 @@ def dump(
         ),
     ] = False,
     input_requires_grad: InputGradOpt = False,
+    attn_implementation: AttnOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     allow_module: AllowModuleOpt = None,
@@ -637,7 +650,14 @@ def dump(
     ref, config = _resolve(
         model,
         _load_options(
-            arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes, strict
+            arch,
+            arch_kwargs,
+            allow_module,
+            trust,
+            trust_sha256,
+            max_model_bytes,
+            strict,
+            attn_implementation,
         ),
     )
     inputs = _input_options(
@@ -850,6 +870,7 @@ def check(
     target: TargetOpt = None,
     target_position: TargetPositionOpt = None,
     input_requires_grad: InputGradOpt = False,
+    attn_implementation: AttnOpt = None,
     images: Annotated[
         bool, typer.Option("--images", help="Also write pictures and reports to --out.")
     ] = False,
@@ -883,7 +904,14 @@ def check(
     ref, config = _resolve(
         model,
         _load_options(
-            arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes, strict
+            arch,
+            arch_kwargs,
+            allow_module,
+            trust,
+            trust_sha256,
+            max_model_bytes,
+            strict,
+            attn_implementation,
         ),
     )
     # config is None whenever MODEL was given (resolve_model does not read it then)

@@ -33,6 +33,7 @@ class Gallery:
     all_samples: bool = False
     batch_size: int = 0  # samples per forward pass when inputs ran in several batches
     sample_index: int = 0  # the sample drawn when not all_samples
+    tokens: tuple[tuple[str, ...], ...] = ()  # each sample's tokens, for sequence pictures
     # (batch, layer, call, path) -> per drawn sample: (sample, picture, info, channel ranges)
     _pictures: dict[tuple[int | None, str, int, str], list[_Picture]] = field(default_factory=dict)
     _files: list[tuple[str, Image.Image]] = field(default_factory=list)
@@ -42,7 +43,12 @@ class Gallery:
     encoded: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG bytes
 
     @classmethod
-    def from_options(cls, options: Any, sample_labels: tuple[str, ...]) -> Gallery:
+    def from_options(
+        cls,
+        options: Any,
+        sample_labels: tuple[str, ...],
+        tokens: tuple[tuple[str, ...], ...] = (),
+    ) -> Gallery:
         from fvis.render import RenderOptions
 
         render_options = RenderOptions(
@@ -55,12 +61,11 @@ class Gallery:
             options.sample is None,
             options.batch_size or 0,
             sample_index,
+            tokens,
         )
 
     def add(self, capture: Capture) -> None:
         """Render one capture now (called from the forward hook)."""
-        from fvis.render import render
-
         values = capture.values
         if values is None:
             return
@@ -71,14 +76,37 @@ class Gallery:
             for index in range(values.shape[0]):
                 label = self._sample(offset + index)
                 shown, notes = channels_first(values[index], capture)
-                image, info = render(shown, f"{title} @{label}", self.options, notes)
+                tokens = self._tokens(offset + index)
+                image, info = self._render(shown, f"{title} @{label}", notes, capture, tokens)
                 ranges = _channel_ranges(shown, info)
                 self._pictures.setdefault(key, []).append((offset + index, image, info, ranges))
         else:
             shown, notes = channels_first(values, capture)
-            image, info = render(shown, title, self.options, notes)
+            tokens = self._tokens(offset + self.sample_index)
+            image, info = self._render(shown, title, notes, capture, tokens)
             ranges = _channel_ranges(shown, info)
             self._pictures.setdefault(key, []).append((None, image, info, ranges))
+
+    def _render(
+        self,
+        shown: Any,
+        title: str,
+        notes: tuple[str, ...],
+        capture: Capture,
+        tokens: tuple[str, ...] | None,
+    ) -> tuple[Image.Image, RenderInfo]:
+        """A sequence picture for tokens and attention, else the grid/heatmap/strip."""
+        from fvis.render import render
+        from fvis.sequences import render_attention, render_tokens
+
+        if is_token_sequence(shown, capture):
+            return render_tokens(shown, title, tokens, self.options, notes)
+        if tokens and is_attention(shown, capture, len(tokens)):
+            return render_attention(shown, title, tokens, self.options, notes)
+        return render(shown, title, self.options, notes)
+
+    def _tokens(self, index: int) -> tuple[str, ...] | None:
+        return self.tokens[index] if index < len(self.tokens) else None
 
     def add_input(self, display: Any) -> None:
         """The input image as the model saw it (after resize; normalisation undone)."""
@@ -186,6 +214,21 @@ def channels_first(values: Any, capture: Capture) -> tuple[Any, tuple[str, ...]]
     if axis is None or axis != full - 1 or values.ndim < 3 or values.ndim != full - 1:
         return values, ()
     return np.moveaxis(values, -1, 0), (f"channels: last dim ({capture.shape[-1]})",)
+
+
+def is_token_sequence(shown: Any, capture: Capture) -> bool:
+    """One sample of ``(N, T, D)`` tokens with features last (not put on a patch grid)."""
+    return (
+        shown.ndim == 2
+        and len(capture.shape) == 3
+        and capture.token_grid is None
+        and capture.stats.channel_axis == 2
+    )
+
+
+def is_attention(shown: Any, capture: Capture, tokens: int) -> bool:
+    """One sample of ``(N, H, T, T)`` attention over the ``tokens`` of the input."""
+    return shown.ndim == 3 and len(capture.shape) == 4 and shown.shape[1:] == (tokens, tokens)
 
 
 def _on_patch_grid(values: Any, grid: tuple[int, int, int]) -> tuple[Any, tuple[str, ...]]:

@@ -95,6 +95,7 @@ class LoadOptions:
     # caller did): importing code a checkout names is announced with a TrustWarning.
     arch_config: Path | None = None
     allow_modules_config: Path | None = None
+    attn_implementation: str | None = None  # a transformers model's attention kernel
 
 
 @dataclass(frozen=True)
@@ -268,7 +269,17 @@ def load_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Loaded
     >>> load_model(Path("outer.state_dict.pt"), LoadOptions(arch="sample_models.zoo:OuterModel"))
     ... # doctest: +SKIP
     """
-    path = Path(path)
+    loaded = _load_model(Path(path), options)
+    if options.attn_implementation is None:
+        return loaded
+    from fvis.attention import set_implementation
+
+    note = set_implementation(loaded.module, options.attn_implementation)
+    source = dataclasses.replace(loaded.source, notes=(*loaded.source.notes, note))
+    return LoadedModel(loaded.module, source)
+
+
+def _load_model(path: Path, options: LoadOptions) -> LoadedModel:
     check_allow_modules(options.allow_modules)
     folder = _hf_folder(path)
     if folder is not None:

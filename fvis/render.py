@@ -96,6 +96,7 @@ class Layout(StrEnum):
     GRID = "grid"
     HEATMAP = "heatmap"
     STRIP = "strip"
+    TOKENS = "tokens"  # (T, D) rows of tokens, labelled (fvis.sequences)
     EMPTY = "empty"
 
 

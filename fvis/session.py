@@ -203,11 +203,18 @@ class _Session:
         if isinstance(output, torch.Tensor):  # the usual case, without the generator
             self._snapshot(key, target[0], record, "", output)
             return
-        self._snapshot_parts(key, target[0], record, output)
+        self._snapshot_parts(key, target[0], record, output, module)
 
-    def _snapshot_parts(self, key: int, layer: str, record: CallRecord, output: Any) -> None:
+    def _snapshot_parts(
+        self, key: int, layer: str, record: CallRecord, output: Any, module: nn.Module
+    ) -> None:
         """Every tensor inside a container or object output, and a note on what was not."""
+        from fvis.attention import missing_probabilities
+
         notes: list[str] = []
+        missing = missing_probabilities(module, output)
+        if missing and record.call == 1:
+            notes.append(missing)
         parts = list(flatten_tensors(output, notes=notes))
         # `head.loc` would read as the child module `head.loc`: write `head->loc` (and so
         # every attribute of that output, for one notation per output).

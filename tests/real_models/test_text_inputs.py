@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -150,3 +151,62 @@ def test_text_into_t5_gets_decoder_start_ids(tmp_path: Path, cli: RunCli) -> Non
     folder = _folder(tmp_path, T.T5ForConditionalGeneration(config), tokenizer())
     report = _dump(cli, folder, "encoder.block.0", tmp_path / "out", "--text", "hello world")
     assert "decoder_input_ids synthesized" in report["input"]["description"]
+
+
+def _images(report: dict) -> dict[str, dict]:
+    return {c["label"]: c["images"][0] for c in report["captures"] if c["images"]}
+
+
+def test_gpt2_pictures_are_token_labelled_and_sdpa_says_how_to_get_attention(
+    tmp_path: Path, cli: RunCli
+) -> None:
+    folder = _folder(tmp_path, gpt2(), tokenizer())
+    text = ("--text", "hello world the cat")
+    report = _dump(cli, folder, "transformer.h.1", tmp_path / "a", *text)
+    assert _images(report)["transformer.h.1"]["layout"] == "tokens"
+    # the rows are the tokens: the picture differs from one of the same values by position
+    from PIL import Image
+
+    from fvis.render import RenderOptions
+    from fvis.sequences import render_tokens
+
+    saved = load_file(str(tmp_path / "a" / "activations.safetensors"))["transformer.h.1"]
+    drawn = Image.open(tmp_path / "a" / "transformer.h.1.png")
+    tokens = report["input"]["tokens"][0]
+    title = "transformer.h.1"
+    same, _ = render_tokens(saved[0].numpy(), title, tokens, RenderOptions())
+    positions, _ = render_tokens(saved[0].numpy(), title, None, RenderOptions())
+    assert np.array_equal(np.asarray(drawn), np.asarray(same))
+    assert not np.array_equal(np.asarray(drawn), np.asarray(positions))
+    # under SDPA the attention module returns None for its probabilities: said, with the way
+    report = _dump(cli, folder, "transformer.h.0.attn", tmp_path / "b", *text)
+    notes = [n["note"] for n in report["output_notes"] if n["layer"] == "transformer.h.0.attn"]
+    assert notes == [
+        "output[1] is None: sdpa attention does not compute the probabilities; load the model "
+        "with --attn-implementation eager to capture them"
+    ]
+    report = _dump(
+        cli, folder, "transformer.h.0.attn", tmp_path / "c", *text,
+        "--attn-implementation", "eager",
+    )  # fmt: skip
+    assert not [n for n in report["output_notes"] if n["layer"] == "transformer.h.0.attn"]
+    probs = _images(report)["transformer.h.0.attn[1]"]
+    assert probs["layout"] == "grid" and probs["shown_channels"] == 2  # one tile per head
+    assert "rows: queries, columns: keys" in probs["note"]
+    # ground truth: eager attention's probabilities, by an independent hook
+    eager = T.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+    seen: list[Any] = []
+    eager.transformer.h[0].attn.register_forward_hook(lambda _m, _i, out: seen.append(out[1]))
+    eager(**tokenizer()(["hello world the cat"], return_tensors="pt"))
+    captured = load_file(str(tmp_path / "c" / "activations.safetensors"))
+    assert torch.equal(captured["transformer.h.0.attn[1]"], seen[0].detach())
+
+
+def test_an_unknown_attention_kernel_is_a_usage_error(tmp_path: Path, cli: RunCli) -> None:
+    folder = _folder(tmp_path, gpt2(), tokenizer())
+    code, _, err = cli(
+        "dump", folder, "--text", "hello", "--attn-implementation", "bogus", "--out",
+        tmp_path / "out",
+    )  # fmt: skip
+    assert code == 2 and err.startswith("fvis: error: --attn-implementation 'bogus': ")
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
