@@ -23,6 +23,7 @@ the names other modules import from ``fvis.capture``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -239,9 +240,25 @@ def _run(
         failed_in = session.stack[-1].name if session.stack else ""  # innermost unfinished
         where = f" in {failed_in!r}" if failed_in else " in the model's own forward"
         ran = session.ran_summary()
-        raise ModelInputError(
-            f"forward failed{where}: {type(exc).__name__}: {first[:300]}",
-            hint=f"layers that ran before the failure: {ran}"
+        hint = (
+            f"layers that ran before the failure: {ran}"
             if ran
-            else "no layer ran: check the input shape against the first layer",
+            else "no layer ran: check the input shape against the first layer"
+        )
+        if _DTYPE_WORDS.search(first):
+            hint = f"the inputs are {_dtypes(inputs, kwargs)}, which {failed_in or 'the model'} "
+            hint += "does not take: an embedding needs integer token ids, other layers floats"
+        raise ModelInputError(
+            f"forward failed{where}: {type(exc).__name__}: {first[:300]}", hint=hint
         ) from exc
+
+
+# What torch says when a kernel gets the wrong dtype ("expected scalar type Long", "Expected
+# tensor for argument #1 'indices' to have one of the following scalar types").
+_DTYPE_WORDS = re.compile(r"scalar type|dtype|must have the same dtype", re.IGNORECASE)
+
+
+def _dtypes(inputs: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    found = [v for v in [*inputs, *kwargs.values()] if isinstance(v, torch.Tensor)]
+    names = dict.fromkeys(str(t.dtype).removeprefix("torch.") for t in found)
+    return " and ".join(names) or "not tensors"

@@ -101,6 +101,8 @@ def prepare(
     if options.sources and options.shape:
         raise UsageError("give either --input or --shape, not both")
     if options.shape:
+        if isinstance(first_layer(model), nn.Embedding):  # an embedding takes integer ids
+            return _random_ids(model, options.shape, options.seed)
         return _random(options.shape, options.seed, "random normal")
     if not options.sources and examples:
         return _from_examples(examples, options.seed)
@@ -244,6 +246,15 @@ def _gen(seed: int) -> torch.Generator:
 def _random(shape: tuple[int, ...], seed: int, what: str) -> Prepared:
     tensor = torch.randn(shape, generator=_gen(seed))
     return Prepared((tensor,), description=f"{what} {shape}, seed {seed}")
+
+
+def _random_ids(model: nn.Module, shape: tuple[int, ...], seed: int) -> Prepared:
+    vocab = _vocab(model)
+    ids = torch.randint(0, vocab, shape, generator=_gen(seed))
+    what = (
+        f"random token ids in [0, {vocab}) {shape}, seed {seed} (the first layer is an embedding)"
+    )
+    return with_decoder_start(model, Prepared((ids,), description=what))
 
 
 def _from_examples(examples: Sequence[tuple[tuple[int, ...], str]], seed: int) -> Prepared:

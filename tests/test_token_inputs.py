@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from tests.conftest import RunCli
 
 ARCH = """
+from safetensors.torch import load_file
 from torch import nn
 
 class Tokens(nn.Module):
@@ -161,3 +164,41 @@ def test_target_position_without_a_sequence_output_is_explained() -> None:
     model = nn.Linear(3, 2)
     flow = run_backward(model, capture(model, [torch.randn(1, 3)], [""]), 1, position=0)
     assert flow.error == "--target-position needs a (N, T, V) output, not (1, 2)"
+
+
+def test_shape_on_an_embedding_first_model_gives_token_ids(
+    tmp_path: Path, cli: RunCli, model: tuple[Path, str]
+) -> None:
+    code, _, err = cli(
+        "dump", model[0], "--arch", model[1], "--shape", "2,5", "--seed", "3", "--save-tensors",
+        "--layer", "wte", "--no-images", "--out", tmp_path / "out", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["input"]["dtypes"] == ["int64"] and report["input"]["shapes"] == [[2, 5]]
+    assert report["input"]["description"].startswith("random token ids in [0, 10) (2, 5), seed 3")
+    # ground truth: the embedding rows of those seeded ids
+    ids = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(3))
+    weights = torch.load(model[0])["wte.weight"]
+    saved = load_file(str(tmp_path / "out" / "activations.safetensors"))["wte"]
+    assert torch.equal(saved, weights[ids])
+
+
+def test_a_forward_failing_on_the_dtype_says_so() -> None:
+    from fvis.api import DumpOptions, check_module
+    from fvis.errors import ModelInputError
+
+    class Ids(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte = nn.Embedding(10, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.wte(x)
+
+    with pytest.raises(ModelInputError) as info:
+        check_module(Ids(), [torch.randn(1, 4)], DumpOptions(images=False))
+    assert info.value.hint == (
+        "the inputs are float32, which wte does not take: an embedding needs integer token ids, "
+        "other layers floats"
+    )
