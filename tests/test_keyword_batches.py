@@ -117,3 +117,67 @@ def test_out_of_vocabulary_ids_in_a_batch_are_named(
     code, _, err = _dump(cli, model, tmp_path / "b.pt", tmp_path / "out")
     assert code == 5
     assert "input id 30 is outside the vocabulary [0, 10) of wte" in err.splitlines()[0]
+
+
+def _spoofed_batch_encoding(monkeypatch: pytest.MonkeyPatch, extra: object = None) -> type:
+    """Classes pickled under transformers' and tokenizers' names (neither is installed here),
+    pickling as the real ones do: BatchEncoding's state holds data and encodings, an
+    Encoding's state is its JSON."""
+    import sys
+    import types
+
+    outer = types.ModuleType("transformers.tokenization_utils_base")
+    tokenizers = types.ModuleType("tokenizers")
+
+    class Encoding:
+        def __init__(self, tokens: list[str]) -> None:
+            self.tokens = tokens
+
+        def __getstate__(self) -> bytes:
+            return json.dumps({"ids": [], "tokens": self.tokens}).encode()
+
+    class BatchEncoding:
+        def __init__(self, data: dict, encodings: list) -> None:
+            self.data, self.encodings = data, encodings
+
+        def __getstate__(self) -> dict:
+            state = {"data": self.data, "encodings": self.encodings}
+            return {**state, "extra": extra} if extra is not None else state
+
+    Encoding.__module__, Encoding.__qualname__ = "tokenizers", "Encoding"
+    BatchEncoding.__module__ = "transformers.tokenization_utils_base"
+    BatchEncoding.__qualname__ = "BatchEncoding"
+    outer.BatchEncoding, tokenizers.Encoding = BatchEncoding, Encoding  # type: ignore[attr-defined]
+    package = types.ModuleType("transformers")
+    package.tokenization_utils_base = outer  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "transformers", package)
+    monkeypatch.setitem(sys.modules, "transformers.tokenization_utils_base", outer)
+    monkeypatch.setitem(sys.modules, "tokenizers", tokenizers)
+    return lambda: BatchEncoding(
+        dict(BATCH), [Encoding(["a", "b", "c"]), Encoding(["d", "e", "[PAD]"])]
+    )  # type: ignore[return-value]
+
+
+def test_a_pickled_batch_encoding_is_read_through_inert_stand_ins(
+    tmp_path: Path, cli: RunCli, model: tuple[Path, str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.save(_spoofed_batch_encoding(monkeypatch)(), tmp_path / "enc.pt")
+    monkeypatch.undo()  # fvis must read it without either library
+    code, _, err = _dump(cli, model, tmp_path / "enc.pt", tmp_path / "out")
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["input"]["tokens"] == [["a", "b", "c"], ["d", "e", "[PAD]"]]
+    assert "enc.pt (BatchEncoding)" in report["input"]["description"]
+
+
+def test_a_batch_encoding_naming_a_dangerous_global_is_refused(
+    tmp_path: Path, cli: RunCli, model: tuple[Path, str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    torch.save(_spoofed_batch_encoding(monkeypatch, extra=os.system)(), tmp_path / "enc.pt")
+    monkeypatch.undo()
+    code, _, err = _dump(cli, model, tmp_path / "enc.pt", tmp_path / "out")
+    assert code == 4
+    assert "names dangerous globals" in err.splitlines()[0] and "system" in err.splitlines()[0]
+    assert not (tmp_path / "out").exists()
