@@ -5,7 +5,8 @@ Schema ``fvis.report/1`` (fields are only ever added)::
 
     {"schema", "fvis_version", "torch_version",
      "model": {"file", "format", "sha256", "class", "params", "trainable", "frozen", "notes"},
-     "input": {"description", "shapes", "dtypes", "samples", "image"},
+     "input": {"description", "shapes", "dtypes", "samples", "image",
+               "tokens"},  # each sample's tokens (--text, a saved BatchEncoding), else []
      "mode": "grad" | "no-grad" | "inference", "train": bool,
      "captures": [{"label", "layer", "call", "calls", "path", "shape", "token_grid",
                    # token_grid: [prefix tokens, H, W] of ViT tokens on a patch grid, or null
@@ -17,7 +18,8 @@ Schema ``fvis.report/1`` (fields are only ever added)::
                              "posinf", "neginf", "channels", "dead_channels",
                              "channel_axis"},  # the dim counted as channels (fvis.axes)
                    "verdict": {...} | null,
-                   "images": [{"file", "sample", "layout", "shown_channels", "total_channels",
+                   "images": [{"file", "sample", "layout",  # grid|heatmap|strip|tokens|empty
+                               "shown_channels", "total_channels",
                                "note", "channels": [[index, min, max], ...]}]}],
      "never_ran": [layer, ...], "warnings": [str, ...],
      "output_notes": [{"layer", "note"}, ...],  # what a captured layer's output held that
