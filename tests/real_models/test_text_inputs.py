@@ -210,3 +210,14 @@ def test_an_unknown_attention_kernel_is_a_usage_error(tmp_path: Path, cli: RunCl
     )  # fmt: skip
     assert code == 2 and err.startswith("fvis: error: --attn-implementation 'bogus': ")
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kernel", [None, "eager"])
+def test_default_check_passes_on_stock_gpt2_with_text(
+    tmp_path: Path, cli: RunCli, kernel: str | None
+) -> None:
+    folder = _folder(tmp_path, gpt2(), tokenizer())
+    extra = ("--attn-implementation", kernel) if kernel else ()
+    code, out, err = cli("check", folder, "--text", "hello world", "--text", "the cat sat", *extra)
+    assert code == 0, out + err
+    assert "fvis check passed" in out
