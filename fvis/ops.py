@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from fvis.errors import UsageError
 from fvis.records import CallRecord, OpRecord
 from fvis.tensor_facts import _any_requires_grad
 
@@ -108,6 +109,38 @@ def op_name(func: Any) -> tuple[str, bool]:
 def is_op_pattern(pattern: str) -> bool:
     """Whether a ``--layer`` pattern names ops (``inner:*``) rather than modules."""
     return ":" in pattern
+
+
+def take_op_pattern(pattern: str, ops: bool) -> bool:
+    """Whether ``pattern`` is an op pattern to match during forward; one without ``--ops``
+    is refused (it could only ever match nothing)."""
+    if not is_op_pattern(pattern):
+        return False
+    if not ops:
+        raise UsageError(
+            f"--layer {pattern!r} names tensor ops (module:op#index): add --ops",
+            hint="'fvis layers MODEL --input ... --ops' lists the op names",
+        )
+    return True
+
+
+def ops_outcome(
+    layers: Sequence[str], records: Sequence[OpRecord], missing_ok: bool, notes: list[str]
+) -> list[str]:
+    """The op patterns among ``layers`` that matched no op (raised as a usage error unless
+    ``missing_ok``); a note for each that matched only views or in-place ops."""
+    missing, uncaptured = unmatched(split_patterns(layers)[1], records)
+    for pattern in uncaptured:
+        notes.append(
+            f"--layer {pattern!r} matched only views or in-place ops: listed, not captured "
+            "(spell the op out to capture one, e.g. 'inner:view#1')"
+        )
+    if missing and not missing_ok:
+        raise UsageError(
+            f"no op matched {missing[0]!r}",
+            hint="'fvis layers MODEL --input ... --ops' lists the op names",
+        )
+    return missing
 
 
 def split_patterns(layers: Iterable[str]) -> tuple[list[str], list[str]]:
