@@ -49,7 +49,6 @@ from torch.overrides import TorchFunctionMode
 
 from fvis.errors import UsageError
 from fvis.records import CallRecord, OpRecord
-from fvis.tensor_facts import _any_requires_grad
 
 if TYPE_CHECKING:
     from fvis.session import _Session
@@ -237,13 +236,14 @@ class OpWatch(TorchFunctionMode):
     ) -> None:
         session = self.session
         floats = [t for t in tensors if t.is_floating_point() or t.is_complex()]
+        grad = torch.is_grad_enabled()
         record = CallRecord(
             frame.name,
             op,
             call,
-            torch.is_grad_enabled(),
+            grad,
             torch.is_inference_mode_enabled(),
-            _any_requires_grad(args),
+            grad and _inputs_need_grad(args),
             False,
             any(t.requires_grad for t in floats),
             bool(floats),
@@ -271,6 +271,20 @@ class OpWatch(TorchFunctionMode):
             self.params_ran = any(r.has_params for r in trace[self.seen :])
             self.seen = len(trace)
         return self.params_ran
+
+
+def _inputs_need_grad(args: Any) -> bool:
+    """Whether a tensor argument (or one in a list argument: ``torch.cat``) requires grad;
+    a flat loop, not ``flatten_tensors``: this runs for every captured op."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            if arg.requires_grad:
+                return True
+        elif type(arg) in (list, tuple) and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in arg
+        ):
+            return True
+    return False
 
 
 def unmatched(patterns: Sequence[str], records: Sequence[OpRecord]) -> tuple[list[str], list[str]]:
