@@ -219,7 +219,7 @@ def choose_layers(
         chosen = leaves
         notes.append(f"no --layer given: capturing every leaf module ({len(leaves)})")
     if options.ops and not any(is_op_pattern(p) for p in options.layers):
-        notes.append("--ops, no op pattern: capturing every compute op (views, in-place: listed)")
+        notes.append("--ops, no op pattern: capturing every compute op outside captured leaves")
     return list(dict.fromkeys(chosen)), notes, missing
 
 

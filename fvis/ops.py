@@ -27,9 +27,11 @@ What is recorded and what is captured:
   ``inplace=True``), ``view`` (the ops in ``VIEW_OPS``, or an output that is its input, like
   dropout in eval) or ``compute``;
 - captured (statistics, pictures, verdicts, like a module output) are the compute ops that a
-  pattern matches, every compute op when no pattern names ops, and a view or in-place op only
-  when a pattern spells its op out: ``inner:view#1``, ``*:add_*`` (``inner:*`` and ``*:add*``
-  take compute ops only).
+  pattern matches, and a view or in-place op only when a pattern spells its op out:
+  ``inner:view#1``, ``*:add_*`` (``inner:*`` and ``*:add*`` take compute ops only);
+- when no pattern names ops, every compute op is captured except those inside a leaf module
+  that is captured itself (``fc:linear#1`` is ``fc``'s output again): ``fvis dump --ops``
+  adds the functional code between modules to the leaves.
 
 When ``ops`` is off no mode is installed and nothing here runs. When on, each op costs a
 name lookup, a counter and one small record; a captured op also costs the session's
@@ -164,6 +166,8 @@ class OpWatch(TorchFunctionMode):
         super().__init__()
         self.session = session
         self.every = every  # with no pattern: capture every compute op (else list them only)
+        # ...but not inside a captured leaf module: its output already is that op's output
+        self.covered = {k for k, (_, m) in session.targets.items() if not m._modules}
         self.patterns = tuple(patterns)
         self.regex = (
             re.compile("|".join(fnmatch.translate(p) for p in self.patterns))
@@ -210,18 +214,18 @@ class OpWatch(TorchFunctionMode):
             kind = VIEW
         else:
             kind = COMPUTE
-        captured = self._wanted(name, frame.name, call, op, kind)
+        captured = self._wanted(name, frame, call, op, kind)
         tensors = (out,) if parts is None else parts
         shapes = tuple(tuple(t.shape) for t in tensors)
         self.records.append(OpRecord(name, op, kind, frame.name, call, shapes, captured))
         if captured:
             self._capture(frame, call, op, index, args, tensors, parts is not None)
 
-    def _wanted(self, name: str, module: str, call: int, op: str, kind: str) -> bool:
+    def _wanted(self, name: str, frame: Any, call: int, op: str, kind: str) -> bool:
         regex = self.regex
         if regex is None:
-            return self.every and kind == COMPUTE
-        alias = f"{module}#{call}:{name.partition(':')[2]}"
+            return self.every and kind == COMPUTE and frame.module_id not in self.covered
+        alias = f"{frame.name}#{call}:{name.partition(':')[2]}"
         if not (regex.match(name) or regex.match(alias)):
             return False
         if kind == COMPUTE:

@@ -404,3 +404,28 @@ def test_check_gates_see_op_captures(cli: Any, weights: Path) -> None:
     )
     assert code == 0, stdout + stderr
     assert "4 captures" in stdout
+
+
+def test_default_skips_ops_inside_captured_leaves() -> None:
+    from fvis.api import DumpOptions, check_module
+
+    model, x = _seed(8)
+    result = check_module(model, [x], DumpOptions(ops=True, images=False))
+    labels = [c["label"] for c in result.dump.report["captures"]]
+    # inner.linear's own F.linear is inner.linear's output: not captured twice
+    ops = ["inner:add#1", "inner:softmax#1", "inner:mul#1", "inner:add#2"]
+    assert labels == ["inner.linear", *ops, "linear_out"]
+    assert result.passed
+
+
+def test_dump_names_a_detach_after_an_op_as_the_cut() -> None:
+    from fvis.api import DumpOptions, check_module
+
+    torch.manual_seed(9)
+    options = DumpOptions(ops=True, images=False, layers=(":*",))
+    result = check_module(_Cuts(), [torch.randn(2, 4)], options)
+    verdicts = {c["label"]: c["verdict"] for c in result.dump.report["captures"]}
+    assert verdicts[":exp#1"]["connected"] and verdicts[":add#2"]["connected"]
+    assert verdicts[":sin#1"]["cause"] == "cut-downstream"  # the op watch found the detach
+    assert "detaches a value computed from it" in verdicts[":sin#1"]["summary"]
+    assert {f.layer for f in result.failures} == {":sin#1", ":sum#1"}
