@@ -33,6 +33,11 @@ What is recorded and what is captured:
   that is captured itself (``fc:linear#1`` is ``fc``'s output again): ``fvis dump --ops``
   adds the functional code between modules to the leaves.
 
+The mode never changes what the model computes, with one exception it avoids: PyTorch's
+``nn.MultiheadAttention`` and ``nn.TransformerEncoder(Layer)`` take a fused kernel only when
+no torch function mode is active, so inside those calls, when that kernel may run (grad not
+needed), the mode steps aside and their inner ops are not listed.
+
 When ``ops`` is off no mode is installed and nothing here runs. When on, each op costs a
 name lookup, a counter and one small record; a captured op also costs the session's
 ``_snapshot`` (statistics from ``fvis.stats`` on the spot; in ``--mode inference`` the tensor
@@ -47,7 +52,9 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch import nn
+from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
+from torch.overrides import _get_current_function_mode as _current_mode
 
 from fvis.errors import UsageError
 from fvis.records import CallRecord, OpRecord
@@ -70,6 +77,9 @@ VIEW_OPS = frozenset(
         "view_as_complex", "alias", "hsplit", "vsplit", "dsplit",
     }
 )  # fmt: skip
+
+# Modules whose forward takes a fused kernel unless a torch function mode is active.
+_FAST_PATH = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
 _DUNDER = {
     "truediv": "div",
@@ -180,6 +190,44 @@ class OpWatch(TorchFunctionMode):
         self.calls: dict[int, CallRecord] = {}
         self.params_ran = False  # a module holding parameters finished before this op
         self.seen = 0  # how much of the trace params_ran has looked at
+        self.suspended: list[Any] = []  # fast-path modules running with this mode popped
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> OpWatch:
+        super().__enter__()
+        hooks = torch.nn.modules.module
+        self.handles = [
+            hooks.register_module_forward_pre_hook(self._suspend),
+            hooks.register_module_forward_hook(self._resume, always_call=True),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        while self.suspended:  # a forward that raised past its module's hooks
+            self.suspended.pop()
+            _push_mode(self)
+        super().__exit__(*exc)
+
+    def _suspend(self, module: nn.Module, args: Any) -> None:
+        """PyTorch's fused fast path of nn.MultiheadAttention and nn.TransformerEncoder(Layer)
+        is refused whenever a torch function mode is active: it would compute other (equal
+        within 1e-6, not identical) values. Inside such a call, when that path may be taken,
+        this mode steps aside; its ops are then not listed (the module's output still is)."""
+        if not isinstance(module, _FAST_PATH) or _current_mode() is not self:
+            return
+        if torch.is_grad_enabled() and (
+            any(p.requires_grad for p in module.parameters()) or _inputs_need_grad(args)
+        ):
+            return  # the fast path is not taken with grad needed
+        _pop_mode()
+        self.suspended.append(module)
+
+    def _resume(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.suspended and self.suspended[-1] is module:
+            self.suspended.pop()
+            _push_mode(self)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))

@@ -429,3 +429,41 @@ def test_dump_names_a_detach_after_an_op_as_the_cut() -> None:
     assert verdicts[":sin#1"]["cause"] == "cut-downstream"  # the op watch found the detach
     assert "detaches a value computed from it" in verdicts[":sin#1"]["summary"]
     assert {f.layer for f in result.failures} == {":sin#1", ":sum#1"}
+
+
+@pytest.mark.parametrize("mode", [Mode.GRAD, Mode.NO_GRAD, Mode.INFERENCE])
+def test_fused_transformer_fast_path_is_kept(mode: Mode) -> None:
+    # Any active function mode makes nn.TransformerEncoderLayer and nn.MultiheadAttention
+    # skip their fused kernel (other values, within 1e-6): the op watch steps aside there.
+    torch.manual_seed(10)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    attention = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    for model, args in ((encoder, [x]), (attention, [x, x, x])):
+        plain = _outputs_of(capture(model, args, [], mode=mode).output)
+        traced = _outputs_of(capture(model, args, [], mode=mode, ops=True).output)
+        assert torch.equal(plain, traced)
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_mode_and_hooks_removed_when_forward_raises_inside_a_fast_path_module() -> None:
+    class Boom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x[:, :, :3])[0]  # a bad value shape: raises inside attn
+
+    from fvis.errors import ModelInputError
+
+    with pytest.raises(ModelInputError):
+        capture(Boom().eval(), [torch.randn(1, 3, 4)], [], mode=Mode.INFERENCE, ops=True)
+    assert torch._C._len_torch_function_stack() == 0
+    model, x = _seed(11)
+    assert [o.name for o in capture(model, [x], [], ops=True).ops] == [n for n, _ in SEED_OPS]
+
+
+def _outputs_of(value: Any) -> torch.Tensor:
+    return (value[0] if isinstance(value, tuple) else value).detach()
