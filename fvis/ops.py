@@ -230,7 +230,7 @@ class OpWatch(TorchFunctionMode):
             _push_mode(self)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        out = func(*args, **kwargs) if kwargs else func(*args)
         session = self.session
         if session.in_hook or session.replaying or not session.stack:
             return out  # fvis's own work in a hook, a re-run, or outside the model
