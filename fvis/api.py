@@ -289,6 +289,7 @@ def _run_dump(
     never_sets: list[tuple[str, ...]] = []
     output_notes: dict[str, list[str]] = {}
     not_called_sets: list[set[str]] = []
+    op_records: tuple[Any, ...] = ()
     chunks = _batches(prepared, options.batch_size)
     with grad_at:  # the embedding hook, where --input-requires-grad needs one
         for index, (args, kwargs) in enumerate(chunks):
@@ -314,6 +315,7 @@ def _run_dump(
             not_called_sets.append(set(result.not_called))
             if index == 0 and options.ops:
                 missing += ops_outcome(options.layers, result.ops, options.missing_ok, notes)
+                op_records = result.ops
             del result
     never_ran = tuple(n for n in never_sets[0] if all(n in s for s in never_sets))
     not_called = set.intersection(*not_called_sets)
@@ -331,6 +333,10 @@ def _run_dump(
         )
     report = build_report(data, flow, tree, gallery.input_file)
     report["not_run"] = not_run
+    if options.ops:  # every op of the first pass, captured or not: the names --layer takes
+        from fvis.listing import ops_json
+
+        report["ops"] = ops_json(op_records)
     return _DumpRun(report, gallery, tuple(captures), tuple(notes), tuple(missing))
 
 

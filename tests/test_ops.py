@@ -232,7 +232,7 @@ def _zoo_and_block() -> list[tuple[str, nn.Module, torch.Tensor]]:
     return [*cases, ("block", Block().eval(), torch.randn(2, 5, 8))]
 
 
-@pytest.mark.parametrize("mode", [Mode.GRAD, Mode.INFERENCE])
+@pytest.mark.parametrize("mode", [Mode.GRAD, Mode.NO_GRAD, Mode.INFERENCE])
 def test_outputs_are_bit_identical_with_and_without_ops(mode: Mode) -> None:
     for name, model, x in _zoo_and_block():
         plain = capture(model, [x.clone()], [], mode=mode).output
@@ -362,6 +362,7 @@ def test_cli_dump_inner_ops_writes_pictures(cli: Any, tmp_path: Path, weights: P
         assert capture_["layer"] == "inner" and capture_["verdict"]["connected"] is True
         assert capture_["images"] and (out / capture_["images"][0]["file"]).is_file()
     assert "inner:softmax#1" in stdout
+    assert [(o["name"], o["kind"]) for o in report["ops"]] == SEED_OPS  # captured or not
 
 
 def test_cli_layers_lists_ops(cli: Any, weights: Path) -> None:
@@ -369,6 +370,10 @@ def test_cli_layers_lists_ops(cli: Any, weights: Path) -> None:
     assert code == 0, stderr
     for name, _ in SEED_OPS:
         assert name in stdout
+    code, stdout, _ = cli(
+        "layers", weights, "--arch", ARCH, "--shape", "2,4", "--ops", "--filter", "inner:*"
+    )
+    assert "inner:softmax#1" in stdout and "linear_out:linear#1" not in stdout
     code, stdout, _ = cli("layers", weights, "--arch", ARCH, "--shape", "2,4", "--ops", "--json")
     ops = json.loads(stdout)["ops"]
     assert [(o["name"], o["kind"]) for o in ops] == SEED_OPS
