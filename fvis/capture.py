@@ -23,10 +23,9 @@ the names other modules import from ``fvis.capture``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -139,7 +138,7 @@ def capture(
     result = session.result(output, mode, exported, tree)
     if watch is None:
         return result
-    return dataclasses.replace(result, ops=tuple(watch.records), op_calls=watch.calls)
+    return replace(result, ops=tuple(watch.records), op_calls=watch.calls)
 
 
 @contextmanager
