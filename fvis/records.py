@@ -1,10 +1,11 @@
 """The records a capture produces: frozen, and apart from the tensors they describe.
 
 ``GradFacts`` (autograd state of one captured tensor), ``Capture`` (one tensor from one call
-of one module), ``CallRecord`` (one call of any module: the trace), ``OpRecord`` (a tensor op
-seen with ``ops=True``), ``Detach`` (a detach seen during forward), ``NotCalled`` (a
-requested module that never ran) and ``CaptureResult`` (everything one forward pass
-produced). ``fvis.capture`` re-exports them.
+of one module), ``CallRecord`` (one call of any module: the trace), ``Detach`` (a detach seen
+during forward), ``NotCalled`` (a requested module that never ran) and ``CaptureResult``
+(everything one forward pass produced). ``fvis.capture`` re-exports them.
+
+``OpRecord`` is one tensor op seen inside a forward with ``ops=True`` (``fvis.ops``).
 
 ``_Live`` is a capture while it is being recorded (made by the hook session, turned into a
 frozen ``Capture`` once at the end), kept here next to the records it builds positionally;
