@@ -88,8 +88,9 @@ def model_tree(ref: ModelRef) -> ModelTree:
     return inspect_model(ref.path, ref.load)
 
 
-def list_layers(ref: ModelRef, inputs: InputOptions | None = None) -> Listing:
-    """The module tree; with ``inputs``, one forward pass adds calls and output shapes.
+def list_layers(ref: ModelRef, inputs: InputOptions | None = None, ops: bool = False) -> Listing:
+    """The module tree; with ``inputs``, one forward pass adds calls and output shapes (and
+    with ``ops`` every tensor op inside the forwards, ``fvis.ops``).
 
     >>> listing = list_layers(resolve_model(None, LoadOptions())[0])    # doctest: +SKIP
     >>> [i.name for i in listing.tree.layers][:3]
@@ -100,9 +101,10 @@ def list_layers(ref: ModelRef, inputs: InputOptions | None = None) -> Listing:
         return Listing(tree, ref.label, tree.kind or "bundled")
     loaded = open_model(ref)
     prepared = prepare_inputs(loaded, inputs)
-    runs = trace_runs(loaded, prepared)
+    runs, op_records = trace_runs(loaded, prepared, ops)
     tree = ModelTree.of(node_from_module(loaded.module), "; ".join(loaded.source.notes))
-    return Listing(tree, ref.label, loaded.source.kind, runs, prepared.description)
+    listing = Listing(tree, ref.label, loaded.source.kind, runs, prepared.description)
+    return dataclasses.replace(listing, ops=op_records) if ops else listing
 
 
 def prepare_inputs(loaded: LoadedModel, inputs: InputOptions) -> Prepared:
@@ -121,17 +123,28 @@ def prepare_inputs(loaded: LoadedModel, inputs: InputOptions) -> Prepared:
     return prepare(loaded.module, inputs, loaded.source.example_inputs)
 
 
-def trace_runs(loaded: LoadedModel, prepared: Prepared) -> dict[str, LayerRuns]:
-    """Calls and output shapes of every module, from one forward pass under inference mode."""
+def trace_runs(
+    loaded: LoadedModel, prepared: Prepared, ops: bool = False
+) -> tuple[dict[str, LayerRuns], tuple[Any, ...]]:
+    """Calls and output shapes of every module, from one forward pass under inference mode,
+    and with ``ops`` every tensor op (``fvis.records.OpRecord``), listed but not captured."""
     from fvis.capture import Mode, capture
 
-    result = capture(loaded.module, prepared.args, [], mode=Mode.INFERENCE, kwargs=prepared.kwargs)
+    result = capture(
+        loaded.module,
+        prepared.args,
+        [],
+        mode=Mode.INFERENCE,
+        kwargs=prepared.kwargs,
+        ops=ops,
+        every_op=False,
+    )
     runs: dict[str, LayerRuns] = {}
     for record in result.trace:
         previous = runs.get(record.name)
         shapes = previous.output_shapes if previous else record.output_shapes
         runs[record.name] = LayerRuns(record.call, shapes)
-    return runs
+    return runs, result.ops
 
 
 # --------------------------------------------------------------------------- dump
@@ -160,6 +173,7 @@ class DumpOptions:
     input_requires_grad: bool = False
     missing_ok: bool = False  # unknown --layer names are returned (for the `missing` gate)
     batch_size: int | None = None  # split the inputs into forward passes of at most this many
+    ops: bool = False  # also record tensor ops; ``--layer`` patterns with ':' name ops (fvis.ops)
 
 
 @dataclass(frozen=True)
@@ -182,6 +196,7 @@ def choose_layers(
     taken and a note says so.
     """
     from fvis.layers import resolve
+    from fvis.ops import is_op_pattern, take_op_pattern
 
     named = [i for i in tree.layers if i.name and i.first_name == i.name]
     leaves = [i.name for i in named if i.is_leaf]
@@ -189,6 +204,9 @@ def choose_layers(
     notes: list[str] = []
     missing: list[str] = []
     for pattern in options.layers:
+        if take_op_pattern(pattern, options.ops):  # an op pattern: matched during forward
+            chosen.append(pattern)
+            continue
         try:
             chosen += [i.first_name or i.name for i in resolve(tree.layers, [pattern], label)]
         except UsageError:
@@ -204,6 +222,8 @@ def choose_layers(
     if not (options.layers or options.all_leaves or options.depth is not None):
         chosen = leaves
         notes.append(f"no --layer given: capturing every leaf module ({len(leaves)})")
+    if options.ops and not any(is_op_pattern(p) for p in options.layers):
+        notes.append("--ops, no op pattern: capturing every compute op outside captured leaves")
     return list(dict.fromkeys(chosen)), notes, missing
 
 
@@ -251,6 +271,7 @@ def _run_dump(
     from fvis.capture import train_mode
     from fvis.gallery import Gallery
     from fvis.inputs import Prepared
+    from fvis.ops import ops_outcome
     from fvis.report import build_report
 
     loaded = open_model(ref)
@@ -272,6 +293,7 @@ def _run_dump(
     never_sets: list[tuple[str, ...]] = []
     output_notes: dict[str, list[str]] = {}
     not_called_sets: list[set[str]] = []
+    op_records: tuple[Any, ...] = ()
     chunks = _batches(prepared, options.batch_size)
     with grad_at:  # the embedding hook, where --input-requires-grad needs one
         for index, (args, kwargs) in enumerate(chunks):
@@ -295,6 +317,9 @@ def _run_dump(
                 known = output_notes.setdefault(layer, [])
                 known += [t for t in texts if t not in known]
             not_called_sets.append(set(result.not_called))
+            if index == 0 and options.ops:
+                missing += ops_outcome(options.layers, result.ops, options.missing_ok, notes)
+                op_records = result.ops
             del result
     never_ran = tuple(n for n in never_sets[0] if all(n in s for s in never_sets))
     not_called = set.intersection(*not_called_sets)
@@ -312,6 +337,10 @@ def _run_dump(
         )
     report = build_report(data, flow, tree, gallery.input_file)
     report["not_run"] = not_run
+    if options.ops:  # every op of the first pass, captured or not: the names --layer takes
+        from fvis.listing import ops_json
+
+        report["ops"] = ops_json(op_records)
     return _DumpRun(report, gallery, tuple(captures), tuple(notes), tuple(missing))
 
 
@@ -325,6 +354,7 @@ class _Pass:
     never_ran: tuple[str, ...]
     not_called: tuple[str, ...]
     output_notes: Mapping[str, tuple[str, ...]]
+    ops: tuple[Any, ...] = ()  # fvis.records.OpRecord, with DumpOptions.ops
 
 
 # Verdicts an op watch can refine: a capture that requires grad but does not reach the output
@@ -361,7 +391,9 @@ def _capture_and_analyse(
         on_capture=_each_capture(gallery.add if options.images else None, progress),
         batch=index if passes > 1 else None,
         callback_values=options.images,  # the progress line alone needs no copies
+        ops=options.ops,
     )
+    op_records = result.ops
     # Analyse each pass before the next: its autograd graph is released with `result`.
     captures, notes = result.captures, result.output_notes
     verdicts = diagnose(result)
@@ -383,6 +415,7 @@ def _capture_and_analyse(
             batch=index if passes > 1 else None,
             watch_ops=True,
             what=options.what,
+            ops=options.ops,
         )
         verdicts = diagnose(result)
     flow = _backward(loaded, result, options, sample)
@@ -393,6 +426,7 @@ def _capture_and_analyse(
         result.never_ran,
         tuple(result.not_called),
         notes,
+        op_records,
     )
 
 

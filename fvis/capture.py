@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from torch import nn
 
 from fvis.choices import Mode, What
 from fvis.errors import ModelInputError, UsageError, first_line, torchscript_refused
+from fvis.ops import OpWatch, split_patterns
 from fvis.outputs import flatten_tensors
 from fvis.records import CallRecord, Capture, CaptureResult, Detach, GradFacts, NotCalled
 from fvis.session import _DetachWatch, _Session
@@ -72,6 +73,8 @@ def capture(
     watch_ops: bool = False,
     keep_tensors: bool = False,
     what: str = "output",
+    ops: bool = False,
+    every_op: bool = True,
 ) -> CaptureResult:
     """Run ``model`` once and capture the outputs of the dotted ``layers``.
 
@@ -96,10 +99,19 @@ def capture(
 
     ``what`` is ``"output"``, ``"input"`` (each chosen module's positional tensor inputs,
     snapshot when the call starts, labelled ``layer:input``, ``layer:input[1]``) or ``"both"``.
+
+    ``ops`` also records every tensor op inside the forward (``fvis.ops``): ``layers`` entries
+    with a ``:`` are op patterns (``"inner:*"``, ``"*:softmax#1"``); with none, every compute op
+    is captured (``every_op=False``: none, they are only listed). ``CaptureResult.ops`` lists
+    them; captured ones are ``Capture`` s labelled ``module:op#index``. Off, no mode is
+    installed and nothing is paid.
     """
     if what not in set(What):
         raise UsageError(f"what={what!r}: choose one of {', '.join(What)}")
     tree = _walk(model)
+    op_patterns: list[str] = []
+    if ops:
+        layers, op_patterns = split_patterns(layers)
     _refuse_script(model, layers, tree)
     targets = _targets(tree, layers)
     session = _Session(
@@ -120,10 +132,14 @@ def capture(
         session.install(model, stack)
         if watch_ops and mode is Mode.GRAD:  # only a graph can be cut
             stack.enter_context(_DetachWatch(session))
+        watch = stack.enter_context(OpWatch(session, op_patterns, every_op)) if ops else None
         output = _run(model, inputs, kwargs or {}, session)
         session.finish()
     exported = type(model).__name__ == "UnflattenedModule"
-    return session.result(output, mode, exported, tree)
+    result = session.result(output, mode, exported, tree)
+    if watch is None:
+        return result
+    return replace(result, ops=tuple(watch.records), op_calls=watch.calls)
 
 
 @contextmanager

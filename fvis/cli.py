@@ -464,11 +464,13 @@ def layers(
         ),
     ] = None,
     json_out: JsonOpt = False,
+    ops: OpsOpt = False,
 ) -> None:
     """List the module tree: dotted names, classes, parameters, nested models, shared modules.
 
     With --input or --shape, one forward pass adds output shapes, call counts and the layers
-    that never ran. Without, nothing from the file runs and no tensor data is read.
+    that never ran (and with --ops every tensor op inside the forwards). Without, nothing from
+    the file runs and no tensor data is read.
     """
     from fvis.api import list_layers
     from fvis.errors import MaliciousFileError
@@ -500,8 +502,10 @@ def layers(
         if wants_run
         else None
     )
+    if ops and inputs is None:
+        raise UsageError("--ops lists the ops of a forward pass: give --input or --shape")
     try:
-        listing = list_layers(ref, inputs)
+        listing = list_layers(ref, inputs, ops)
     except MaliciousFileError as exc:
         if json_out:  # the verdict on stdout for scripts; the error line on stderr as usual
             sys.stdout.write(json.dumps(refusal_json(exc), indent=2) + "\n")
@@ -511,6 +515,10 @@ def layers(
         return
     console = _console()
     console.print(to_rich(listing, depth, filter))
+    if listing.ops is not None:
+        from fvis.listing import ops_table
+
+        console.print(ops_table(listing.ops, filter))
     _print_listing_notes(console, listing)
 
 
@@ -538,6 +546,14 @@ ModeOpt = Annotated[
         "--mode",
         help="grad: forward with grad enabled (the grad report is meaningful); "
         "no-grad / inference: as your inference code runs.",
+    ),
+]
+OpsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ops",
+        help="Also see the tensor ops inside each forward (module:op#index, e.g. "
+        "'inner:softmax#1'); --layer patterns with ':' choose them, e.g. 'inner:*'.",
     ),
 ]
 WhatOpt = Annotated[
@@ -577,6 +593,7 @@ def dump(
     max_input_pixels: MaxPixelsOpt = None,
     mode: ModeOpt = Mode.GRAD,
     what: WhatOpt = What.OUTPUT,
+    ops: OpsOpt = False,
     train: Annotated[
         bool,
         typer.Option(
@@ -694,6 +711,7 @@ def dump(
         gradcam=gradcam,
         input_requires_grad=input_requires_grad,
         batch_size=_positive(batch_size, "--batch-size"),
+        ops=ops,
     )
     with _terminate_as_interrupt(), _progress(enabled=not (quiet or json_out)) as tick:
         result = run_dump(ref, inputs, options, out, overwrite, progress=tick)
@@ -866,6 +884,7 @@ def check(
     max_input_pixels: MaxPixelsOpt = None,
     mode: ModeOpt = Mode.GRAD,
     what: WhatOpt = What.OUTPUT,
+    ops: OpsOpt = False,
     backward: BackwardOpt = False,
     target: TargetOpt = None,
     target_position: TargetPositionOpt = None,
@@ -947,6 +966,7 @@ def check(
         target=target,
         target_position=target_position,
         input_requires_grad=input_requires_grad,
+        ops=ops,
     )
     if images and out is None:
         out = Path("fvis-out")

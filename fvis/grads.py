@@ -114,6 +114,7 @@ class _Calls:
     def __init__(self, result: CaptureResult) -> None:
         self.result = result
         self.by_id = {r.call_id: r for r in result.trace}
+        self.by_id.update(result.op_calls)  # captured ops (fvis.ops), inside their module call
         self.cuts = [r for r in result.trace if r.is_cut]
         self._reach: dict[int, set[tuple[int, int]]] = {}
         self._detach_reach: list[tuple[int, set[tuple[int, int]]]] | None = None
@@ -287,6 +288,8 @@ def _grad_off_cause(capture: Capture, calls: _Calls) -> Verdict:
 
 def _no_grad_verdict(capture: Capture, calls: _Calls) -> Verdict:
     record = calls.by_id.get(capture.call_id)
+    if record is not None and record.op:
+        return _op_no_graph_verdict(record)
     if record is not None and record.constant:
         return Verdict(
             False,
@@ -339,6 +342,28 @@ def _no_grad_verdict(capture: Capture, calls: _Calls) -> Verdict:
         "the input does not require grad",
         "expected for a frozen backbone; to check gradient flow anyway, run with "
         "--input-requires-grad",
+    )
+
+
+def _op_no_graph_verdict(record: CallRecord) -> Verdict:
+    """A captured op (``fvis.ops``) whose output carries no graph with grad on: the op cut
+    it, or its inputs already carried none (then the op is not where the graph was lost)."""
+    if record.is_cut:
+        where = f"{record.class_name} in {record.name or 'the model'}'s forward"
+        return Verdict(
+            False,
+            Cause.CUT_INSIDE,
+            record.name,
+            f"graph cut by {where}: its inputs require grad, its output does not",
+            "use a differentiable op there, or remove the .detach() / .data around it",
+        )
+    return Verdict(
+        False,
+        Cause.CONSTANT,
+        None,
+        "its tensor inputs carry no graph (constants, masks, the input, or values cut "
+        "before it): not on the graph, and not a cut here",
+        "where the graph was lost (if it was) shows in the capture that feeds this op",
     )
 
 

@@ -10,7 +10,9 @@ JSON schema ``fvis.layers/1`` (stable; fields are only ever added)::
                  "calls": int | null, "output_shapes": [[...], ...] | null}],
      "never_ran": [names] | null}
 
-``calls`` and ``output_shapes`` are ``null`` without an input (no forward pass ran).
+``calls`` and ``output_shapes`` are ``null`` without an input (no forward pass ran). With
+``--ops`` (and an input) an ``"ops"`` list is added: ``[{"name", "op", "kind", "module",
+"call", "shapes"}]``, one entry per tensor op in the order they ran (``fvis.ops``).
 
 A file refused as malicious (exit 4: it names globals that would run commands or code when
 fully unpickled) is still answered on stdout, with the verdict instead of the layers; the
@@ -53,6 +55,7 @@ class Listing:
     runs: Mapping[str, LayerRuns] | None = None  # None: no forward pass
     input_description: str | None = None
     notes: tuple[str, ...] = field(default=())
+    ops: tuple[Any, ...] | None = None  # fvis.records.OpRecord, with --ops
 
 
 def select(layers: Sequence[LayerInfo], depth: int | None, pattern: str | None) -> list[LayerInfo]:
@@ -104,7 +107,43 @@ def to_json(
             _layer_json(listing, info) for info in select(listing.tree.layers, depth, pattern)
         ],
         "never_ran": never_ran(listing) if listing.runs is not None else None,
+        **({"ops": ops_json(listing.ops, pattern)} if listing.ops is not None else {}),
     }
+
+
+def _ops_shown(ops: Sequence[Any], pattern: str | None) -> list[Any]:
+    return [o for o in ops if pattern is None or fnmatch.fnmatchcase(o.name, pattern)]
+
+
+def ops_json(ops: Sequence[Any], pattern: str | None = None) -> list[dict[str, Any]]:
+    """The ops of ``fvis layers --ops`` whose name matches ``pattern``, in the order they ran."""
+    return [
+        {
+            "name": o.name,
+            "op": o.op,
+            "kind": o.kind,
+            "module": o.module,
+            "call": o.call,
+            "shapes": [list(s) for s in o.shapes],
+        }
+        for o in _ops_shown(ops, pattern)
+    ]
+
+
+def ops_table(ops: Sequence[Any], pattern: str | None = None) -> Any:
+    """A ``rich.table.Table`` of the ops (names from the model are escaped)."""
+    from rich.table import Table
+
+    table = Table(
+        "op", "kind", "output", box=None, title="tensor ops (--ops)", title_justify="left"
+    )
+    for o in _ops_shown(ops, pattern):
+        shapes = ", ".join(shape_text(s) for s in o.shapes[:3]) + (
+            ", ..." if len(o.shapes) > 3 else ""
+        )
+        kind = o.kind if o.kind == "compute" else f"[dim]{o.kind}[/dim]"
+        table.add_row(for_terminal(o.name), kind, shapes)
+    return table
 
 
 def refusal_json(error: MaliciousFileError) -> dict[str, Any]:

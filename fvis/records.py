@@ -5,6 +5,8 @@ of one module), ``CallRecord`` (one call of any module: the trace), ``Detach`` (
 during forward), ``NotCalled`` (a requested module that never ran) and ``CaptureResult``
 (everything one forward pass produced). ``fvis.capture`` re-exports them.
 
+``OpRecord`` is one tensor op seen inside a forward with ``ops=True`` (``fvis.ops``).
+
 ``_Live`` is a capture while it is being recorded (made by the hook session, turned into a
 frozen ``Capture`` once at the end), kept here next to the records it builds positionally;
 ``_Held`` is its strong reference to a tensor.
@@ -103,6 +105,7 @@ class CallRecord(NamedTuple):
     parent_id: int | None = None  # the call this one ran inside (None for the outermost)
     constant: bool = False  # output unchanged when its inputs' values change (see _is_constant)
     has_params: bool = False  # the module holds parameters of its own (trainable or not)
+    op: bool = False  # a tensor op inside the module call ``parent_id`` (``fvis.ops``)
 
     @property
     def is_cut(self) -> bool:
@@ -125,6 +128,20 @@ class CallRecord(NamedTuple):
             and self.has_float_output
             and (self.inputs_require_grad or self.params_require_grad)
         )
+
+
+class OpRecord(NamedTuple):
+    """One tensor op seen during forward with ``ops=True`` (``fvis.ops``): named by the
+    innermost module call it ran in, the op, and its index among that call's ops of that name.
+    """
+
+    name: str  # "inner:add#1"; ops of a module's later calls read "inner#2:add#1"
+    op: str  # "add", "add_" (in place), "softmax", "scaled_dot_product_attention"
+    kind: str  # "compute", "view" (aliases an input) or "in-place"
+    module: str  # the innermost module call's dotted name ("" for the model itself)
+    call: int  # that module's call number
+    shapes: tuple[tuple[int, ...], ...]  # of the tensors it returned
+    captured: bool  # statistics, pictures and a verdict were made for it
 
 
 @dataclass(frozen=True)
@@ -174,6 +191,9 @@ class CaptureResult:
     # dotted name -> the module's class (to find the source of a cut)
     in_place_ops: bool = False  # an in-place op ran during forward (grad mode only)
     checkpointed: frozenset[int] = frozenset()  # call_ids run inside a reentrant checkpoint
+    ops: tuple[OpRecord, ...] = ()  # every tensor op seen with ``ops=True`` (``fvis.ops``)
+    op_calls: Mapping[int, CallRecord] = field(default_factory=dict, repr=False, compare=False)
+    # call_id -> the record of a captured op (its parent is the module call it ran in)
 
 
 class _Held:

@@ -30,7 +30,9 @@ Schema ``fvis.report/1`` (fields are only ever added)::
      "backward": null | {"target", "error", "params": [{"layer", "trainable", "received",
                                                         "starved"}]}}
 
-With ``--backward`` every capture also has ``"gradient": {"reached", "norm"}``.
+With ``--backward`` every capture also has ``"gradient": {"reached", "norm"}``. With ``--ops``
+the report has ``"ops"`` (every tensor op of the forward, as in ``fvis layers --ops``) and op
+captures have ``"path": ":softmax#1"`` (``fvis.ops``).
 """
 
 from __future__ import annotations

@@ -345,7 +345,9 @@ class _Session:
                     break
             return None
 
-        return channel_axis(self.targets[key][1], shape, producer)
+        target = self.targets.get(key)  # an op's module (fvis.ops) need not be a target
+        module = target[1] if target is not None else self.by_name[record.name]
+        return channel_axis(module, shape, producer)
 
     def _token_grid(
         self, record: CallRecord, shape: tuple[int, ...]
