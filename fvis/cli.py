@@ -482,8 +482,9 @@ def layers(
             arch, arch_kwargs, allow_module, trust, trust_sha256, max_model_bytes, strict
         ),
     )
+    # --ops asks for a forward pass: without an input, one is synthesized as dump does
     wants_run = bool(
-        input or text or text_file or shape or (config and (config.inputs or config.shape))
+        ops or input or text or text_file or shape or (config and (config.inputs or config.shape))
     )
     inputs = (
         _input_options(
@@ -502,8 +503,6 @@ def layers(
         if wants_run
         else None
     )
-    if ops and inputs is None:
-        raise UsageError("--ops lists the ops of a forward pass: give --input or --shape")
     try:
         listing = list_layers(ref, inputs, ops)
     except MaliciousFileError as exc:

@@ -147,11 +147,24 @@ def ops_outcome(
             "(spell the op out to capture one, e.g. 'inner:view#1')"
         )
     if missing and not missing_ok:
-        raise UsageError(
-            f"no op matched {missing[0]!r}",
-            hint="'fvis layers MODEL --input ... --ops' lists the op names",
-        )
+        raise UsageError(f"no op matched {missing[0]!r}", hint=_unmatched_hint(missing[0], records))
     return missing
+
+
+def _unmatched_hint(pattern: str, records: Sequence[OpRecord]) -> str:
+    """Name the ops that ran inside the pattern's module's children: an op is named by the
+    innermost module it ran in, so ``inner:*`` holds only ``inner``'s own functional ops."""
+    module = pattern.split(":", 1)[0]
+    inside = [
+        r.name for r in records if fnmatch.fnmatchcase(r.name.split(":", 1)[0], module + ".*")
+    ]
+    if inside:
+        shown = ", ".join(inside[:3]) + (", ..." if len(inside) > 3 else "")
+        return (
+            f"{module}'s forward runs no tensor op of its own; its children's ops are named by "
+            f"them ({shown}): try '{module}.*:*'"
+        )
+    return "'fvis layers MODEL --input ... --ops' lists the op names"
 
 
 def split_patterns(layers: Iterable[str]) -> tuple[list[str], list[str]]:

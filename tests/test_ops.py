@@ -392,7 +392,6 @@ def test_cli_layers_lists_ops(cli: Any, weights: Path) -> None:
     [
         (("dump", "--layer", "inner:*"), "add --ops"),
         (("dump", "--ops", "--layer", "inner:nothing*"), "no op matched 'inner:nothing*'"),
-        (("layers", "--ops"), "give --input or --shape"),
     ],
 )
 def test_cli_bad_op_use_is_one_line(
@@ -401,6 +400,33 @@ def test_cli_bad_op_use_is_one_line(
     extra = ("--shape", "2,4", "-o", str(tmp_path / "o")) if args[0] == "dump" else ()
     code, _, stderr = cli(args[0], weights, "--arch", ARCH, *args[1:], *extra)
     assert code == 2 and message in stderr and "Traceback" not in stderr
+
+
+def test_layers_ops_without_an_input_synthesizes_one(cli: Any, weights: Path) -> None:
+    code, stdout, stderr = cli("layers", weights, "--arch", ARCH, "--ops")
+    assert code == 0, stderr
+    assert "inner:softmax#1" in stdout and "synthesized from the first layer" in stdout
+
+
+def test_an_op_glob_on_a_module_without_own_ops_names_its_childrens(
+    cli: Any, tmp_path: Path, chdir: Path
+) -> None:
+    # the bundled sample: inner = Linear then ReLU, no functional op in inner's own forward
+    code, _, stderr = cli("dump", "--ops", "--layer", "inner:*", "-o", tmp_path / "o")
+    assert code == 2
+    assert "fvis: error: no op matched 'inner:*'" in stderr.splitlines()
+    assert stderr.splitlines()[-1] == (
+        "hint: inner's forward runs no tensor op of its own; its children's ops are named by "
+        "them (inner.linear:linear#1, inner.relu:relu#1): try 'inner.*:*'"
+    )
+    # ground truth for those names: the children's own F.linear / relu calls
+    code, _, stderr = cli("dump", "--ops", "--layer", "inner.*:*", "-o", tmp_path / "p")
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert [c["label"] for c in report["captures"]] == [
+        "inner.linear:linear#1",
+        "inner.relu:relu#1",
+    ]
 
 
 def test_check_gates_see_op_captures(cli: Any, weights: Path) -> None:
