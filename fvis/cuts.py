@@ -88,8 +88,8 @@ def grad_entry(enabled: bool, call_id: int, current: Detach | None) -> Detach | 
         return None
     if not torch.is_grad_enabled():  # already off: a nested block, or one ending
         return current
-    op = "torch.set_grad_enabled(False)"
-    return Detach(call_id, None, op, locate(op, block=True))
+    site = locate("torch.no_grad()", block=True)
+    return Detach(call_id, None, site.op if site is not None else "torch.no_grad()", site)
 
 
 def block_entry(entry: Detach | None, parent: int) -> Detach:

@@ -55,23 +55,51 @@ def locate(op: str, block: bool = False) -> CutSite | None:
     """The first user-facing frame on the stack of the caller, as the site of ``op``; None
     when every frame is torch's, fvis's or the standard library's.
 
-    ``block``: the frame is a call made inside a grad-mode block, not the block's entry: name
-    the enclosing ``with torch.no_grad():`` (or ``inference_mode``) line when there is one.
+    ``block``: ``op`` switched grad mode off, or this is a call made inside a grad-off block:
+    name the block's entry in that function (``with torch.no_grad():``, a
+    ``torch.set_grad_enabled(False)`` statement) when there is one, else the call of a
+    function decorated with ``@torch.no_grad()``.
 
     >>> locate(".detach()").function                                  # doctest: +SKIP
     'Wrapper.forward'
     """
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None and _skipped(frame.f_code.co_filename):
-        frame = frame.f_back
+    start = sys._getframe(1)
+    frame = _user_frame(start)
     if frame is None:
         return None
-    code = frame.f_code
-    line = frame.f_lineno or code.co_firstlineno
+    line = frame.f_lineno or frame.f_code.co_firstlineno
     if block:
-        line, op = _enclosing_with(code.co_filename, line, code.co_firstlineno) or (line, op)
+        code = frame.f_code
+        found = _grad_off_entry(code.co_filename, line, code.co_firstlineno)
+        if found is not None:
+            line, op = found
+        elif _decorated(start, frame) or _decorated(frame, None):
+            # The block is a decorated function: name the line that called it.
+            caller = frame if _decorated(start, frame) else _user_frame(frame.f_back)
+            frame = caller or frame
+            line, op = frame.f_lineno or line, f"@{op}"
+    code = frame.f_code
     file, library = _shown(code.co_filename)
     return CutSite(file, line, getattr(code, "co_qualname", code.co_name), op, library)
+
+
+def _user_frame(frame: FrameType | None) -> FrameType | None:
+    while frame is not None and _skipped(frame.f_code.co_filename):
+        frame = frame.f_back
+    return frame
+
+
+def _decorated(frame: FrameType | None, until: FrameType | None) -> bool:
+    """Whether torch's context-manager decorator (``@torch.no_grad()``) runs between
+    ``frame`` and ``until`` on the stack (``until`` None: called ``frame``'s function)."""
+    if until is None:
+        back = frame.f_back if frame is not None else None
+        return back is not None and back.f_code.co_name == "decorate_context"
+    while frame is not None and frame is not until:
+        if frame.f_code.co_name == "decorate_context":
+            return True
+        frame = frame.f_back
+    return False
 
 
 @functools.lru_cache(maxsize=4096)
@@ -127,25 +155,26 @@ def _shown(filename: str) -> tuple[str, bool]:
     return shown, _library(filename)
 
 
-def _enclosing_with(filename: str, line: int, first: int) -> tuple[int, str] | None:
-    """The innermost ``with`` statement around ``line`` (in the function starting at
-    ``first``) that enters a grad-mode context: its line and its context expression."""
+def _grad_off_entry(filename: str, line: int, first: int) -> tuple[int, str] | None:
+    """Where grad mode was switched off around ``line`` of the function starting at ``first``:
+    the innermost grad-mode ``with`` holding it, else the last ``set_grad_enabled(False)``
+    statement before it; its line and its text."""
     tree = _parsed(filename)
     if tree is None:
         return None
-    best: tuple[int, str] | None = None
+    withs: list[tuple[int, str]] = []
+    calls: list[tuple[int, str]] = []
     for node in ast.walk(tree):
-        if not isinstance(node, ast.With | ast.AsyncWith) or not first <= node.lineno <= line:
+        if not first <= getattr(node, "lineno", 0) <= line:
             continue
-        if node.end_lineno is None or line > node.end_lineno:
-            continue
-        for item in node.items:
-            text = ast.unparse(item.context_expr)
-            if any(word in text for word in _GRAD_MODE_WORDS) and (
-                best is None or node.lineno > best[0]
-            ):
-                best = (node.lineno, text)
-    return best
+        if isinstance(node, ast.With | ast.AsyncWith) and line <= (node.end_lineno or 0):
+            texts = [ast.unparse(item.context_expr) for item in node.items]
+            withs += [(node.lineno, t) for t in texts if any(w in t for w in _GRAD_MODE_WORDS)]
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            text = ast.unparse(node.value)
+            if "set_grad_enabled(False)" in text:
+                calls.append((node.lineno, text))
+    return max(withs, default=None) or max(calls, default=None)
 
 
 @functools.lru_cache(maxsize=64)

@@ -62,6 +62,32 @@ class HelperNoGrad(Wrapper):
         return self.head(_frozen_features(self.inner, x))
 
 
+@torch.no_grad()
+def _decorated_features(module: nn.Module, x: Tensor) -> Tensor:
+    return module(x)
+
+
+class DecoratedNoGrad(Wrapper):
+    def forward(self, x: Tensor) -> Tensor:
+        feats = _decorated_features(self.inner, x)  # cut: decorated
+        return self.head(feats)
+
+
+class GradSwitchedOff(Wrapper):
+    def forward(self, x: Tensor) -> Tensor:
+        torch.set_grad_enabled(False)  # cut: set_grad_enabled
+        feats = self.inner(x)
+        torch.set_grad_enabled(True)
+        return self.head(feats)
+
+
+class InferenceInside(Wrapper):
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.inference_mode():  # cut: inference
+            feats = self.inner(x)
+        return self.head(feats.clone())
+
+
 class ItemRoundTrip(Wrapper):
     def forward(self, x: Tensor) -> Tensor:
         scale = torch.tensor(self.inner(x).mean().item())  # cut: item
@@ -88,6 +114,15 @@ CASES = [
     (Wrapper, "inner", "detach", ".detach()", "Wrapper.forward"),
     (DataUser, "inner", "data", ".data", "DataUser.forward"),
     (HelperNoGrad, "inner", "no_grad", "torch.no_grad()", "_frozen_features"),
+    (DecoratedNoGrad, "inner", "decorated", "@torch.no_grad()", "DecoratedNoGrad.forward"),
+    (
+        GradSwitchedOff,
+        "inner",
+        "set_grad_enabled",
+        "torch.set_grad_enabled(False)",
+        "GradSwitchedOff.forward",
+    ),
+    (InferenceInside, "inner", "inference", "torch.inference_mode()", "InferenceInside.forward"),
     (ItemRoundTrip, "inner", "item", ".item()", "ItemRoundTrip.forward"),
     (RequiresGradOff, "pre", "requires_grad", ".requires_grad_(False)", "RequiresGradOff.forward"),
 ]
