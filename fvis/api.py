@@ -358,8 +358,9 @@ class _Pass:
 
 
 # Verdicts an op watch can refine: a capture that requires grad but does not reach the output
-# may have been used and then detached inside a parent's forward (see fvis.capture).
-_NEEDS_OP_WATCH = frozenset({"unused", "cut-downstream"})
+# may have been used and then detached inside a parent's forward (see fvis.capture); a cut's
+# verdict names the line of the .detach() the watch saw (fvis.cuts).
+_NEEDS_OP_WATCH = frozenset({"unused", "cut-downstream", "cut-inside"})
 
 
 def _capture_and_analyse(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from fvis.blame import block_site, site_inside, with_site
 from fvis.capture import (
     CallRecord,
     Capture,
@@ -38,6 +39,8 @@ from fvis.capture import (
 from fvis.errors import first_line
 from fvis.notcalled import not_called_verdicts
 from fvis.origins import origin_of
+from fvis.records import Detach
+from fvis.sources import CutSite
 
 
 class Cause(StrEnum):
@@ -74,6 +77,7 @@ class Verdict:
     in_place: str | None = None  # set when the tensor was modified in place after capture
     origin: str | None = None  # file:line of the forward of ``where``
     library: bool = False  # ``where`` is installed library code (a cut there is by design)
+    cut_at: CutSite | None = None  # the source line that cut the graph, when it was seen
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +89,7 @@ class Verdict:
             "in_place": self.in_place,
             "origin": self.origin,
             "library": self.library,
+            "cut_at": self.cut_at.as_dict() if self.cut_at is not None else None,
         }
 
 
@@ -117,7 +122,7 @@ class _Calls:
         self.by_id.update(result.op_calls)  # captured ops (fvis.ops), inside their module call
         self.cuts = [r for r in result.trace if r.is_cut]
         self._reach: dict[int, set[tuple[int, int]]] = {}
-        self._detach_reach: list[tuple[int, set[tuple[int, int]]]] | None = None
+        self._detach_reach: list[tuple[Detach, set[tuple[int, int]]]] | None = None
 
     def ancestors(self, call_id: int) -> list[CallRecord]:
         """Enclosing calls, innermost first."""
@@ -132,11 +137,13 @@ class _Calls:
     def is_within(self, call_id: int, outer_id: int) -> bool:
         return call_id == outer_id or any(a.call_id == outer_id for a in self.ancestors(call_id))
 
-    def detached_in(self, key: tuple[int, int]) -> CallRecord | None:
-        """The call whose forward detached a value computed from the edge ``key``."""
+    def detached_in(self, key: tuple[int, int]) -> Detach | None:
+        """The detach (in some call's forward) of a value computed from the edge ``key``."""
         if self._detach_reach is None:
-            self._detach_reach = [(d.call_id, _walk([d.edge])) for d in self.result.detaches]
-        return next((self.by_id.get(c) for c, reach in self._detach_reach if key in reach), None)
+            self._detach_reach = [
+                (d, _walk([d.edge])) for d in self.result.detaches if d.edge is not None
+            ]
+        return next((d for d, reach in self._detach_reach if key in reach), None)
 
     def reached_from_inputs(self, cut: CallRecord) -> set[tuple[int, int]]:
         """Edges upstream of what a cut module was given (so: what it cut off)."""
@@ -169,7 +176,7 @@ def diagnose(result: CaptureResult) -> dict[str, Verdict]:
                 "a tensor saved for backward was changed in place: use out-of-place ops "
                 "(inplace=False) or clone it first",
             )
-        verdicts[capture.label] = _with_origin(_with_in_place(verdict, capture), calls)
+        verdicts[capture.label] = _with_origin(_with_in_place(with_site(verdict), capture), calls)
     verdicts.update(not_called_verdicts(result, Verdict, Cause))
     return verdicts
 
@@ -246,6 +253,7 @@ def _inference_verdict(capture: Capture, calls: _Calls) -> Verdict:
         parent.name if parent else None,
         f"inference mode: {capture.layer} ran under torch.inference_mode() inside {where}",
         f"move the call out of the inference_mode block in {where}",
+        cut_at=block_site(capture.call_id, calls),
     )
 
 
@@ -283,6 +291,7 @@ def _grad_off_cause(capture: Capture, calls: _Calls) -> Verdict:
         f"move the capture (or the call) outside the no_grad block in {where}; "
         "frozen layers need requires_grad_(False), not no_grad, to pass gradients "
         "through",
+        cut_at=block_site(capture.call_id, calls),
     )
 
 
@@ -308,6 +317,7 @@ def _no_grad_verdict(capture: Capture, calls: _Calls) -> Verdict:
             inside.name,
             f"graph cut inside {where}: its inputs or parameters require grad, its output does not",
             f"remove the .detach() / .data / no_grad in {where}",
+            cut_at=site_inside(inside.call_id, calls),
         )
     origin = calls.result.fed_by_cut.get(capture.call_id)
     before = calls.by_id.get(origin) if origin is not None else None
@@ -323,6 +333,7 @@ def _no_grad_verdict(capture: Capture, calls: _Calls) -> Verdict:
             before.name,
             f"graph cut upstream, inside {where}",
             f"remove the .detach() / .data / no_grad in {where}",
+            cut_at=site_inside(before.call_id, calls),
         )
     if not _parameters_before(capture, calls):
         return Verdict(
@@ -389,6 +400,7 @@ def _after_no_grad_verdict(capture: Capture, block: CallRecord, calls: _Calls) -
         f"inside {where} before it, so its input carries no graph (parameters are not frozen)",
         f"move the no_grad block in {where}; frozen layers need requires_grad_(False), not "
         "no_grad, to pass gradients through",
+        cut_at=block_site(block.call_id, calls),
     )
 
 
@@ -410,8 +422,9 @@ def _earlier_no_grad_block(capture: Capture, calls: _Calls) -> CallRecord | None
 
 
 def _unreachable_verdict(capture: Capture, edge: tuple[Any, int] | None, calls: _Calls) -> Verdict:
-    detached = calls.detached_in((id(edge[0]), edge[1])) if edge is not None else None
-    if detached is not None:
+    cut = calls.detached_in((id(edge[0]), edge[1])) if edge is not None else None
+    detached = calls.by_id.get(cut.call_id) if cut is not None else None
+    if cut is not None and detached is not None:
         where = _describe(detached)
         return Verdict(
             False,
@@ -420,6 +433,7 @@ def _unreachable_verdict(capture: Capture, edge: tuple[Any, int] | None, calls: 
             f"used, then detached: {where} detaches a value computed from it, so no "
             "gradient from the output reaches it",
             f"remove the .detach() / .data in {where} if gradients should flow here",
+            cut_at=cut.site,
         )
     downstream = _cut_fed_by(edge, calls) or next(
         (a for a in calls.ancestors(capture.call_id) if a.is_cut), None
@@ -432,6 +446,7 @@ def _unreachable_verdict(capture: Capture, edge: tuple[Any, int] | None, calls: 
             downstream.name,
             f"requires grad, but {where} cuts the graph before the output",
             f"remove the .detach() / .data / no_grad in {where}",
+            cut_at=site_inside(downstream.call_id, calls),
         )
     return Verdict(
         False,
@@ -453,13 +468,8 @@ def _with_in_place(verdict: Verdict, capture: Capture) -> Verdict:
         "picture shows the values at capture; code that keeps a reference sees the "
         "later values. Edits through .data cannot be detected."
     )
-    return Verdict(
-        verdict.connected,
-        verdict.cause,
-        verdict.where,
-        f"{verdict.summary}; modified in place after capture",
-        verdict.hint,
-        note,
+    return dataclasses.replace(
+        verdict, summary=f"{verdict.summary}; modified in place after capture", in_place=note
     )
 
 

@@ -1,9 +1,9 @@
 """The records a capture produces: frozen, and apart from the tensors they describe.
 
 ``GradFacts`` (autograd state of one captured tensor), ``Capture`` (one tensor from one call
-of one module), ``CallRecord`` (one call of any module: the trace), ``Detach`` (a detach seen
-during forward), ``NotCalled`` (a requested module that never ran) and ``CaptureResult``
-(everything one forward pass produced). ``fvis.capture`` re-exports them.
+of one module), ``CallRecord`` (one call of any module: the trace), ``Detach`` (a graph cut
+seen during forward, with its source line), ``NotCalled`` (a requested module that never ran)
+and ``CaptureResult`` (everything one forward pass produced). ``fvis.capture`` re-exports them.
 
 ``OpRecord`` is one tensor op seen inside a forward with ``ops=True`` (``fvis.ops``).
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fvis.choices import Mode
+from fvis.sources import CutSite
 from fvis.stats import Stats
 
 if TYPE_CHECKING:
@@ -146,11 +147,15 @@ class OpRecord(NamedTuple):
 
 @dataclass(frozen=True)
 class Detach:
-    """A ``.detach()`` / ``.data`` / ``torch.detach`` of a tensor that required grad, seen
-    during forward: the innermost module call under way and the detached tensor's edge."""
+    """A cut seen during forward: a ``.detach()`` / ``.data`` / ``.item()`` /
+    ``requires_grad_(False)`` ... of a tensor that required grad (``edge``: its gradient edge),
+    or the entry into a no_grad / inference_mode block (``edge`` None); ``call_id`` is the
+    innermost module call under way, ``op`` what cut, ``site`` the source line that did it."""
 
     call_id: int
-    edge: tuple[Any, int] = field(repr=False, compare=False)
+    edge: tuple[Any, int] | None = field(repr=False, compare=False)
+    op: str = ".detach()"
+    site: CutSite | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,8 @@ class CaptureResult:
     ops: tuple[OpRecord, ...] = ()  # every tensor op seen with ``ops=True`` (``fvis.ops``)
     op_calls: Mapping[int, CallRecord] = field(default_factory=dict, repr=False, compare=False)
     # call_id -> the record of a captured op (its parent is the module call it ran in)
+    grad_off_blocks: Mapping[int, Detach] = field(default_factory=dict, repr=False, compare=False)
+    # call_id of a call made first inside a no_grad block of a grad-on parent -> its entry
 
 
 class _Held:

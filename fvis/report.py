@@ -17,7 +17,8 @@ Schema ``fvis.report/1`` (fields are only ever added)::
                    "stats": {"numel", "min", "max", "mean", "std", "zero_fraction", "nan",
                              "posinf", "neginf", "channels", "dead_channels",
                              "channel_axis"},  # the dim counted as channels (fvis.axes)
-                   "verdict": {...} | null,
+                   "verdict": {...} | null,  # with "cut_at": {"file", "line", "function",
+                                             # "op", "library"} | null (fvis.sources.CutSite)
                    "images": [{"file", "sample", "layout",  # grid|heatmap|strip|tokens|empty
                                "shown_channels", "total_channels",
                                "note", "channels": [[index, min, max], ...]}]}],

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from fvis.axes import Axis, channel_axis, decide, find_token_grid, prefix_tokens
 from fvis.choices import Mode, What
+from fvis.cuts import CUTS, SET_GRAD_ENABLED, block_entry, cut_record, grad_entry
 from fvis.outputs import describe_value, flatten_tensors
 from fvis.records import CallRecord, Capture, CaptureResult, Detach, NotCalled, _Held, _Live
 from fvis.stats import tensor_stats
@@ -94,6 +95,8 @@ class _Session:
         self.in_hook = False
         self.in_place_ops = False
         self.checkpointed: set[int] = set()
+        self.grad_entry: Detach | None = None  # the no_grad block under way, if the watch saw it
+        self.grad_off_blocks: dict[int, Detach] = {}
 
     def install(self, model: nn.Module, stack: ExitStack) -> None:
         # One pair of global hooks (filtered to this model's modules) instead of a pair per
@@ -110,6 +113,8 @@ class _Session:
         grad_off = not torch.is_grad_enabled()
         if grad_off and self.hold:  # rare in grad mode: a no_grad block, or a checkpoint
             self._note_checkpoint(parent)
+            if parent is not None and not self.stack[-1].grad_off:  # a block's first call
+                self.grad_off_blocks[self.next_call_id] = block_entry(self.grad_entry, parent)
         self.stack.append(_Frame(id(module), names[0], self.next_call_id, parent, grad_off))
         self.next_call_id += 1
         if self.want_inputs and id(module) in self.targets:
@@ -289,12 +294,15 @@ class _Session:
             self.replaying = False
         return _same_tensors(output, again)
 
-    def on_detach(self, tensor: Any) -> None:
-        if self.in_hook or not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
-            return
-        edge = gradient_edge(tensor)
-        if edge is not None and self.stack:
-            self.detaches.append(Detach(self.stack[-1].call_id, edge))
+    def on_cut(self, func: Any, args: tuple[Any, ...], kwargs: Any) -> Detach | None:
+        """The record of the cut ``func`` is about to make (``fvis.cuts``), with its source
+        line; None for nearly every call (nothing there requires grad)."""
+        if self.in_hook or not self.stack:
+            return None
+        if func is SET_GRAD_ENABLED:  # entering or leaving a no_grad block
+            self.grad_entry = grad_entry(bool(args[0]), self.stack[-1].call_id, self.grad_entry)
+            return None
+        return cut_record(func, args, kwargs, self.stack[-1].call_id)
 
     def _snapshot(
         self, key: int, layer: str, record: CallRecord, path: str, tensor: torch.Tensor
@@ -422,6 +430,7 @@ class _Session:
             classes,
             self.in_place_ops,
             frozenset(self.checkpointed),
+            grad_off_blocks=self.grad_off_blocks,
         )
 
 
@@ -451,24 +460,24 @@ class _Frame(NamedTuple):
 
 
 class _DetachWatch(TorchFunctionMode):
-    """Sees every ``.detach()`` / ``.data`` during forward (hooks see only module
-    boundaries), so a value detached inside a parent's forward is not called unused."""
+    """Sees every graph cut during forward (``fvis.cuts``: ``.detach()``, ``.data``,
+    ``.item()``, entering ``no_grad`` ...; hooks see only module boundaries), so a value
+    detached inside a parent's forward is not called unused, and records its source line."""
 
     def __init__(self, session: _Session) -> None:
         super().__init__()
         self.session = session
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in _DETACHING and args:
-            self.session.on_detach(args[0])
-        elif (kwargs and kwargs.get("inplace")) or getattr(func, "__name__", "").endswith("_"):
+        if func in CUTS and args:  # the only test for ops that cut nothing
+            cut = self.session.on_cut(func, args, kwargs)
+            out = func(*args, **(kwargs or {}))
+            if cut is not None:  # recorded once the op worked (.numpy() of a grad tensor fails)
+                self.session.detaches.append(cut)
+            return out
+        if (kwargs and kwargs.get("inplace")) or getattr(func, "__name__", "").endswith("_"):
             self.session.in_place_ops = True  # then a saved tensor may have changed
         return func(*args, **(kwargs or {}))
-
-
-_DETACHING = frozenset(
-    {torch.Tensor.detach, torch.detach, torch.Tensor.data.__get__, torch.Tensor.detach_}
-)
 
 
 def _not_called(name: str, module: nn.Module, exported: bool) -> NotCalled:
