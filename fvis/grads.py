@@ -481,8 +481,12 @@ def _with_origin(verdict: Verdict, calls: _Calls) -> Verdict:
     if cls is None:
         return verdict
     origin = origin_of(cls)
-    whose = "library code" if origin.library else "your code"
-    summary = f"{verdict.summary} [{whose}: {origin.where}]"
+    if verdict.cut_at is not None:  # the cut's own line is named: say only whose it is
+        whose = "library code" if verdict.cut_at.library else "your code"
+        summary = f"{verdict.summary} ({whose})"
+    else:
+        whose = "library code" if origin.library else "your code"
+        summary = f"{verdict.summary} [{whose}: {origin.where}]"
     return dataclasses.replace(
         verdict, summary=summary, origin=origin.where, library=origin.library
     )

@@ -59,5 +59,5 @@ def test_library_cut_passes_by_default_and_fails_with_strict_library(
     assert code == 0, out + err
     code, out, _ = cli(*args, "--strict-library")
     assert code == 1
-    assert "FAIL rpn.score: disconnected: " in out and "[library code: " in out
+    assert "FAIL rpn.score: disconnected: " in out and "(library code)" in out
     assert "site-packages/fakedet.py:" in out
