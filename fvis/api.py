@@ -75,7 +75,13 @@ def open_model(ref: ModelRef) -> LoadedModel:
     if ref.path is None:
         from fvis.sample import build_sample
 
-        return LoadedModel(build_sample(), ModelSource(None, "bundled", "", (BUNDLED,)))
+        sample = LoadedModel(build_sample(), ModelSource(None, "bundled", "", (BUNDLED,)))
+        if ref.load.big is None:
+            return sample
+        from fvis.big import dispatch
+
+        module, note = dispatch(sample.module, ref.load.big)
+        return LoadedModel(module, ModelSource(None, "bundled", "", (BUNDLED, note)))
     return load_model(ref.path, ref.load)
 
 
@@ -173,6 +179,8 @@ class DumpOptions:
     input_requires_grad: bool = False
     missing_ok: bool = False  # unknown --layer names are returned (for the `missing` gate)
     batch_size: int | None = None  # split the inputs into forward passes of at most this many
+    device: str | None = None  # cpu | cuda | cuda:N | mps | auto (fvis.placement)
+    dtype: str | None = None  # float32 | bfloat16 | float16: the model is cast after loading
     ops: bool = False  # also record tensor ops; ``--layer`` patterns with ':' name ops (fvis.ops)
 
 
@@ -276,6 +284,7 @@ def _run_dump(
 
     loaded = open_model(ref)
     prepared = inputs if isinstance(inputs, Prepared) else prepare_inputs(loaded, inputs)
+    loaded, prepared, where = _placed(loaded, prepared, options, ref)
     sample = _which_sample(options.sample, prepared)
     options = dataclasses.replace(options, sample=sample)
     tree = ModelTree.of(node_from_module(loaded.module))
@@ -329,7 +338,8 @@ def _run_dump(
         gallery.add_gradcams(captures, flow.grads, prepared.displays)
     images = gallery.name_files(captures)
     data = _report_input(loaded, prepared, tree, options, captures, never_ran, images, verdicts)
-    data = dataclasses.replace(data, output_notes=output_notes)
+    placed = {**data.input, "device": where[0], "dtype": where[1]}
+    data = dataclasses.replace(data, output_notes=output_notes, input=placed)
     if len(chunks) > 1:
         notes.append(
             f"ran {prepared.batch_size} samples in {len(chunks)} batches of at most "
@@ -459,6 +469,22 @@ def _not_run_entries(
 def _tree_order(tree: ModelTree) -> Callable[[str], int]:
     order = {info.name: i for i, info in enumerate(tree.layers)}
     return lambda name: order.get(name, len(order))
+
+
+def _placed(
+    loaded: LoadedModel, prepared: Prepared, options: DumpOptions, ref: ModelRef
+) -> tuple[LoadedModel, Prepared, tuple[str, str]]:
+    """The model and inputs on ``--device`` in ``--dtype`` (fvis.placement)."""
+    from fvis.placement import parse, place
+
+    placement = parse(options.device, options.dtype)
+    dispatched = getattr(loaded.module, "hf_device_map", None) is not None
+    placed = place(
+        loaded.module, prepared.args, prepared.kwargs, placement, ref.module is not None, dispatched
+    )
+    loaded = dataclasses.replace(loaded, module=placed.module)
+    prepared = dataclasses.replace(prepared, args=placed.args, kwargs=placed.kwargs)
+    return loaded, prepared, (placed.device, placed.dtype)
 
 
 def _which_sample(sample: int | str | None, prepared: Prepared) -> int | None:

@@ -122,6 +122,50 @@ AttnOpt = Annotated[
         show_default=False,
     ),
 ]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help="Where to run: cpu, cuda, cuda:N, mps or auto (CUDA when available; the default "
+        "for a checkpoint).",
+        show_default=False,
+    ),
+]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="Cast the model after loading: float32, bfloat16 or float16 (inputs follow).",
+        show_default=False,
+    ),
+]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="auto: dispatch the weights across GPUs, CPU and disk with accelerate, for "
+        "models bigger than memory (pip install 'fvis[big]').",
+        show_default=False,
+    ),
+]
+MaxMemoryOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--max-memory",
+        metavar="DEVICE=SIZE",
+        help="Memory budget per device for --device-map, e.g. cpu=4GiB or 0=20GiB. Repeatable.",
+        show_default=False,
+    ),
+]
+OffloadOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--offload-folder",
+        help="Empty folder for the weights --device-map offloads to disk (default: a "
+        "temporary folder, removed at exit).",
+        show_default=False,
+    ),
+]
 InputOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -346,7 +390,9 @@ def _load_options(
     max_model_bytes: int | None = None,
     strict: bool = True,
     attn_implementation: str | None = None,
+    big: tuple[str | None, list[str] | None, Path | None, str | None] = (None, None, None, None),
 ) -> Any:
+    from fvis.big import parse as parse_big
     from fvis.config import check_nesting
     from fvis.formats import Limits
     from fvis.loading import LoadOptions, Trust, check_allow_modules
@@ -373,6 +419,7 @@ def _load_options(
         strict=strict,
         limits=Limits(max_model_bytes=max_model_bytes),
         attn_implementation=attn_implementation,
+        big=parse_big(big[0], big[1] or (), big[2], big[3]),
     )
 
 
@@ -646,6 +693,11 @@ def dump(
     ] = False,
     input_requires_grad: InputGradOpt = False,
     attn_implementation: AttnOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     allow_module: AllowModuleOpt = None,
@@ -674,6 +726,7 @@ def dump(
             max_model_bytes,
             strict,
             attn_implementation,
+            (device_map, max_memory, offload_folder, dtype),
         ),
     )
     inputs = _input_options(
@@ -711,6 +764,8 @@ def dump(
         input_requires_grad=input_requires_grad,
         batch_size=_positive(batch_size, "--batch-size"),
         ops=ops,
+        device=device or (config.device if config else None),
+        dtype=dtype or (config.dtype if config else None),
     )
     with _terminate_as_interrupt(), _progress(enabled=not (quiet or json_out)) as tick:
         result = run_dump(ref, inputs, options, out, overwrite, progress=tick)
@@ -747,8 +802,11 @@ def _print_dump(result: Any) -> None:
     from fvis.text import for_terminal
 
     console = _console()
+    inputs = result.report["input"]
+    if "device" in inputs:
+        console.print(f"[dim]device: {inputs['device']}, dtype: {inputs['dtype']}[/dim]")
     console.print(to_table(result.report))
-    console.print(f"[dim]input: {for_terminal(result.report['input']['description'])}[/dim]")
+    console.print(f"[dim]input: {for_terminal(inputs['description'])}[/dim]")
     for entry in result.report["not_run"]:
         console.print(
             f"[yellow]not called:[/yellow] {for_terminal(entry['layer'])}: "
@@ -889,6 +947,11 @@ def check(
     target_position: TargetPositionOpt = None,
     input_requires_grad: InputGradOpt = False,
     attn_implementation: AttnOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     images: Annotated[
         bool, typer.Option("--images", help="Also write pictures and reports to --out.")
     ] = False,
@@ -930,6 +993,7 @@ def check(
             max_model_bytes,
             strict,
             attn_implementation,
+            (device_map, max_memory, offload_folder, dtype),
         ),
     )
     # config is None whenever MODEL was given (resolve_model does not read it then)
@@ -966,6 +1030,8 @@ def check(
         target_position=target_position,
         input_requires_grad=input_requires_grad,
         ops=ops,
+        device=device or (config.device if config else None),
+        dtype=dtype or (config.dtype if config else None),
     )
     if images and out is None:
         out = Path("fvis-out")

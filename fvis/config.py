@@ -21,6 +21,8 @@ KNOWN_KEYS = (
     "fail-on",
     "expect",
     "baseline",
+    "device",
+    "dtype",
 )
 
 
@@ -39,6 +41,8 @@ class Config:
     fail_on: str | None = None
     expect: tuple[str, ...] = ()
     baseline: Path | None = None
+    device: str | None = None  # --device (fvis.placement)
+    dtype: str | None = None  # --dtype
 
 
 def find_config(folder: Path) -> Config | None:
@@ -84,6 +88,8 @@ def _parse(path: Path, table: dict[str, Any]) -> Config:
         fail_on=_opt_str(path, "fail-on", table.get("fail-on")),
         expect=_strs(path, "expect", table.get("expect", [])),
         baseline=base / _str(path, "baseline", table["baseline"]) if "baseline" in table else None,
+        device=_opt_str(path, "device", table.get("device")),
+        dtype=_opt_str(path, "dtype", table.get("dtype")),
     )
 
 

@@ -210,12 +210,17 @@ def build_on_meta(folder: HFFolder, trusted: bool = False) -> nn.Module:
 
 
 def load_folder(
-    folder: HFFolder, trusted: bool = False, strict: bool = True
+    folder: HFFolder, trusted: bool = False, strict: bool = True, big: Any = None
 ) -> tuple[nn.Module, list[str]]:
     """The folder's model with its weights, through ``from_pretrained`` (offline, safely)."""
     transformers = _require_transformers(folder)
     _refuse_remote_code(folder, trusted)
     cls = _model_class(folder, transformers)
+    extra: dict[str, Any] = {}
+    if big is not None:  # accelerate's big-model loading: never all in memory
+        from fvis.big import pretrained_kwargs
+
+        extra = pretrained_kwargs(big)
     with _quiet(transformers):
         try:
             model, info = cls.from_pretrained(
@@ -225,10 +230,17 @@ def load_folder(
                 use_safetensors=folder.weight_format == "safetensors",
                 weights_only=not trusted,
                 output_loading_info=True,
+                **extra,
             )
         except (OSError, ValueError, TypeError, KeyError, RuntimeError, pickle.PickleError) as exc:
             raise _load_error(folder, exc) from None
-    return model, [folder.describe(), *_fit_notes(folder, info, strict)]
+    notes = [folder.describe(), *_fit_notes(folder, info, strict)]
+    device_map = getattr(model, "hf_device_map", None)
+    if big is not None and isinstance(device_map, dict):
+        from fvis.big import describe
+
+        notes.append(describe(device_map, Path(extra["offload_folder"])))
+    return model, notes
 
 
 def _load_error(folder: HFFolder, exc: Exception) -> Exception:

@@ -96,6 +96,7 @@ class LoadOptions:
     arch_config: Path | None = None
     allow_modules_config: Path | None = None
     attn_implementation: str | None = None  # a transformers model's attention kernel
+    big: Any = None  # fvis.big.BigModel: --device-map auto through accelerate
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,9 @@ def _load_folder(folder: hf.HFFolder, options: LoadOptions) -> LoadedModel:
     else:
         if options.trust is None:
             _refuse_untrusted_shards(folder, options)
-        module, notes = hf.load_folder(folder, options.trust is not None, options.strict)
+        module, notes = hf.load_folder(
+            folder, options.trust is not None, options.strict, options.big
+        )
     module.eval()
     return LoadedModel(module, ModelSource(folder.path, "hf-folder", "", tuple(notes)))
 
@@ -270,13 +273,19 @@ def load_model(path: Path | str, options: LoadOptions = LoadOptions()) -> Loaded
     ... # doctest: +SKIP
     """
     loaded = _load_model(Path(path), options)
-    if options.attn_implementation is None:
-        return loaded
-    from fvis.attention import set_implementation
+    module, notes = loaded.module, list(loaded.source.notes)
+    if options.attn_implementation is not None:
+        from fvis.attention import set_implementation
 
-    note = set_implementation(loaded.module, options.attn_implementation)
-    source = dataclasses.replace(loaded.source, notes=(*loaded.source.notes, note))
-    return LoadedModel(loaded.module, source)
+        notes.append(set_implementation(module, options.attn_implementation))
+    if options.big is not None and getattr(module, "hf_device_map", None) is None:
+        from fvis.big import dispatch
+
+        module, note = dispatch(module, options.big)  # a folder was loaded into its map
+        notes.append(note)
+    if notes == list(loaded.source.notes):
+        return loaded
+    return LoadedModel(module, dataclasses.replace(loaded.source, notes=tuple(notes)))
 
 
 def _load_model(path: Path, options: LoadOptions) -> LoadedModel:
