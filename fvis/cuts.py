@@ -1,7 +1,8 @@
 """Which torch functions can cut the autograd graph during a forward, and what each one cut.
 
-The always-on watch (``fvis.session._DetachWatch``) tests every op against ``CUTS`` (one
-dict membership test, the whole cost when nothing is cut); only a hit calls ``cut_value``.
+The op watch (``fvis.session._DetachWatch``, on in the pass ``fvis.api`` runs when a verdict
+blames a cut) tests every op against ``CUT_FUNCS``: one frozenset membership test, the whole
+cost when nothing is cut; only a hit calls ``cut_value``.
 ``torch.from_numpy`` is not here: its array already left the graph through ``.numpy()`` or a
 ``.detach()``, which are. ``torch.as_tensor(t)`` of a tensor keeps its graph (it returns ``t``
 or ``t.to(dtype)``), so only a list holding grad tensors counts.
@@ -38,6 +39,7 @@ CUTS: dict[Any, str] = {
     torch.as_tensor: "torch.as_tensor()",
     SET_GRAD_ENABLED: "torch.set_grad_enabled()",
 }
+CUT_FUNCS = frozenset(CUTS)  # what the watch tests every op against
 
 
 def cut_value(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Any:

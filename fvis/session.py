@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from fvis.axes import Axis, channel_axis, decide, find_token_grid, prefix_tokens
 from fvis.choices import Mode, What
-from fvis.cuts import CUTS, SET_GRAD_ENABLED, block_entry, cut_record, grad_entry
+from fvis.cuts import CUT_FUNCS, SET_GRAD_ENABLED, block_entry, cut_record, grad_entry
 from fvis.outputs import describe_value, flatten_tensors
 from fvis.records import CallRecord, Capture, CaptureResult, Detach, NotCalled, _Held, _Live
 from fvis.stats import tensor_stats
@@ -469,7 +469,7 @@ class _DetachWatch(TorchFunctionMode):
         self.session = session
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in CUTS and args:  # the only test for ops that cut nothing
+        if func in CUT_FUNCS and args:  # the only test for ops that cut nothing
             cut = self.session.on_cut(func, args, kwargs)
             out = func(*args, **(kwargs or {}))
             if cut is not None:  # recorded once the op worked (.numpy() of a grad tensor fails)
