@@ -19,6 +19,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -235,9 +236,80 @@ static PyObject *moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs
                          (long long)r.zeros, (long long)r.dead);
 }
 
+/* Records built without their Python __init__ (fvis/fastbuild.py): a frozen slotted dataclass
+ * instance is object.__new__(cls) with each slot set; its generated __init__ does that through
+ * object.__setattr__ one field at a time (about 1 us for 12 fields, once per captured tensor).
+ *
+ * slot_offsets(descriptors) -> offsets: the memory offset of each slot's member descriptor
+ * (checked to be an object slot). new_slotted(cls, offsets, values) -> an instance of cls
+ * with slot i set to values[i]. fastbuild checks once that the offsets cover every slot of
+ * cls and no other, so every slot is set and nothing outside the instance is written. */
+static PyObject *slot_offsets(PyObject *self, PyObject *descriptors)
+{
+    if (!PyTuple_Check(descriptors)) {
+        PyErr_SetString(PyExc_TypeError, "slot_offsets: a tuple of slot descriptors");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(descriptors);
+    PyObject *offsets = PyTuple_New(n);
+    if (offsets == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(descriptors, i);
+        if (!Py_IS_TYPE(item, &PyMemberDescr_Type)
+            || ((PyMemberDescrObject *)item)->d_member->type != T_OBJECT_EX) {
+            Py_DECREF(offsets);
+            PyErr_SetString(PyExc_TypeError, "slot_offsets: not an object slot");
+            return NULL;
+        }
+        PyObject *offset = PyLong_FromSsize_t(((PyMemberDescrObject *)item)->d_member->offset);
+        if (offset == NULL) {
+            Py_DECREF(offsets);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(offsets, i, offset);
+    }
+    return offsets;
+}
+
+static PyObject *new_slotted(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyType_Check(args[0]) || !PyTuple_Check(args[1]) || !PyTuple_Check(args[2])
+        || PyTuple_GET_SIZE(args[1]) != PyTuple_GET_SIZE(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "new_slotted(cls, offsets, values)");
+        return NULL;
+    }
+    PyTypeObject *type = (PyTypeObject *)args[0];
+    PyObject *obj = type->tp_alloc(type, 0);
+    if (obj == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(args[1]);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t offset = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[1], i));
+        if (offset < (Py_ssize_t)sizeof(PyObject) || offset > type->tp_basicsize - (Py_ssize_t)sizeof(PyObject *)) {
+            Py_DECREF(obj);
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError, "new_slotted: offset outside the instance");
+            }
+            return NULL;
+        }
+        PyObject *value = PyTuple_GET_ITEM(args[2], i);
+        PyObject **slot = (PyObject **)((char *)obj + offset);
+        Py_INCREF(value);
+        Py_XSETREF(*slot, value);
+    }
+    return obj;
+}
+
 static PyMethodDef methods[] = {
     {"moments", (PyCFunction)(void (*)(void))moments, METH_FASTCALL,
      "moments(address, outer, channels, inner[, simd]) -> (min, max, sum, sumsq, zeros, dead)"},
+    {"slot_offsets", (PyCFunction)slot_offsets, METH_O,
+     "slot_offsets(descriptors) -> the offset of each object slot"},
+    {"new_slotted", (PyCFunction)(void (*)(void))new_slotted, METH_FASTCALL,
+     "new_slotted(cls, offsets, values) -> cls instance with its slots set, no __init__"},
     {NULL, NULL, 0, NULL},
 };
 

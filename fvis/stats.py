@@ -21,6 +21,8 @@ from types import ModuleType
 
 import torch
 
+from fvis.fastbuild import builder
+
 
 def _load_native() -> ModuleType | None:
     if os.environ.get("FVIS_NATIVE", "1") == "0":
@@ -68,8 +70,17 @@ def tensor_stats(tensor: torch.Tensor, axis: int = 1) -> Stats:
     1
     """
     axis = _channel_dim(tensor, axis)
-    if _native is not None and _native_can_read(tensor):  # first, and without no_grad/detach:
-        return _native_stats(_native, tensor, axis)  # this is the call made for every capture
+    if (  # _native_can_read inline: this is the call made for every capture
+        _native is not None
+        and type(tensor) in _PLAIN
+        and tensor.dtype is _FLOAT32
+        and tensor.is_cpu
+        and tensor.is_contiguous()
+        and tensor.numel() > 0
+        and not tensor.is_neg()
+        and not tensor._is_zerotensor()
+    ):  # first, and without no_grad/detach
+        return _native_stats(_native, tensor, axis)
     with torch.no_grad():
         data = _as_float(tensor.detach())
         numel = data.numel()
@@ -96,6 +107,7 @@ def _channel_dim(tensor: torch.Tensor, axis: int) -> int | None:
 # Only tensors whose memory holds their values: not wrapper subclasses (DTensor and the like
 # have no data pointer), not lazily negated views, not the storage-less zero tensors.
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_FLOAT32 = torch.float32
 
 
 def _native_can_read(tensor: torch.Tensor) -> bool:
@@ -129,20 +141,30 @@ def _native_stats(native: ModuleType, tensor: torch.Tensor, axis: int | None) ->
     if axis is not None and not first:
         with torch.no_grad():
             dead = _dead_channels(tensor.detach(), axis) if zeros else 0
-    mean, std = _mean_std(tensor, numel, total, sumsq, max(-low, high))
-    return Stats(
-        numel,
-        low,
-        high,
-        mean,
-        std,
-        zeros / numel,
-        0,
-        0,
-        0,
-        channels,
-        dead if channels else 0,
-        axis,
+    # _mean_std's usual case inline (the same operations, so the same bits); it is called
+    # only where its second pass may be needed.
+    mean = total / numel
+    spread = sumsq / numel - mean * mean
+    peak = max(-low, high)
+    if math.isfinite(spread) and spread >= 1e-3 * mean * mean and not 0 < peak < 1e-18:
+        std = math.sqrt(max(spread, 0.0) * numel / max(numel - 1, 1))
+    else:
+        mean, std = _mean_std(tensor, numel, total, sumsq, peak)
+    return _new_stats(
+        (
+            numel,
+            low,
+            high,
+            mean,
+            std,
+            zeros / numel,
+            0,
+            0,
+            0,
+            channels,
+            dead if channels else 0,
+            axis,
+        )
     )
 
 
@@ -235,3 +257,6 @@ def _dead_channels(data: torch.Tensor, axis: int | None) -> int:
         return 0
     dims = tuple(d for d in range(data.dim()) if d != axis)
     return int(((data.amax(dim=dims) == 0) & (data.amin(dim=dims) == 0)).sum())
+
+
+_new_stats = builder(Stats)
