@@ -401,7 +401,20 @@ class _Session:
         tokens found as parameters of the model: ``(prefix, H, W)``; else None."""
         key = shape
         if key not in self.grids:
-            self.grids[key] = find_token_grid(self.trace, record.call_id, shape, self.prefix(shape))
+            # The prefix count walks every parameter of the model: only where an earlier
+            # call made an (N, D, H, W) map that these tokens may come from (GPT-2 has none).
+            n, _, width = shape
+            maybe = any(
+                len(out) == 4 and out[:2] == (n, width)
+                for earlier in self.trace
+                if earlier.call_id < record.call_id
+                for out in earlier.output_shapes
+            )
+            self.grids[key] = (
+                find_token_grid(self.trace, record.call_id, shape, self.prefix(shape))
+                if maybe
+                else None
+            )
         return self.grids[key]
 
     def prefix(self, shape: tuple[int, ...]) -> int:

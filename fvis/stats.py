@@ -133,23 +133,23 @@ def _native_stats(native: ModuleType, tensor: torch.Tensor, axis: int | None) ->
     first = axis == 1 and len(shape) >= 3
     channels = shape[axis] if axis is not None else 0
     layout = (shape[0], channels, numel // (shape[0] * channels)) if first else (1, 1, numel)
-    low, high, total, sumsq, zeros, dead = native.moments(tensor.data_ptr(), *layout)
-    finite = -math.inf < low <= high < math.inf and math.isfinite(total + sumsq)
-    if not finite:  # NaN, Inf, or a float32 sum that overflowed: the exact path
-        with torch.no_grad():
-            return _stats_with_nonfinite(tensor.detach(), numel, axis)
+    # The kernel's sums and, in the usual case, the mean and std _mean_std would compute (the
+    # same operations in C, so the same bits); (None, None) where Python decides.
+    if _HAS_SUMMARY:
+        low, high, total, sumsq, zeros, dead, mean, std = native.summary(tensor.data_ptr(), *layout)
+    else:  # an extension built before summary existed
+        low, high, total, sumsq, zeros, dead = native.moments(tensor.data_ptr(), *layout)
+        mean = std = None
+    if std is None:
+        finite = -math.inf < low <= high < math.inf and math.isfinite(total + sumsq)
+        if not finite:  # NaN, Inf, or a float32 sum that overflowed: the exact path
+            with torch.no_grad():
+                return _stats_with_nonfinite(tensor.detach(), numel, axis)
     if axis is not None and not first:
         with torch.no_grad():
             dead = _dead_channels(tensor.detach(), axis) if zeros else 0
-    # _mean_std's usual case inline (the same operations, so the same bits); it is called
-    # only where its second pass may be needed.
-    mean = total / numel
-    spread = sumsq / numel - mean * mean
-    peak = max(-low, high)
-    if math.isfinite(spread) and spread >= 1e-3 * mean * mean and not 0 < peak < 1e-18:
-        std = math.sqrt(max(spread, 0.0) * numel / max(numel - 1, 1))
-    else:
-        mean, std = _mean_std(tensor, numel, total, sumsq, peak)
+    if std is None:
+        mean, std = _mean_std(tensor, numel, total, sumsq, max(-low, high))
     return _new_stats(
         (
             numel,
@@ -260,3 +260,5 @@ def _dead_channels(data: torch.Tensor, axis: int | None) -> int:
 
 
 _new_stats = builder(Stats)
+
+_HAS_SUMMARY = hasattr(_native, "summary")

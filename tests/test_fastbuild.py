@@ -120,3 +120,13 @@ def test_call_records_equal_namedtuple_construction() -> None:
     assert (first.name, first.class_name, first.call) == ("0", "Linear", 1)
     assert first.grad_enabled and first.params_require_grad and first.outputs_require_grad
     assert first.has_params and not first.constant and first.output_shapes == ((2, 4),)
+
+
+@pytest.mark.skipif(stats._native is None, reason="no native statistics on this machine")
+def test_summary_mean_std_matches_python_on_many_tensors() -> None:
+    """The C mean/std of the usual case, against _mean_std in Python, over scales and sizes."""
+    generator = torch.Generator().manual_seed(15)
+    for size in (1, 2, 7, 64, 1000, 70000):
+        for scale, offset in ((1.0, 0.0), (1e-12, 0.0), (1e5, 3.0), (0.01, 1.0), (3.0, -50.0)):
+            tensor = torch.randn(size, generator=generator) * scale + offset
+            assert tensor_stats(tensor) == _reference_stats(tensor, None), (size, scale, offset)
