@@ -19,6 +19,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -235,9 +236,155 @@ static PyObject *moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs
                          (long long)r.zeros, (long long)r.dead);
 }
 
+/* The mean and sample standard deviation fvis.stats._mean_std computes in its usual case,
+ * with the same double operations in the same order (so the same bits as the Python code):
+ * only where the values are finite and that case applies, else 0 (the caller then runs the
+ * Python code, which also has the second pass). No fused multiply-add: contraction would
+ * change the last bit. */
+#if defined(__clang__)
+#define NO_CONTRACT
+#elif defined(__GNUC__)
+#define NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define NO_CONTRACT
+#endif
+
+NO_CONTRACT static int usual_mean_std(double lo, double hi, double sum, double sumsq,
+                                      long long numel, double *mean, double *std)
+{
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+    if (!(-INFINITY < lo && lo <= hi && hi < INFINITY && isfinite(sum + sumsq))) return 0;
+    double n = (double)numel;
+    double m = sum / n;
+    double spread = sumsq / n - m * m;
+    double peak = hi > -lo ? hi : -lo; /* Python's max(-lo, hi) */
+    if (!(isfinite(spread) && spread >= 1e-3 * m * m) || (0 < peak && peak < 1e-18)) return 0;
+    double kept = 0.0 > spread ? 0.0 : spread; /* max(spread, 0.0) */
+    double denominator = numel - 1 > 1 ? (double)(numel - 1) : 1.0;
+    *mean = m;
+    *std = sqrt(kept * n / denominator);
+    return 1;
+}
+
+/* summary(address, outer, channels, inner) -> (min, max, sum, sumsq, zeros, dead, mean, std):
+ * moments() plus the mean and std of its usual case (None, None where Python must decide).
+ * Small tensors keep the GIL: releasing it costs more than reading them. */
+static PyObject *summary(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "summary(address, outer, channels, inner)");
+        return NULL;
+    }
+    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
+    if (PyErr_Occurred()) return NULL;
+    long long outer = PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    long long channels = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    long long inner = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    if (x == NULL || outer < 1 || channels < 1 || inner < 1 ||
+        outer > INT64_MAX / channels || outer * channels > INT64_MAX / inner) {
+        PyErr_SetString(PyExc_ValueError, "summary: empty or invalid tensor");
+        return NULL;
+    }
+    result_t r = {0.0, 0.0, INFINITY, -INFINITY, 0, 0};
+    long long numel = outer * channels * inner;
+    if (numel < (1 << 16)) {
+        moments_any(x, outer, channels, inner, &r, 1);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        moments_any(x, outer, channels, inner, &r, 1);
+        Py_END_ALLOW_THREADS
+    }
+    double lo = (double)r.lo, hi = (double)r.hi, mean = 0.0, std = 0.0;
+    if (usual_mean_std(lo, hi, r.sum, r.sumsq, numel, &mean, &std)) {
+        return Py_BuildValue("(ddddLLdd)", lo, hi, r.sum, r.sumsq, (long long)r.zeros,
+                             (long long)r.dead, mean, std);
+    }
+    return Py_BuildValue("(ddddLLOO)", lo, hi, r.sum, r.sumsq, (long long)r.zeros,
+                         (long long)r.dead, Py_None, Py_None);
+}
+
+/* Records built without their Python __init__ (fvis/fastbuild.py): a frozen slotted dataclass
+ * instance is object.__new__(cls) with each slot set; its generated __init__ does that through
+ * object.__setattr__ one field at a time (about 1 us for 12 fields, once per captured tensor).
+ *
+ * slot_offsets(descriptors) -> offsets: the memory offset of each slot's member descriptor
+ * (checked to be an object slot). new_slotted(cls, offsets, values) -> an instance of cls
+ * with slot i set to values[i]. fastbuild checks once that the offsets cover every slot of
+ * cls and no other, so every slot is set and nothing outside the instance is written. */
+static PyObject *slot_offsets(PyObject *self, PyObject *descriptors)
+{
+    if (!PyTuple_Check(descriptors)) {
+        PyErr_SetString(PyExc_TypeError, "slot_offsets: a tuple of slot descriptors");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(descriptors);
+    PyObject *offsets = PyTuple_New(n);
+    if (offsets == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(descriptors, i);
+        if (!Py_IS_TYPE(item, &PyMemberDescr_Type)
+            || ((PyMemberDescrObject *)item)->d_member->type != T_OBJECT_EX) {
+            Py_DECREF(offsets);
+            PyErr_SetString(PyExc_TypeError, "slot_offsets: not an object slot");
+            return NULL;
+        }
+        PyObject *offset = PyLong_FromSsize_t(((PyMemberDescrObject *)item)->d_member->offset);
+        if (offset == NULL) {
+            Py_DECREF(offsets);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(offsets, i, offset);
+    }
+    return offsets;
+}
+
+static PyObject *new_slotted(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyType_Check(args[0]) || !PyTuple_Check(args[1]) || !PyTuple_Check(args[2])
+        || PyTuple_GET_SIZE(args[1]) != PyTuple_GET_SIZE(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "new_slotted(cls, offsets, values)");
+        return NULL;
+    }
+    PyTypeObject *type = (PyTypeObject *)args[0];
+    PyObject *obj = type->tp_alloc(type, 0);
+    if (obj == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(args[1]);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t offset = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[1], i));
+        if (offset < (Py_ssize_t)sizeof(PyObject) || offset > type->tp_basicsize - (Py_ssize_t)sizeof(PyObject *)) {
+            Py_DECREF(obj);
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError, "new_slotted: offset outside the instance");
+            }
+            return NULL;
+        }
+        PyObject *value = PyTuple_GET_ITEM(args[2], i);
+        PyObject **slot = (PyObject **)((char *)obj + offset);
+        Py_INCREF(value);
+        Py_XSETREF(*slot, value);
+    }
+    return obj;
+}
+
 static PyMethodDef methods[] = {
     {"moments", (PyCFunction)(void (*)(void))moments, METH_FASTCALL,
      "moments(address, outer, channels, inner[, simd]) -> (min, max, sum, sumsq, zeros, dead)"},
+    {"summary", (PyCFunction)(void (*)(void))summary, METH_FASTCALL,
+     "summary(address, outer, channels, inner) -> moments plus (mean, std) or (None, None)"},
+    {"slot_offsets", (PyCFunction)slot_offsets, METH_O,
+     "slot_offsets(descriptors) -> the offset of each object slot"},
+    {"new_slotted", (PyCFunction)(void (*)(void))new_slotted, METH_FASTCALL,
+     "new_slotted(cls, offsets, values) -> cls instance with its slots set, no __init__"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -201,20 +201,20 @@ def _walk(model: nn.Module) -> _Tree:
     modules: dict[int, nn.Module] = {}
     by_name: dict[str, nn.Module] = {}
     stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
+    while stack:  # once per capture call, over every module: kept lean
         prefix, module = stack.pop()
         by_name[prefix] = module
-        seen = id(module) in names
-        names.setdefault(id(module), []).append(prefix)
-        if seen:
+        key = id(module)
+        aliases = names.get(key)
+        if aliases is not None:  # a shared module, seen again under another name
+            aliases.append(prefix)
             continue
-        modules[id(module)] = module
-        children = [
-            (f"{prefix}.{n}" if prefix else n, m)
-            for n, m in module._modules.items()
-            if m is not None
-        ]
-        stack.extend(reversed(children))
+        names[key] = [prefix]
+        modules[key] = module
+        if module._modules:
+            dot = prefix + "." if prefix else ""
+            children = [(dot + n, m) for n, m in module._modules.items() if m is not None]
+            stack.extend(reversed(children))
     return _Tree(names, modules, by_name)
 
 

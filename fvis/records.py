@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fvis.choices import Mode
+from fvis.fastbuild import builder
 from fvis.sources import CutSite
 from fvis.stats import Stats
 
@@ -261,21 +262,27 @@ class _Live:
 
     def capture(self, batch: int | None, calls_total: int = 1, final: bool = False) -> Capture:
         after = (self.last_version, self.last_grad_fn) if final else (None, None)
-        facts = GradFacts(*self.facts, *after)
         shape, dtype, device = self.tensor_info
-        return Capture(
-            self.layer,
-            self.call,
-            self.path,
-            shape,
-            dtype,
-            device,
-            facts,
-            self.stats,
-            self.values,
-            calls_total,
-            batch,
-            self.call_id,
-            self.token_grid,
-            self.saved,
+        return _new_capture(
+            (
+                self.layer,
+                self.call,
+                self.path,
+                shape,
+                dtype,
+                device,
+                _new_grad_facts((*self.facts, *after)),
+                self.stats,
+                self.values,
+                calls_total,
+                batch,
+                self.call_id,
+                self.token_grid,
+                self.saved,
+            )
         )
+
+
+# Built once per captured tensor: without the frozen dataclasses' __init__ (fvis.fastbuild).
+_new_capture = builder(Capture)
+_new_grad_facts = builder(GradFacts)

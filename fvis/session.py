@@ -31,7 +31,6 @@ from fvis.tensor_facts import (
     _any_requires_grad,
     _device,
     _dtype,
-    _grad_facts,
     _grad_fn_name,
     _storages,
     _tensors,
@@ -97,6 +96,7 @@ class _Session:
         self.checkpointed: set[int] = set()
         self.grad_entry: Detach | None = None  # the no_grad block under way, if the watch saw it
         self.grad_off_blocks: dict[int, Detach] = {}
+        self.decided: dict[tuple[int, tuple[int, ...]], Axis | None] = {}
 
     def install(self, model: nn.Module, stack: ExitStack) -> None:
         # One pair of global hooks (filtered to this model's modules) instead of a pair per
@@ -179,11 +179,17 @@ class _Session:
             self.in_hook = False
 
     def _record(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        # The hot path: once per module call. Flags are computed once, locally, instead of
+        # through CallRecord's properties (is_cut, is_no_grad_inside).
         key = id(module)
-        frame = self._pop(key)
-        call = self.calls[key] = self.calls.get(key, 0) + 1
+        stack = self.stack
+        frame = stack.pop() if stack and stack[-1].module_id == key else self._pop(key)
+        calls = self.calls
+        call = calls[key] = calls.get(key, 0) + 1
         inputs = (args, kwargs) if kwargs else args
-        params_grad = self._params_grad(module)
+        params_grad = self.params_grad.get(key)
+        if params_grad is None:
+            params_grad = self._params_grad(module)
         record = _call_record(
             frame,
             type(module).__qualname__,
@@ -193,14 +199,23 @@ class _Session:
             output,
             bool(module._parameters),
         )
-        if record.is_cut and not params_grad and self._is_constant(module, args, kwargs, output):
+        grad_enabled, needs_grad, floating = record[3], record[5] or params_grad, record[8]
+        is_cut = grad_enabled and floating and needs_grad and not record[4] and not record[7]
+        if is_cut and not params_grad and self._is_constant(module, args, kwargs, output):
             record = record._replace(constant=True)
+            is_cut = False
         self.trace.append(record)
         if module.__dict__.get("inplace") is True:  # ReLU(inplace=True) and kin, seen cheaply
             self.in_place_ops = True
-        if self.cut_outputs or record.is_cut or record.is_no_grad_inside:  # nearly always none
+        # _follow_cuts does nothing for a no_grad call inside a parent without grad (every
+        # call in inference mode), so that is not even called. Nearly always none of these.
+        if (
+            self.cut_outputs
+            or is_cut
+            or (not grad_enabled and floating and needs_grad and self._parent_grad_on())
+        ):
             self._follow_cuts(record, inputs, output)
-        if not self.hold:
+        if not self.hold and self.live:
             self._check_versions()
         target = self.targets.get(key)
         if target is None or not self.want_outputs:
@@ -247,9 +262,16 @@ class _Session:
         known = self.params_grad.get(key)
         if known is None:
             self.params_grad[key] = False  # a module that contains itself stops here
-            known = any(
-                p is not None and p.requires_grad for p in module._parameters.values()
-            ) or any(self._params_grad(c) for c in module._modules.values() if c is not None)
+            known = False  # loops, not any() over generators: this runs once per module
+            for param in module._parameters.values():
+                if param is not None and param.requires_grad:
+                    known = True
+                    break
+            else:
+                for child in module._modules.values():
+                    if child is not None and self._params_grad(child):
+                        known = True
+                        break
             self.params_grad[key] = known
         return known
 
@@ -307,33 +329,57 @@ class _Session:
     def _snapshot(
         self, key: int, layer: str, record: CallRecord, path: str, tensor: torch.Tensor
     ) -> None:
-        call, call_id = record.call, record.call_id
-        facts = _grad_facts(tensor, record)
+        # The hot path: once per captured tensor. The grad facts (GradFacts' first seven
+        # fields, fvis.tensor_facts._grad_facts) are read inline.
+        call, call_id, grad_enabled = record[2], record[10], record[3]
+        inference = tensor.is_inference()
+        node = tensor.grad_fn
+        requires_grad = tensor.requires_grad
+        facts = (
+            grad_enabled,  # the grad mode of the call that returned the tensor
+            record[4],
+            requires_grad,
+            node.name() if node is not None else None,
+            tensor.is_leaf,
+            inference,
+            None if inference else tensor._version,
+        )
         values = (
             sample_values(tensor, self.sample) if self.keep_values or self.callback_values else None
         )
-        if tensor.requires_grad and record.grad_enabled:
-            edge = gradient_edge(tensor)
+        if requires_grad and grad_enabled:
+            edge = (node, tensor.output_nr) if node is not None else gradient_edge(tensor)
             if edge is not None:
                 self.edges[(layer, call, path)] = edge
         ref: Callable[[], torch.Tensor | None] | None = None
-        if not tensor.is_inference():
+        if not inference:
             ref = _Held(tensor) if self.hold else weakref.ref(tensor)
+        shape = tuple(tensor.shape)
         device = "cpu" if tensor.is_cpu else _device(tensor.device)
-        info = (tuple(tensor.shape), _dtype(tensor.dtype), device)
+        info = (shape, _dtype(tensor.dtype), device)
         seq = len(self.live) + len(self.done)
-        axis = self._axis(key, record, info[0]).dim if tensor.dim() >= 3 else 1
+        ndim = len(shape)
+        axis = self._channel_dim(key, record, shape) if ndim >= 3 else 1
         stats = tensor_stats(tensor, axis)
         item = _Live(key, layer, call, path, info, facts, stats, values, call_id, ref, seq)
-        if tensor.dim() == 3 and axis == 2:
-            item.token_grid = self._token_grid(record, info[0])
+        if ndim == 3 and axis == 2:
+            item.token_grid = self._token_grid(record, shape)
         if self.keep_tensors:  # every sample, own dtype: what was captured, reloadable exactly
             item.saved = tensor.detach().to("cpu", copy=True)
         if self.on_capture is not None:
             self.on_capture(item.capture(self.batch))
         if not self.keep_values:
             item.values = None
-        self.live.append(item)
+        # An inference tensor has no version counter and no reference to check: it is done.
+        (self.live if ref is not None else self.done).append(item)
+
+    def _channel_dim(self, key: int, record: CallRecord, shape: tuple[int, ...]) -> int:
+        """``_axis(...).dim``, with what the module itself decides remembered per module and
+        shape for this capture (only a module that does not decide asks the trace)."""
+        own = self.decided.get((key, shape), _UNDECIDED)
+        if own is _UNDECIDED:
+            own = self.decided[(key, shape)] = decide(self.targets[key][1], shape)
+        return own.dim if own is not None else self._axis(key, record, shape).dim
 
     def _axis(self, key: int, record: CallRecord, shape: tuple[int, ...]) -> Axis:
         """The channel dim of this output (``fvis.axes``), from its module or its producer."""
@@ -365,7 +411,20 @@ class _Session:
         tokens found as parameters of the model: ``(prefix, H, W)``; else None."""
         key = shape
         if key not in self.grids:
-            self.grids[key] = find_token_grid(self.trace, record.call_id, shape, self.prefix(shape))
+            # The prefix count walks every parameter of the model: only where an earlier
+            # call made an (N, D, H, W) map that these tokens may come from (GPT-2 has none).
+            n, _, width = shape
+            maybe = any(
+                len(out) == 4 and out[:2] == (n, width)
+                for earlier in self.trace
+                if earlier.call_id < record.call_id
+                for out in earlier.output_shapes
+            )
+            self.grids[key] = (
+                find_token_grid(self.trace, record.call_id, shape, self.prefix(shape))
+                if maybe
+                else None
+            )
         return self.grids[key]
 
     def prefix(self, shape: tuple[int, ...]) -> int:
@@ -432,6 +491,9 @@ class _Session:
             frozenset(self.checkpointed),
             grad_off_blocks=self.grad_off_blocks,
         )
+
+
+_UNDECIDED = object()
 
 
 def _inside_reentrant_checkpoint() -> bool:
@@ -535,18 +597,33 @@ def _call_record(
         floating = bool(floats)
         outputs_require_grad = any(t.requires_grad for t in floats)
         output_shapes = tuple(tuple(t.shape) for t in outputs)
-    return CallRecord(
-        frame.name,
-        class_name,
-        call,
-        torch.is_grad_enabled(),
-        torch.is_inference_mode_enabled(),
-        _any_requires_grad(args),
-        params_grad,
-        outputs_require_grad,
-        floating,
-        output_shapes,
-        frame.call_id,
-        frame.parent_id,
-        has_params=has_params,
+    # tuple.__new__ with every field: what CallRecord(...) builds, without its Python-level
+    # __new__ (3x faster; this runs once per module call).
+    if type(args) is tuple and len(args) == 1 and isinstance(args[0], torch.Tensor):
+        inputs_require_grad = args[0].requires_grad  # the usual call: one tensor in
+    else:
+        inputs_require_grad = _any_requires_grad(args)
+    return _new_tuple(
+        CallRecord,
+        (
+            frame.name,
+            class_name,
+            call,
+            _grad_enabled(),
+            _inference_mode(),
+            inputs_require_grad,
+            params_grad,
+            outputs_require_grad,
+            floating,
+            output_shapes,
+            frame.call_id,
+            frame.parent_id,
+            False,  # constant
+            has_params,
+        ),
     )
+
+
+_new_tuple = tuple.__new__
+_grad_enabled = torch.is_grad_enabled
+_inference_mode = torch.is_inference_mode_enabled

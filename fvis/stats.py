@@ -21,6 +21,8 @@ from types import ModuleType
 
 import torch
 
+from fvis.fastbuild import builder
+
 
 def _load_native() -> ModuleType | None:
     if os.environ.get("FVIS_NATIVE", "1") == "0":
@@ -68,8 +70,17 @@ def tensor_stats(tensor: torch.Tensor, axis: int = 1) -> Stats:
     1
     """
     axis = _channel_dim(tensor, axis)
-    if _native is not None and _native_can_read(tensor):  # first, and without no_grad/detach:
-        return _native_stats(_native, tensor, axis)  # this is the call made for every capture
+    if (  # _native_can_read inline: this is the call made for every capture
+        _native is not None
+        and type(tensor) in _PLAIN
+        and tensor.dtype is _FLOAT32
+        and tensor.is_cpu
+        and tensor.is_contiguous()
+        and tensor.numel() > 0
+        and not tensor.is_neg()
+        and not tensor._is_zerotensor()
+    ):  # first, and without no_grad/detach
+        return _native_stats(_native, tensor, axis)
     with torch.no_grad():
         data = _as_float(tensor.detach())
         numel = data.numel()
@@ -96,6 +107,7 @@ def _channel_dim(tensor: torch.Tensor, axis: int) -> int | None:
 # Only tensors whose memory holds their values: not wrapper subclasses (DTensor and the like
 # have no data pointer), not lazily negated views, not the storage-less zero tensors.
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_FLOAT32 = torch.float32
 
 
 def _native_can_read(tensor: torch.Tensor) -> bool:
@@ -121,28 +133,38 @@ def _native_stats(native: ModuleType, tensor: torch.Tensor, axis: int | None) ->
     first = axis == 1 and len(shape) >= 3
     channels = shape[axis] if axis is not None else 0
     layout = (shape[0], channels, numel // (shape[0] * channels)) if first else (1, 1, numel)
-    low, high, total, sumsq, zeros, dead = native.moments(tensor.data_ptr(), *layout)
-    finite = -math.inf < low <= high < math.inf and math.isfinite(total + sumsq)
-    if not finite:  # NaN, Inf, or a float32 sum that overflowed: the exact path
-        with torch.no_grad():
-            return _stats_with_nonfinite(tensor.detach(), numel, axis)
+    # The kernel's sums and, in the usual case, the mean and std _mean_std would compute (the
+    # same operations in C, so the same bits); (None, None) where Python decides.
+    if _HAS_SUMMARY:
+        low, high, total, sumsq, zeros, dead, mean, std = native.summary(tensor.data_ptr(), *layout)
+    else:  # an extension built before summary existed
+        low, high, total, sumsq, zeros, dead = native.moments(tensor.data_ptr(), *layout)
+        mean = std = None
+    if std is None:
+        finite = -math.inf < low <= high < math.inf and math.isfinite(total + sumsq)
+        if not finite:  # NaN, Inf, or a float32 sum that overflowed: the exact path
+            with torch.no_grad():
+                return _stats_with_nonfinite(tensor.detach(), numel, axis)
     if axis is not None and not first:
         with torch.no_grad():
             dead = _dead_channels(tensor.detach(), axis) if zeros else 0
-    mean, std = _mean_std(tensor, numel, total, sumsq, max(-low, high))
-    return Stats(
-        numel,
-        low,
-        high,
-        mean,
-        std,
-        zeros / numel,
-        0,
-        0,
-        0,
-        channels,
-        dead if channels else 0,
-        axis,
+    if std is None:
+        mean, std = _mean_std(tensor, numel, total, sumsq, max(-low, high))
+    return _new_stats(
+        (
+            numel,
+            low,
+            high,
+            mean,
+            std,
+            zeros / numel,
+            0,
+            0,
+            0,
+            channels,
+            dead if channels else 0,
+            axis,
+        )
     )
 
 
@@ -235,3 +257,8 @@ def _dead_channels(data: torch.Tensor, axis: int | None) -> int:
         return 0
     dims = tuple(d for d in range(data.dim()) if d != axis)
     return int(((data.amax(dim=dims) == 0) & (data.amin(dim=dims) == 0)).sum())
+
+
+_new_stats = builder(Stats)
+
+_HAS_SUMMARY = hasattr(_native, "summary")
