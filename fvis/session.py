@@ -378,7 +378,9 @@ class _Session:
         shape for this capture (only a module that does not decide asks the trace)."""
         own = self.decided.get((key, shape), _UNDECIDED)
         if own is _UNDECIDED:
-            own = self.decided[(key, shape)] = decide(self.targets[key][1], shape)
+            target = self.targets.get(key)  # an op's module (fvis.ops) need not be a target
+            module = target[1] if target is not None else self.by_name[record.name]
+            own = self.decided[(key, shape)] = decide(module, shape)
         return own.dim if own is not None else self._axis(key, record, shape).dim
 
     def _axis(self, key: int, record: CallRecord, shape: tuple[int, ...]) -> Axis:
@@ -620,6 +622,7 @@ def _call_record(
             frame.parent_id,
             False,  # constant
             has_params,
+            False,  # op: a module call, not a tensor op (fvis.ops)
         ),
     )
 

@@ -114,7 +114,7 @@ def test_call_records_equal_namedtuple_construction() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     result = capture(model, [torch.randn(2, 4)], ["0", "1"], mode=Mode.GRAD)
     for record in result.trace:
-        assert type(record) is CallRecord
+        assert type(record) is CallRecord and len(record) == len(CallRecord._fields)
         assert record == CallRecord(*record) and record._asdict() == CallRecord(*record)._asdict()
     first = next(record for record in result.trace if record.name == "0")
     assert (first.name, first.class_name, first.call) == ("0", "Linear", 1)
