@@ -21,11 +21,20 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from fvis import device_stats
 from fvis.axes import Axis, channel_axis, decide, find_token_grid, prefix_tokens
 from fvis.choices import Mode, What
 from fvis.cuts import CUT_FUNCS, SET_GRAD_ENABLED, block_entry, cut_record, grad_entry
+from fvis.device_stats import (
+    DEFERRED_DEVICES,
+    HostCopies,
+    reduce_on_device,
+    sample_on_device,
+    stats_from,
+)
 from fvis.outputs import describe_value, flatten_tensors
 from fvis.records import CallRecord, Capture, CaptureResult, Detach, NotCalled, _Held, _Live
+from fvis.stats import _channel_dim as channel_dim
 from fvis.stats import tensor_stats
 from fvis.tensor_facts import (
     _any_requires_grad,
@@ -97,6 +106,8 @@ class _Session:
         self.grad_entry: Detach | None = None  # the no_grad block under way, if the watch saw it
         self.grad_off_blocks: dict[int, Detach] = {}
         self.decided: dict[tuple[int, tuple[int, ...]], Axis | None] = {}
+        self.host = HostCopies()  # captures on accelerators, read back at the end (once)
+        self.defer_cpu = device_stats.DEFER_ON_CPU  # the accelerator path, run on the CPU
 
     def install(self, model: nn.Module, stack: ExitStack) -> None:
         # One pair of global hooks (filtered to this model's modules) instead of a pair per
@@ -344,9 +355,11 @@ class _Session:
             inference,
             None if inference else tensor._version,
         )
-        values = (
-            sample_values(tensor, self.sample) if self.keep_values or self.callback_values else None
+        on_host = (
+            not self.defer_cpu if tensor.is_cpu else tensor.device.type not in DEFERRED_DEVICES
         )
+        want_values = self.keep_values or self.callback_values
+        values = sample_values(tensor, self.sample) if want_values and on_host else None
         if requires_grad and grad_enabled:
             edge = (node, tensor.output_nr) if node is not None else gradient_edge(tensor)
             if edge is not None:
@@ -360,18 +373,45 @@ class _Session:
         seq = len(self.live) + len(self.done)
         ndim = len(shape)
         axis = self._channel_dim(key, record, shape) if ndim >= 3 else 1
-        stats = tensor_stats(tensor, axis)
+        stats = tensor_stats(tensor, axis) if on_host else None
         item = _Live(key, layer, call, path, info, facts, stats, values, call_id, ref, seq)
         if ndim == 3 and axis == 2:
             item.token_grid = self._token_grid(record, shape)
         if self.keep_tensors:  # every sample, own dtype: what was captured, reloadable exactly
             item.saved = tensor.detach().to("cpu", copy=True)
+        if not on_host:  # reduced on its device; read back with the rest (fvis.device_stats)
+            self._defer(item, tensor, axis, want_values, inference)
+        else:
+            self._deliver(item)
+        # An inference tensor has no version counter and no reference to check: it is done.
+        (self.live if ref is not None else self.done).append(item)
+
+    def _deliver(self, item: _Live) -> None:
+        """Hand a finished capture to the callback (pictures are drawn there)."""
         if self.on_capture is not None:
             self.on_capture(item.capture(self.batch))
         if not self.keep_values:
             item.values = None
-        # An inference tensor has no version counter and no reference to check: it is done.
-        (self.live if ref is not None else self.done).append(item)
+
+    def _defer(
+        self, item: _Live, tensor: torch.Tensor, axis: int, want_values: bool, inference: bool
+    ) -> None:
+        """Statistics reduced on the tensor's device and the drawn sample cloned there, both
+        copied to the host at the end of the forward in one transfer (no host sync per
+        hooked call); in inference mode at once, so that nothing piles up on the device."""
+        dim = channel_dim(tensor, axis)
+        vector = reduce_on_device(tensor, dim)
+        sample = sample_on_device(tensor, self.sample) if want_values else None
+        channels = int(tensor.shape[dim]) if dim is not None else 0
+        self.host.add((item, dim, channels, tensor.numel()), vector, sample)
+        if inference:
+            self._read_back()
+
+    def _read_back(self) -> None:
+        for (item, dim, channels, numel), vector, sample in self.host.resolve():
+            item.stats = stats_from(vector, numel, channels, dim)
+            item.values = sample
+            self._deliver(item)
 
     def _channel_dim(self, key: int, record: CallRecord, shape: tuple[int, ...]) -> int:
         """``_axis(...).dim``, with what the module itself decides remembered per module and
@@ -450,6 +490,7 @@ class _Session:
         self.live = still
 
     def finish(self) -> None:
+        self._read_back()  # what accelerators computed during the forward: one transfer
         self._check_versions()
         self.done.extend(self.live)
         self.live = []
