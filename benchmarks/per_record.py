@@ -51,7 +51,7 @@ class Conv1D(nn.Module):
         self.nf = nf
 
     def forward(self, x: Tensor) -> Tensor:
-        size_out = x.size()[:-1] + (self.nf,)
+        size_out = (*x.size()[:-1], self.nf)
         x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
         return x.view(size_out)
 
