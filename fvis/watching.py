@@ -384,7 +384,7 @@ def _reaches(tensor: torch.Tensor, output: Any) -> bool:
 
 def write_step_report(watch: Watch, step: Step, out: Path, overwrite: bool) -> Any:
     """Pictures (where the step kept values), report.json, report.md and report.html."""
-    from fvis.api import DumpOptions, DumpResult, _DumpRun, _write_outputs
+    from fvis.dumping import DumpOptions, DumpResult, _DumpRun, _write_outputs
     from fvis.gallery import Gallery
     from fvis.grads import verdict_dicts
     from fvis.output import OutputDir

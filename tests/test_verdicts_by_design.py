@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fvis.api import _not_run_entries
+from fvis.dumping import _not_run_entries
 from fvis.backward import run_backward
 from fvis.capture import capture, train_mode
 from fvis.gates import evaluate, parse_gates
