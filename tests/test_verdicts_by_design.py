@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fvis.dumping import _not_run_entries
 from fvis.backward import run_backward
 from fvis.capture import capture, train_mode
+from fvis.dumping import _not_run_entries
 from fvis.gates import evaluate, parse_gates
 from fvis.grads import Cause, Verdict, diagnose
 from fvis.layers import ModelTree, node_from_module

@@ -1,6 +1,7 @@
 """Run the default ``fvis check`` (``fvis.api.check``) on a model built in memory.
 
-The model is handed to the pipeline in place of a loaded file (``fvis.api.open_model``, which ``fvis.dumping`` calls through the module):
+The model is handed to the pipeline in place of a loaded file (``fvis.api.open_model``,
+which ``fvis.dumping`` calls through the module):
 loading is tested elsewhere; here the verdicts and gates are what is under test.
 """
 
