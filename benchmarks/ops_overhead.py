@@ -176,7 +176,11 @@ def _torchlens(model: nn.Module, x: Tensor) -> Any:
         import torchlens  # type: ignore[import-not-found]
     except ImportError:
         return None
-    return lambda: torchlens.log_forward_pass(model, x, layers_to_save="all")
+    try:
+        trace = torchlens.log_forward_pass  # the torchlens < 2 spelling
+    except Exception:  # 2.x raises a teaching error for the old name: trace() replaced it
+        trace = torchlens.trace
+    return lambda: trace(model, x)  # every op, values saved (its defaults)
 
 
 def measure(name: str, reps: int) -> dict[str, Any]:
@@ -187,7 +191,7 @@ def measure(name: str, reps: int) -> dict[str, Any]:
     fns = _contenders(model, x)
     lens = _torchlens(model, x)
     if lens is not None:
-        fns["torchlens log_forward_pass (all)"] = lens
+        fns["torchlens full trace"] = lens
     timings = interleaved(fns, reps)
     bare = timings["bare forward (grad)"].median
     return {
