@@ -98,6 +98,7 @@ DeviceOpt = Annotated[
     str | None,
     typer.Option(
         "--device",
+        metavar="DEVICE",
         help="Where to run: cpu, cuda, cuda:N, mps or auto (CUDA when available; the default "
         "for a checkpoint).",
         show_default=False,
@@ -107,6 +108,7 @@ DtypeOpt = Annotated[
     str | None,
     typer.Option(
         "--dtype",
+        metavar="DTYPE",
         help="Cast the model after loading: float32, bfloat16 or float16 (inputs follow).",
         show_default=False,
     ),
@@ -115,6 +117,7 @@ DeviceMapOpt = Annotated[
     str | None,
     typer.Option(
         "--device-map",
+        metavar="auto",
         help="auto: dispatch the weights across GPUs, CPU and disk with accelerate, for "
         "models bigger than memory (pip install 'fvis[big]').",
         show_default=False,
@@ -133,6 +136,7 @@ OffloadOpt = Annotated[
     Path | None,
     typer.Option(
         "--offload-folder",
+        metavar="DIR",
         help="Empty folder for the weights --device-map offloads to disk (default: a "
         "temporary folder, removed at exit).",
         show_default=False,
@@ -153,6 +157,7 @@ TextOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--text",
+        metavar="TEXT",
         help="Text to tokenize with the tokenizer saved beside the model (offline) and pass as "
         "input_ids/attention_mask; its tokens label the pictures. Repeatable (one sample each).",
         show_default=False,
@@ -161,7 +166,10 @@ TextOpt = Annotated[
 TextFileOpt = Annotated[
     Path | None,
     typer.Option(
-        "--text-file", help="Texts to tokenize, one per line (like --text).", show_default=False
+        "--text-file",
+        metavar="FILE",
+        help="Texts to tokenize, one per line (like --text).",
+        show_default=False,
     ),
 ]
 TokenizerOpt = Annotated[
