@@ -85,13 +85,10 @@ def stats_from(vector: list[float], numel: int, channels: int, axis: int | None)
 def sample_on_device(tensor: torch.Tensor, sample: int | None) -> torch.Tensor:
     """The drawn sample (or everything) as a float32 clone on the tensor's device: the values
     at hook time, safe from later in-place ops, not yet copied to the host."""
+    from fvis.tensor_facts import drawn
+
     with torch.no_grad():
-        data = tensor.detach()
-        if sample is not None and data.dim() >= 2:
-            data = data[min(sample, data.shape[0] - 1)]
-        if data.is_complex():
-            data = data.abs()
-        return data.to(torch.float32, copy=True)
+        return drawn(tensor, sample).to(torch.float32, copy=True)
 
 
 class HostCopies:

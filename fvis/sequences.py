@@ -108,18 +108,22 @@ def render_tokens(
         (float(low[0]), float(high[0])) if value_range else None,
         options.cmap,
     )
-    info = RenderInfo(
-        layout=Layout.TOKENS,
-        shown_channels=shown,
-        total_channels=d,
-        value_range=value_range,
-        nan_count=counts[0],
-        posinf_count=counts[1],
-        neginf_count=counts[2],
-        note="; ".join(extra),
-        header=tuple(header),
+    return picture, _info(Layout.TOKENS, shown, d, value_range, counts, extra, header)
+
+
+def _info(
+    layout: Layout,
+    shown: tuple[int, ...],
+    total: int,
+    value_range: tuple[float, float] | None,
+    counts: list[int],
+    notes: list[str],
+    header: list[str],
+) -> RenderInfo:
+    nan, posinf, neginf = _three(counts)
+    return RenderInfo(
+        layout, shown, total, value_range, nan, posinf, neginf, "; ".join(notes), tuple(header)
     )
-    return picture, info
 
 
 def _three(counts: list[int]) -> tuple[int, int, int]:
@@ -215,18 +219,7 @@ def render_attention(
     tiles = [_attention_tile(indices[h], h, labels, cell, every) for h in shown]
     header = _header_lines(title, arr.shape, value_range, tuple(extra), _three(counts))
     picture = _assemble_tiles(header, tiles, (float(low[0]), float(high[0])), options.cmap)
-    info = RenderInfo(
-        layout=Layout.GRID,
-        shown_channels=shown,
-        total_channels=heads,
-        value_range=value_range,
-        nan_count=counts[0],
-        posinf_count=counts[1],
-        neginf_count=counts[2],
-        note="; ".join(extra),
-        header=tuple(header),
-    )
-    return picture, info
+    return picture, _info(Layout.GRID, shown, heads, value_range, counts, extra, header)
 
 
 def _attention_tile(

@@ -92,9 +92,13 @@ def _device(device: torch.device) -> str:
 def sample_values(tensor: torch.Tensor, sample: int | None) -> np.ndarray:
     """A float32 numpy copy of one batch element (dim 0), or of everything."""
     with torch.no_grad():
-        data = tensor.detach()
-        if sample is not None and data.dim() >= 2:
-            data = data[min(sample, data.shape[0] - 1)]
-        if data.is_complex():
-            data = data.abs()
-        return data.to("cpu", torch.float32, copy=True).numpy()
+        return drawn(tensor, sample).to("cpu", torch.float32, copy=True).numpy()
+
+
+def drawn(tensor: torch.Tensor, sample: int | None) -> torch.Tensor:
+    """The batch element that gets drawn (dim 0; everything for ``None``), as real values:
+    a detached view, not a copy."""
+    data = tensor.detach()
+    if sample is not None and data.dim() >= 2:
+        data = data[min(sample, data.shape[0] - 1)]
+    return data.abs() if data.is_complex() else data
