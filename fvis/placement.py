@@ -36,10 +36,6 @@ class Placement:
     device: str | None = None  # cpu, cuda, cuda:N, mps, auto
     dtype: str | None = None  # float32, bfloat16, float16
 
-    @property
-    def asked(self) -> bool:
-        return self.device is not None or self.dtype is not None
-
 
 def parse(device: str | None, dtype: str | None) -> Placement:
     """Validate ``--device`` and ``--dtype``.

@@ -22,6 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from fvis import device_stats
+from fvis.attention import missing_probabilities
 from fvis.axes import Axis, channel_axis, decide, find_token_grid, prefix_tokens
 from fvis.choices import Mode, What
 from fvis.cuts import CUT_FUNCS, SET_GRAD_ENABLED, block_entry, cut_record, grad_entry
@@ -240,8 +241,6 @@ class _Session:
         self, key: int, layer: str, record: CallRecord, output: Any, module: nn.Module
     ) -> None:
         """Every tensor inside a container or object output, and a note on what was not."""
-        from fvis.attention import missing_probabilities
-
         notes: list[str] = []
         missing = missing_probabilities(module, output)
         if missing and record.call == 1:
