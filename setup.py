@@ -1,6 +1,7 @@
 """Only the optional C extension lives here; everything else is in pyproject.toml.
 
-``fvis._moments`` computes an activation's statistics in one read (see fvis/_moments.c).
+``fvis._moments`` computes an activation's statistics in one read (see fvis/_moments.c) and
+holds the hook session's fast path (fvis/_trace.c).
 It is optional: where no C compiler is found the build goes on without it, and fvis computes
 the same statistics with torch ops, more slowly.
 """
@@ -11,7 +12,8 @@ setup(
     ext_modules=[
         Extension(
             "fvis._moments",
-            sources=["fvis/_moments.c"],
+            sources=["fvis/_moments.c", "fvis/_trace.c"],
+            depends=["fvis/_moments.h"],
             optional=True,
             extra_compile_args=["-O2"],
         )

@@ -23,13 +23,9 @@
 #include <math.h>
 #include <stdint.h>
 
-#define BLOCK 4096 /* elements per float32 partial sum */
+#include "_moments.h"
 
-typedef struct {
-    double sum, sumsq;
-    float lo, hi;
-    int64_t zeros, dead;
-} result_t;
+#define BLOCK 4096 /* elements per float32 partial sum */
 
 /* Portable path: one channel at a time. */
 static void moments_scalar(const float *x, int64_t outer, int64_t channels, int64_t inner,
@@ -188,8 +184,8 @@ static int has_simd(void)
 #endif
 }
 
-static void moments_any(const float *x, int64_t outer, int64_t channels, int64_t inner,
-                        result_t *r, int allow_simd)
+void fvis_moments(const float *x, int64_t outer, int64_t channels, int64_t inner,
+                  result_t *r, int allow_simd)
 {
 #ifdef HAVE_AVX2_PATH
     if (allow_simd && has_simd()) {
@@ -230,7 +226,7 @@ static PyObject *moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     result_t r = {0.0, 0.0, INFINITY, -INFINITY, 0, 0};
     Py_BEGIN_ALLOW_THREADS
-    moments_any(x, outer, channels, inner, &r, allow_simd);
+    fvis_moments(x, outer, channels, inner, &r, allow_simd);
     Py_END_ALLOW_THREADS
     return Py_BuildValue("(ddddLL)", (double)r.lo, (double)r.hi, r.sum, r.sumsq,
                          (long long)r.zeros, (long long)r.dead);
@@ -249,8 +245,8 @@ static PyObject *moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 #define NO_CONTRACT
 #endif
 
-NO_CONTRACT static int usual_mean_std(double lo, double hi, double sum, double sumsq,
-                                      long long numel, double *mean, double *std)
+NO_CONTRACT int fvis_usual_mean_std(double lo, double hi, double sum, double sumsq,
+                                    long long numel, double *mean, double *std)
 {
 #if defined(__clang__)
 #pragma clang fp contract(off)
@@ -294,14 +290,14 @@ static PyObject *summary(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     result_t r = {0.0, 0.0, INFINITY, -INFINITY, 0, 0};
     long long numel = outer * channels * inner;
     if (numel < (1 << 16)) {
-        moments_any(x, outer, channels, inner, &r, 1);
+        fvis_moments(x, outer, channels, inner, &r, 1);
     } else {
         Py_BEGIN_ALLOW_THREADS
-        moments_any(x, outer, channels, inner, &r, 1);
+        fvis_moments(x, outer, channels, inner, &r, 1);
         Py_END_ALLOW_THREADS
     }
     double lo = (double)r.lo, hi = (double)r.hi, mean = 0.0, std = 0.0;
-    if (usual_mean_std(lo, hi, r.sum, r.sumsq, numel, &mean, &std)) {
+    if (fvis_usual_mean_std(lo, hi, r.sum, r.sumsq, numel, &mean, &std)) {
         return Py_BuildValue("(ddddLLdd)", lo, hi, r.sum, r.sumsq, (long long)r.zeros,
                              (long long)r.dead, mean, std);
     }
@@ -398,7 +394,7 @@ PyMODINIT_FUNC PyInit__moments(void)
     PyObject *m = PyModule_Create(&module);
     /* SIMD: whether this CPU takes the vector path. The scalar loop is single-threaded and can
      * be slower than torch's multi-threaded reductions, so fvis uses it only with SIMD. */
-    if (m != NULL && PyModule_AddIntConstant(m, "SIMD", has_simd()) < 0) {
+    if (m != NULL && (PyModule_AddIntConstant(m, "SIMD", has_simd()) < 0 || fvis_add_trace(m) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

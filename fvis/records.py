@@ -9,7 +9,7 @@ and ``CaptureResult`` (everything one forward pass produced). ``fvis.capture`` r
 
 ``_Live`` is a capture while it is being recorded (made by the hook session, turned into a
 frozen ``Capture`` once at the end), kept here next to the records it builds positionally;
-``_Held`` is its strong reference to a tensor.
+``_Held`` is its strong reference to a tensor, and ``_Frame`` a module call under way.
 """
 
 from __future__ import annotations
@@ -202,6 +202,16 @@ class CaptureResult:
     # call_id -> the record of a captured op (its parent is the module call it ran in)
     grad_off_blocks: Mapping[int, Detach] = field(default_factory=dict, repr=False, compare=False)
     # call_id of a call made first inside a no_grad block of a grad-on parent -> its entry
+
+
+class _Frame(NamedTuple):
+    """A module call under way (a NamedTuple: one is made per module call)."""
+
+    module_id: int
+    name: str
+    call_id: int
+    parent_id: int | None
+    grad_off: bool = False  # grad mode was off when the call started
 
 
 class _Held:

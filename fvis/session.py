@@ -15,7 +15,7 @@ import sys
 import weakref
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,7 +34,17 @@ from fvis.device_stats import (
     stats_from,
 )
 from fvis.outputs import describe_value, flatten_tensors
-from fvis.records import CallRecord, Capture, CaptureResult, Detach, NotCalled, _Held, _Live
+from fvis.fasthooks import Base, hooks
+from fvis.records import (
+    CallRecord,
+    Capture,
+    CaptureResult,
+    Detach,
+    NotCalled,
+    _Frame,
+    _Held,
+    _Live,
+)
 from fvis.stats import _channel_dim as channel_dim
 from fvis.stats import tensor_stats
 from fvis.tensor_facts import (
@@ -52,7 +62,7 @@ if TYPE_CHECKING:
     from fvis.capture import _Tree
 
 
-class _Session:
+class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or object
     """State of one capture run: hook callbacks and what they recorded."""
 
     def __init__(
@@ -113,9 +123,11 @@ class _Session:
     def install(self, model: nn.Module, stack: ExitStack) -> None:
         # One pair of global hooks (filtered to this model's modules) instead of a pair per
         # module: installing per-module hooks cost ~0.2 ms on a ResNet-18, these ~3 us.
-        hooks = torch.nn.modules.module
-        stack.enter_context(hooks.register_module_forward_pre_hook(self._pre))
-        stack.enter_context(hooks.register_module_forward_hook(self._post, with_kwargs=True))
+        # The C hooks (fvis.fasthooks) where built: the usual call without Python frames.
+        pre, post = hooks(self)
+        module = torch.nn.modules.module
+        stack.enter_context(module.register_module_forward_pre_hook(pre))
+        stack.enter_context(module.register_module_forward_hook(post, with_kwargs=True))
 
     def _pre(self, module: nn.Module, args: Any) -> None:
         names = self.names.get(id(module))
@@ -551,16 +563,6 @@ def _inside_reentrant_checkpoint() -> bool:
 
 
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
-
-
-class _Frame(NamedTuple):
-    """A module call under way (a NamedTuple: one is made per module call)."""
-
-    module_id: int
-    name: str
-    call_id: int
-    parent_id: int | None
-    grad_off: bool = False  # grad mode was off when the call started
 
 
 class _DetachWatch(TorchFunctionMode):

@@ -1,0 +1,104 @@
+"""The hook session's fast path: ``_Session``'s base class and its C hooks (fvis/_trace.c).
+
+``Base`` is ``fvis._moments.Tracer`` where the extension was built and configured: a C type
+whose members hold the session's state, with ``fast_pre`` / ``fast_post`` hooks that do the
+usual module call (one tensor in, one plain tensor out, nothing cut, on the host) in C and
+hand every other call to the session's Python ``_pre`` / ``_post``. Elsewhere ``Base`` is
+``object`` and the Python hooks do everything; ``FVIS_NATIVE=0`` also keeps them (tests
+compare the two). Nothing the capture records differs between the paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fvis import stats
+from fvis.records import CallRecord, _Frame, _Held, _Live
+from fvis.stats import Stats, tensor_stats
+from fvis.tensor_facts import _dtype, gradient_edge, sample_values
+
+# The order fvis/_trace.c reads _Live's slot offsets in (its LIVE_* enum).
+LIVE_SLOTS = (
+    "call",
+    "call_id",
+    "facts",
+    "key",
+    "last_grad_fn",
+    "last_version",
+    "layer",
+    "path",
+    "ref",
+    "saved",
+    "seq",
+    "stats",
+    "tensor_info",
+    "token_grid",
+    "values",
+)
+
+
+def _load() -> Any:
+    try:
+        native = importlib.import_module("fvis._moments")
+    except ImportError:  # built without a C compiler
+        return None
+    return native if hasattr(native, "Tracer") else None  # an older in-place build
+
+
+def _offsets(native: Any, cls: type, names: tuple[str, ...]) -> tuple[int, ...] | None:
+    """Slot offsets of ``names``, or None unless they are exactly the class's own slots."""
+    if set(getattr(cls, "__slots__", ())) != set(names):
+        return None
+    return native.slot_offsets(tuple(vars(cls)[n] for n in names))
+
+
+def _configure(native: Any, frame: type) -> bool:
+    stats_fields = tuple(f.name for f in dataclasses.fields(Stats))
+    layouts = (
+        _offsets(native, _Live, LIVE_SLOTS),
+        _offsets(native, _Held, ("tensor",)),
+        _offsets(native, Stats, stats_fields),
+    )
+    if any(layout is None for layout in layouts) or hasattr(Stats, "__post_init__"):
+        return False
+    native.configure_trace(
+        (torch.Tensor, torch.nn.Parameter, CallRecord, frame, _Live, _Held, Stats),
+        layouts,
+        (
+            torch.is_grad_enabled,
+            torch.is_inference_mode_enabled,
+            torch.float32,
+            sample_values,
+            gradient_edge,
+            _dtype,
+            tensor_stats,
+            stats,
+        ),
+    )
+    return True
+
+
+_native = _load()
+if _native is not None and not _configure(_native, _Frame):  # a layout it cannot build
+    _native = None
+Base: type = _native.Tracer if _native is not None else object
+
+
+def hooks(session: Any) -> tuple[Callable[..., None], Callable[..., None]]:
+    """The pre-hook and forward hook to install for ``session``: the C ones where usable."""
+    if _native is not None and isinstance(session, _native.Tracer) and enabled():
+        return session.fast_pre, session.fast_post
+    return session._pre, session._post
+
+
+def enabled() -> bool:
+    return _native is not None and os.environ.get("FVIS_NATIVE", "1") != "0" and USE_NATIVE
+
+
+USE_NATIVE = True  # tests switch the C hooks off to compare them with the Python ones
