@@ -57,6 +57,7 @@ typedef struct {
     PyObject *replaying, *hold, *want_inputs, *want_outputs, *keep_values, *callback_values;
     PyObject *keep_tensors, *defer_cpu, *in_hook, *in_place_ops;
     Py_ssize_t next_call_id;
+    Py_ssize_t fast_calls; /* module calls recorded here, not handed to Python (for tests) */
 } Tracer;
 
 #define TRACER_OBJECTS(X)                                                                       \
@@ -713,6 +714,7 @@ static PyObject *tracer_post(Tracer *self, PyObject *const *args, Py_ssize_t nar
     Py_DECREF(key);
     Py_XSETREF(self->in_hook, Py_NewRef(Py_False));
     if (status < 0) return NULL;
+    self->fast_calls++;
     return Py_NewRef(Py_None);
 }
 
@@ -728,6 +730,7 @@ static PyMethodDef tracer_methods[] = {
 static PyMemberDef tracer_members[] = {
     TRACER_OBJECTS(MEMBER)
     {"next_call_id", T_PYSSIZET, offsetof(Tracer, next_call_id), 0, NULL},
+    {"fast_calls", T_PYSSIZET, offsetof(Tracer, fast_calls), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 #undef MEMBER

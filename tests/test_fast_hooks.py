@@ -1,0 +1,177 @@
+"""The C hooks (fvis/_trace.c) record exactly what the Python hooks record.
+
+Every model runs twice, once with ``fvis.fasthooks`` on and once with the Python session
+alone, capturing every module; the two results are compared field by field: the trace, each
+capture's statistics (bit for bit), grad facts, shapes, drawn values, token grids, edges,
+notes, cuts and the calls that never ran. A count of the calls the C path took makes sure it
+ran at all (a fast path that always fell back would pass the comparison)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fvis import fasthooks, session
+from fvis.capture import Capture, CaptureResult, Mode, capture
+from sample_models.zoo import SAMPLES, build, example_input
+
+pytestmark = pytest.mark.skipif(fasthooks._native is None, reason="fvis._moments not built")
+
+
+class TokenNet(nn.Module):
+    """Embedding ids in, (N, T, D) tokens (channels last), a shared LayerNorm, a GELU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.norm = nn.LayerNorm(16)
+        self.proj = nn.Linear(16, 16)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.embed(ids))
+        return self.norm(self.drop(self.act(self.proj(x))))
+
+
+class ConvNet(nn.Module):
+    """Channels first, an in-place ReLU, a frozen layer, a half-dead map, a flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.frozen = nn.Conv2d(8, 8, 1)
+        self.frozen.requires_grad_(False)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.flat = nn.Flatten()
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self.conv(x)))
+        x = self.frozen(x)
+        x[:, :4] = 0  # dead channels
+        return self.head(self.flat(self.pool(x)))
+
+
+def _models() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]]:
+    cases: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
+        name: (lambda n=name: build(n), lambda n=name: example_input(n)) for name in SAMPLES
+    }
+    cases["tokens"] = (lambda: _seeded(TokenNet), lambda: torch.arange(12).reshape(2, 6) % 50)
+    cases["conv"] = (lambda: _seeded(ConvNet), lambda: torch.randn(2, 3, 8, 8))
+    return cases
+
+
+def _seeded(cls: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return cls().eval()
+
+
+def _run(
+    model: nn.Module, x: torch.Tensor, native: bool, monkeypatch: pytest.MonkeyPatch, **options: Any
+) -> tuple[CaptureResult, int, list[Capture]]:
+    """A capture of every module, the C path's call count, and what the callback got."""
+    monkeypatch.setattr(fasthooks, "USE_NATIVE", native)
+    seen: list[int] = []
+    finish = session._Session.finish
+
+    def counted(self: session._Session) -> None:
+        seen.append(getattr(self, "fast_calls", 0))
+        finish(self)
+
+    monkeypatch.setattr(session._Session, "finish", counted)
+    delivered: list[Capture] = []
+    layers = [name for name, _ in model.named_modules() if name]
+    torch.manual_seed(0)  # dropout in train mode, perturbed re-runs
+    result = capture(model, [x], layers, on_capture=delivered.append, **options)
+    return result, seen[0], delivered
+
+
+def _capture_fields(c: Capture) -> tuple[Any, ...]:
+    return tuple(
+        getattr(c, f.name) for f in dataclasses.fields(c) if f.name not in ("values", "saved")
+    )
+
+
+def _same_values(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (
+        a is not None and b is not None and np.array_equal(a, b, equal_nan=True)
+    )
+
+
+def _assert_same(fast: CaptureResult, slow: CaptureResult) -> None:
+    assert fast.trace == slow.trace
+    assert [_capture_fields(c) for c in fast.captures] == [
+        _capture_fields(c) for c in slow.captures
+    ]
+    assert all(
+        _same_values(a.values, b.values) for a, b in zip(fast.captures, slow.captures, strict=True)
+    )
+    assert fast.never_ran == slow.never_ran
+    assert fast.output_notes == slow.output_notes
+    assert fast.in_place_ops == slow.in_place_ops
+    assert fast.checkpointed == slow.checkpointed
+    assert fast.fed_by_cut == slow.fed_by_cut
+    assert fast.detaches == slow.detaches
+    assert fast.grad_off_blocks == slow.grad_off_blocks
+    assert fast.cut_inputs.keys() == slow.cut_inputs.keys()
+    assert fast.not_called.keys() == slow.not_called.keys()
+    assert {k: (n.name(), i) for k, (n, i) in fast.edges.items()} == {
+        k: (n.name(), i) for k, (n, i) in slow.edges.items()
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_models()))
+@pytest.mark.parametrize("mode", list(Mode))
+def test_c_hooks_record_what_the_python_hooks_record(
+    name: str, mode: Mode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_model, make_input = _models()[name]
+    model, x = make_model(), make_input()
+    fast, fast_calls, fast_seen = _run(model, x, True, monkeypatch, mode=mode)
+    slow, slow_calls, slow_seen = _run(model, x, False, monkeypatch, mode=mode)
+    _assert_same(fast, slow)
+    assert [_capture_fields(c) for c in fast_seen] == [_capture_fields(c) for c in slow_seen]
+    assert slow_calls == 0
+    assert fast_calls > 0  # the C path ran
+
+
+@pytest.mark.parametrize("options", [{"keep_values": False}, {"what": "both"}, {"sample": None}])
+def test_c_hooks_match_with_other_capture_options(
+    options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for make_model, make_input in (_models()["conv"], _models()["tokens"]):
+        model, x = make_model(), make_input()
+        fast, fast_calls, _ = _run(model, x, True, monkeypatch, **options)
+        slow, _, _ = _run(model, x, False, monkeypatch, **options)
+        _assert_same(fast, slow)
+        assert fast_calls > 0
+
+
+def test_c_hooks_take_most_calls_of_a_plain_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Sequential of Linear/ReLU: every leaf call is the usual one (nothing falls back)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) if i % 2 == 0 else nn.ReLU() for i in range(20)])
+    for mode in Mode:
+        result, fast_calls, _ = _run(model, torch.randn(3, 8), True, monkeypatch, mode=mode)
+        assert fast_calls == len(result.trace) == 21
+        assert len(result.captures) == 20
+
+
+def test_c_hooks_see_a_later_in_place_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture changed in place by the next module: the grad facts say so on both paths."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    x = torch.randn(2, 4)
+    for native in (True, False):
+        result, _, _ = _run(model, x, native, monkeypatch, mode=Mode.GRAD)
+        first = next(c for c in result.captures if c.layer == "0")
+        assert first.grad.modified_in_place, native
