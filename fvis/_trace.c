@@ -31,15 +31,19 @@ enum {
     LIVE_TOKEN_GRID, LIVE_VALUES, LIVE_N
 };
 #define STATS_N 12
+#define CAPTURE_N 14 /* Capture's fields, in order */
+#define FACTS_N 9    /* GradFacts' fields, in order */
 #define RECORD_N 15
 #define FRAME_N 5
 
 /* What fvis.fasthooks.configure hands over once: classes, slot offsets, torch callables. */
 static struct {
     int ready;
-    PyTypeObject *tensor, *parameter, *record, *frame, *live, *held, *stats;
-    Py_ssize_t live_at[LIVE_N], held_at, stats_at[STATS_N];
+    PyTypeObject *tensor, *parameter, *record, *frame, *live, *held, *stats, *capture, *facts;
+    Py_ssize_t live_at[LIVE_N], held_at, stats_at[STATS_N], capture_at[CAPTURE_N];
+    Py_ssize_t facts_at[FACTS_N];
     PyObject *grad_enabled, *inference_mode, *float32, *sample_values, *gradient_edge;
+    PyObject *grad_fn_name;
     PyObject *dtype_name, *tensor_stats, *stats_module, *empty, *cpu;
     PyObject *dtypes; /* dtype -> (floating, name) */
 } cfg;
@@ -154,6 +158,7 @@ static PyObject *new_named(PyTypeObject *type, Py_ssize_t n, PyObject **items)
     return obj;
 fail:
     for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(items[i]);
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "Tracer: a field is not set");
     return NULL;
 }
 
@@ -174,10 +179,34 @@ static PyObject *new_slots(PyTypeObject *type, const Py_ssize_t *offsets, Py_ssi
     return obj;
 fail:
     for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(items[i]);
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "Tracer: a field is not set");
     return NULL;
 }
 
 static PyObject *new_bool(int value) { return Py_NewRef(value ? Py_True : Py_False); }
+
+/* The records built here hold only numbers, strings, None and other such records: they can
+ * never be part of a reference cycle, so the cycle collector need not walk them. Untracking
+ * them (as CPython does lazily for tuples of atoms) keeps each collection during a capture
+ * from walking every record made so far; without it the collector took about a quarter of a
+ * capture's time with every leaf of a small model captured. */
+static PyObject *untracked(PyObject *obj)
+{
+    if (obj != NULL && PyObject_GC_IsTracked(obj)) PyObject_GC_UnTrack(obj);
+    return obj;
+}
+
+static int atomic(PyObject *obj) { return obj == NULL || !PyObject_GC_IsTracked(obj); }
+
+/* A tuple of atoms, untracked; any other object as it is. */
+static PyObject *untracked_tuple(PyObject *obj)
+{
+    if (obj == NULL || !PyTuple_Check(obj)) return obj;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(obj); i++) {
+        if (!atomic(PyTuple_GET_ITEM(obj, i))) return obj;
+    }
+    return untracked(obj);
+}
 
 /* (floating, name) of a dtype, remembered: borrowed. */
 static PyObject *dtype_facts(PyObject *dtype)
@@ -255,7 +284,7 @@ static PyObject *tracer_pre(Tracer *self, PyObject *const *args, Py_ssize_t narg
         Py_NewRef(key), Py_NewRef(PyList_GET_ITEM(names, 0)),
         PyLong_FromSsize_t(self->next_call_id), Py_NewRef(parent), new_bool(!grad_on),
     };
-    PyObject *frame = new_named(cfg.frame, FRAME_N, items);
+    PyObject *frame = untracked_tuple(new_named(cfg.frame, FRAME_N, items));
     if (frame == NULL) goto done;
     int failed = PyList_Append(self->stack, frame);
     Py_DECREF(frame);
@@ -350,7 +379,7 @@ static PyObject *fast_stats(PyObject *tensor, PyObject *shape, long axis)
         PyLong_FromLongLong(channels ? dead : 0),
         dim >= 0 ? PyLong_FromLong(dim) : Py_NewRef(Py_None),
     };
-    return new_slots(cfg.stats, cfg.stats_at, STATS_N, items);
+    return untracked(new_slots(cfg.stats, cfg.stats_at, STATS_N, items));
 }
 
 /* The channel dim of a capture: the module's own decision remembered in ``decided``, else
@@ -409,7 +438,7 @@ static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *reco
         node_name, PyObject_GetAttr(tensor, s_is_leaf), new_bool(inference),
         inference ? Py_NewRef(Py_None) : PyObject_GetAttr(tensor, s_version),
     };
-    PyObject *facts = new_named(&PyTuple_Type, 7, facts_items);
+    PyObject *facts = untracked_tuple(new_named(&PyTuple_Type, 7, facts_items));
     if (facts == NULL) goto done;
     if (keep_values || callback_values) {
         values = PyObject_CallFunctionObjArgs(cfg.sample_values, tensor, self->sample, NULL);
@@ -424,7 +453,7 @@ static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *reco
         if (edge == NULL) goto done;
         int failed = 0;
         if (edge != Py_None) {
-            PyObject *where = PyTuple_Pack(3, layer, call, cfg.empty);
+            PyObject *where = untracked_tuple(PyTuple_Pack(3, layer, call, cfg.empty));
             failed = where == NULL || PyDict_SetItem(self->edges, where, edge) < 0;
             Py_XDECREF(where);
         }
@@ -465,7 +494,7 @@ static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *reco
     slots[LIVE_SAVED] = Py_NewRef(Py_None);
     slots[LIVE_SEQ] = PyLong_FromSsize_t(seq);
     slots[LIVE_STATS] = Py_NewRef(stats);
-    slots[LIVE_TENSOR_INFO] = PyTuple_Pack(3, shape, dtype_name, cfg.cpu);
+    slots[LIVE_TENSOR_INFO] = untracked_tuple(PyTuple_Pack(3, shape, dtype_name, cfg.cpu));
     slots[LIVE_TOKEN_GRID] = Py_NewRef(Py_None);
     slots[LIVE_VALUES] = Py_NewRef(values);
     item = new_slots(cfg.live, cfg.live_at, LIVE_N, slots);
@@ -509,10 +538,11 @@ static int record_call(Tracer *self, PyObject *module, PyObject *key, PyObject *
     PyObject *items[RECORD_N] = {
         Py_NewRef(PyTuple_GET_ITEM(frame, 1)), class_name, Py_NewRef(call), new_bool(grad_on),
         new_bool(inference), new_bool(inputs_rg), Py_NewRef(params_grad), new_bool(outputs_rg),
-        new_bool(floating), PyTuple_Pack(1, shape), Py_NewRef(PyTuple_GET_ITEM(frame, 2)),
+        new_bool(floating), untracked_tuple(PyTuple_Pack(1, shape)),
+        Py_NewRef(PyTuple_GET_ITEM(frame, 2)),
         Py_NewRef(PyTuple_GET_ITEM(frame, 3)), new_bool(0), new_bool(has_params), new_bool(0),
     };
-    PyObject *record = new_named(cfg.record, RECORD_N, items);
+    PyObject *record = untracked_tuple(new_named(cfg.record, RECORD_N, items));
     if (record == NULL) return -1;
     int status = -1;
     if (PyList_Append(self->trace, record) < 0) goto done;
@@ -654,7 +684,7 @@ static int usual_call(Tracer *self, PyObject *module, PyObject *key, PyObject *a
     if (cut || block) return 0; /* a cut, or the first call of a no_grad block: Python */
     PyObject *size = PyObject_GetAttr(output, s_shape);
     if (size == NULL) return -1;
-    u->shape = PySequence_Tuple(size);
+    u->shape = untracked_tuple(PySequence_Tuple(size));
     Py_DECREF(size);
     return u->shape == NULL ? -1 : 1;
 }
@@ -718,7 +748,128 @@ static PyObject *tracer_post(Tracer *self, PyObject *const *args, Py_ssize_t nar
     return Py_NewRef(Py_None);
 }
 
+static PyObject **live_slot(PyObject *item, int which)
+{
+    return (PyObject **)((char *)item + cfg.live_at[which]);
+}
+
+/* fast_check_versions(): fvis.session._Session._check_versions. */
+static PyObject *tracer_check_versions(Tracer *self, PyObject *unused)
+{
+    (void)unused;
+    if (!NEED(self, live) || !NEED(self, done)) return NULL;
+    if (!PyList_Check(self->live) || !PyList_Check(self->done)) {
+        PyErr_SetString(PyExc_TypeError, "Tracer.live and .done are lists");
+        return NULL;
+    }
+    PyObject *live = Py_NewRef(self->live);
+    PyObject *still = PyList_New(0);
+    if (still == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(live); i++) {
+        PyObject *item = PyList_GET_ITEM(live, i);
+        if (!Py_IS_TYPE(item, cfg.live)) {
+            PyErr_SetString(PyExc_TypeError, "Tracer.live holds _Live items");
+            goto fail;
+        }
+        PyObject *ref = *live_slot(item, LIVE_REF), *tensor;
+        if (ref == NULL || ref == Py_None) {
+            tensor = Py_NewRef(Py_None);
+        } else if (Py_IS_TYPE(ref, cfg.held)) {
+            tensor = *(PyObject **)((char *)ref + cfg.held_at);
+            tensor = Py_NewRef(tensor != NULL ? tensor : Py_None);
+        } else {
+            tensor = PyObject_CallNoArgs(ref);
+            if (tensor == NULL) goto fail;
+        }
+        if (tensor == Py_None) {
+            Py_DECREF(tensor);
+            if (PyList_Append(self->done, item) < 0) goto fail;
+            continue;
+        }
+        PyObject *version = PyObject_GetAttr(tensor, s_version);
+        PyObject *last = *live_slot(item, LIVE_LAST_VERSION);
+        int same = version == NULL ? -1 : PyObject_RichCompareBool(version, last, Py_EQ);
+        if (same == 0) { /* the rare case: only then name the new grad_fn */
+            PyObject *name = PyObject_CallOneArg(cfg.grad_fn_name, tensor);
+            if (name == NULL) {
+                same = -1;
+            } else {
+                Py_XSETREF(*live_slot(item, LIVE_LAST_VERSION), Py_NewRef(version));
+                Py_XSETREF(*live_slot(item, LIVE_LAST_GRAD_FN), name);
+            }
+        }
+        Py_XDECREF(version);
+        Py_DECREF(tensor);
+        if (same < 0 || PyList_Append(still, item) < 0) goto fail;
+    }
+    Py_DECREF(live);
+    Py_XSETREF(self->live, still);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(live);
+    Py_XDECREF(still);
+    return NULL;
+}
+
+/* fast_captures(items, batch, calls) -> tuple of Capture: ``item.capture(batch,
+ * calls.get(item.key, 1), final=True)`` for each _Live item (fvis.records._Live.capture). */
+static PyObject *tracer_captures(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 3 || !PyList_Check(args[0]) || !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "fast_captures(items: list, batch, calls: dict)");
+        return NULL;
+    }
+    PyObject *items = args[0], *batch = args[1], *calls = args[2];
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    PyObject *out = PyTuple_New(n);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        PyObject *facts = Py_IS_TYPE(item, cfg.live) ? *live_slot(item, LIVE_FACTS) : NULL;
+        PyObject *info = facts != NULL ? *live_slot(item, LIVE_TENSOR_INFO) : NULL;
+        if (facts == NULL || !PyTuple_Check(facts) || PyTuple_GET_SIZE(facts) != 7
+            || info == NULL || !PyTuple_Check(info) || PyTuple_GET_SIZE(info) != 3) {
+            PyErr_SetString(PyExc_TypeError, "fast_captures: _Live items expected");
+            goto fail;
+        }
+        PyObject *grad_items[FACTS_N];
+        for (int k = 0; k < 7; k++) grad_items[k] = Py_NewRef(PyTuple_GET_ITEM(facts, k));
+        grad_items[7] = Py_XNewRef(*live_slot(item, LIVE_LAST_VERSION));
+        grad_items[8] = Py_XNewRef(*live_slot(item, LIVE_LAST_GRAD_FN));
+        PyObject *grad = untracked(new_slots(cfg.facts, cfg.facts_at, FACTS_N, grad_items));
+        PyObject *total = PyDict_GetItemWithError(calls, *live_slot(item, LIVE_KEY));
+        if (grad == NULL || (total == NULL && PyErr_Occurred())) {
+            Py_XDECREF(grad);
+            goto fail;
+        }
+        PyObject *fields[CAPTURE_N] = {
+            Py_XNewRef(*live_slot(item, LIVE_LAYER)), Py_XNewRef(*live_slot(item, LIVE_CALL)),
+            Py_XNewRef(*live_slot(item, LIVE_PATH)), Py_NewRef(PyTuple_GET_ITEM(info, 0)),
+            Py_NewRef(PyTuple_GET_ITEM(info, 1)), Py_NewRef(PyTuple_GET_ITEM(info, 2)), grad,
+            Py_XNewRef(*live_slot(item, LIVE_STATS)), Py_XNewRef(*live_slot(item, LIVE_VALUES)),
+            total != NULL ? Py_NewRef(total) : PyLong_FromLong(1), Py_NewRef(batch),
+            Py_XNewRef(*live_slot(item, LIVE_CALL_ID)),
+            Py_XNewRef(*live_slot(item, LIVE_TOKEN_GRID)), Py_XNewRef(*live_slot(item, LIVE_SAVED)),
+        };
+        int atoms = 1;
+        for (int k = 0; k < CAPTURE_N; k++) atoms &= atomic(fields[k]);
+        PyObject *capture = new_slots(cfg.capture, cfg.capture_at, CAPTURE_N, fields);
+        if (capture == NULL) goto fail;
+        if (atoms) untracked(capture); /* a kept tensor or a stranger value: tracked */
+        PyTuple_SET_ITEM(out, i, capture);
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef tracer_methods[] = {
+    {"fast_check_versions", (PyCFunction)tracer_check_versions, METH_NOARGS,
+     "fast_check_versions(): _Session._check_versions"},
+    {"fast_captures", (PyCFunction)(void (*)(void))tracer_captures, METH_FASTCALL,
+     "fast_captures(items, batch, calls) -> the final Capture of each _Live item"},
     {"fast_pre", (PyCFunction)(void (*)(void))tracer_pre, METH_FASTCALL,
      "fast_pre(module, args): the forward pre-hook (fvis.session._Session._pre)"},
     {"fast_post", (PyCFunction)(void (*)(void))tracer_post, METH_FASTCALL,
@@ -773,18 +924,19 @@ static int is_type(PyObject *obj) { return obj != NULL && PyType_Check(obj); }
 static PyObject *configure_trace(PyObject *module, PyObject *args)
 {
     (void)module;
-    PyObject *tensor, *parameter, *record, *frame, *live, *held, *stats;
-    PyObject *live_at, *held_at, *stats_at;
+    PyObject *tensor, *parameter, *record, *frame, *live, *held, *stats, *capture, *facts;
+    PyObject *live_at, *held_at, *stats_at, *capture_at, *facts_at;
     PyObject *grad_enabled, *inference_mode, *float32, *sample_values, *gradient_edge;
-    PyObject *dtype_name, *tensor_stats, *stats_module;
-    if (!PyArg_ParseTuple(args, "(OOOOOOO)(OOO)(OOOOOOOO)", &tensor, &parameter, &record, &frame,
-                          &live, &held, &stats, &live_at, &held_at, &stats_at, &grad_enabled,
-                          &inference_mode, &float32, &sample_values, &gradient_edge,
-                          &dtype_name, &tensor_stats, &stats_module)) {
+    PyObject *dtype_name, *tensor_stats, *stats_module, *grad_fn_name;
+    if (!PyArg_ParseTuple(args, "(OOOOOOOOO)(OOOOO)(OOOOOOOOO)", &tensor, &parameter, &record,
+                          &frame, &live, &held, &stats, &capture, &facts, &live_at, &held_at,
+                          &stats_at, &capture_at, &facts_at, &grad_enabled, &inference_mode,
+                          &float32, &sample_values, &gradient_edge, &dtype_name, &tensor_stats,
+                          &stats_module, &grad_fn_name)) {
         return NULL;
     }
-    PyObject *types[7] = {tensor, parameter, record, frame, live, held, stats};
-    for (int i = 0; i < 7; i++) {
+    PyObject *types[9] = {tensor, parameter, record, frame, live, held, stats, capture, facts};
+    for (int i = 0; i < 9; i++) {
         if (!is_type(types[i])) {
             PyErr_SetString(PyExc_TypeError, "configure_trace: classes expected");
             return NULL;
@@ -798,14 +950,17 @@ static PyObject *configure_trace(PyObject *module, PyObject *args)
     Py_ssize_t held_offsets[1];
     if (offsets_into(live_at, cfg.live_at, LIVE_N, (PyTypeObject *)live) < 0
         || offsets_into(held_at, held_offsets, 1, (PyTypeObject *)held) < 0
-        || offsets_into(stats_at, cfg.stats_at, STATS_N, (PyTypeObject *)stats) < 0) {
+        || offsets_into(stats_at, cfg.stats_at, STATS_N, (PyTypeObject *)stats) < 0
+        || offsets_into(capture_at, cfg.capture_at, CAPTURE_N, (PyTypeObject *)capture) < 0
+        || offsets_into(facts_at, cfg.facts_at, FACTS_N, (PyTypeObject *)facts) < 0) {
         cfg.ready = 0;
         return NULL;
     }
     cfg.held_at = held_offsets[0];
 #define KEEP(field, value) Py_XSETREF(cfg.field, (void *)Py_NewRef(value));
     KEEP(tensor, tensor) KEEP(parameter, parameter) KEEP(record, record) KEEP(frame, frame)
-    KEEP(live, live) KEEP(held, held) KEEP(stats, stats) KEEP(grad_enabled, grad_enabled)
+    KEEP(live, live) KEEP(held, held) KEEP(stats, stats) KEEP(capture, capture)
+    KEEP(facts, facts) KEEP(grad_fn_name, grad_fn_name) KEEP(grad_enabled, grad_enabled)
     KEEP(inference_mode, inference_mode) KEEP(float32, float32)
     KEEP(sample_values, sample_values) KEEP(gradient_edge, gradient_edge)
     KEEP(dtype_name, dtype_name) KEEP(tensor_stats, tensor_stats) KEEP(stats_module, stats_module)

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from fvis import stats
-from fvis.records import CallRecord, _Frame, _Held, _Live
+from fvis.records import Capture, CallRecord, GradFacts, _Frame, _Held, _Live
 from fvis.stats import Stats, tensor_stats
-from fvis.tensor_facts import _dtype, gradient_edge, sample_values
+from fvis.tensor_facts import _dtype, _grad_fn_name, gradient_edge, sample_values
 
 # The order fvis/_trace.c reads _Live's slot offsets in (its LIVE_* enum).
 LIVE_SLOTS = (
@@ -58,17 +58,26 @@ def _offsets(native: Any, cls: type, names: tuple[str, ...]) -> tuple[int, ...] 
     return native.slot_offsets(tuple(vars(cls)[n] for n in names))
 
 
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+
+
 def _configure(native: Any, frame: type) -> bool:
-    stats_fields = tuple(f.name for f in dataclasses.fields(Stats))
+    records = (Stats, Capture, GradFacts)  # frozen dataclasses, built slot by slot
     layouts = (
         _offsets(native, _Live, LIVE_SLOTS),
         _offsets(native, _Held, ("tensor",)),
-        _offsets(native, Stats, stats_fields),
+        *(_offsets(native, cls, _fields(cls)) for cls in records),
     )
-    if any(layout is None for layout in layouts) or hasattr(Stats, "__post_init__"):
+    plain = all(
+        f.init
+        for cls in records
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+    ) and not any(hasattr(cls, "__post_init__") for cls in records)
+    if any(layout is None for layout in layouts) or not plain:
         return False
     native.configure_trace(
-        (torch.Tensor, torch.nn.Parameter, CallRecord, frame, _Live, _Held, Stats),
+        (torch.Tensor, torch.nn.Parameter, CallRecord, frame, _Live, _Held, *records),
         layouts,
         (
             torch.is_grad_enabled,
@@ -79,6 +88,7 @@ def _configure(native: Any, frame: type) -> bool:
             _dtype,
             tensor_stats,
             stats,
+            _grad_fn_name,
         ),
     )
     return True
@@ -92,9 +102,14 @@ Base: type = _native.Tracer if _native is not None else object
 
 def hooks(session: Any) -> tuple[Callable[..., None], Callable[..., None]]:
     """The pre-hook and forward hook to install for ``session``: the C ones where usable."""
-    if _native is not None and isinstance(session, _native.Tracer) and enabled():
+    if native_session(session):
         return session.fast_pre, session.fast_post
     return session._pre, session._post
+
+
+def native_session(session: Any) -> bool:
+    """Whether ``session`` runs on the C path (then its bookkeeping helpers do too)."""
+    return _native is not None and isinstance(session, _native.Tracer) and enabled()
 
 
 def enabled() -> bool:

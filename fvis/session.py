@@ -10,6 +10,7 @@ from a cut. ``fvis.capture`` runs the model inside one session.
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import weakref
@@ -34,7 +35,7 @@ from fvis.device_stats import (
     stats_from,
 )
 from fvis.outputs import describe_value, flatten_tensors
-from fvis.fasthooks import Base, hooks
+from fvis.fasthooks import Base, hooks, native_session
 from fvis.records import (
     CallRecord,
     Capture,
@@ -119,11 +120,13 @@ class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or obje
         self.decided: dict[tuple[int, tuple[int, ...]], Axis | None] = {}
         self.host = HostCopies()  # captures on accelerators, read back at the end (once)
         self.defer_cpu = device_stats.DEFER_ON_CPU  # the accelerator path, run on the CPU
+        self.native = False  # the C hooks run this session (fvis.fasthooks), set at install
 
     def install(self, model: nn.Module, stack: ExitStack) -> None:
         # One pair of global hooks (filtered to this model's modules) instead of a pair per
         # module: installing per-module hooks cost ~0.2 ms on a ResNet-18, these ~3 us.
         # The C hooks (fvis.fasthooks) where built: the usual call without Python frames.
+        self.native = native_session(self)
         pre, post = hooks(self)
         module = torch.nn.modules.module
         stack.enter_context(module.register_module_forward_pre_hook(pre))
@@ -487,6 +490,9 @@ class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or obje
     def _check_versions(self) -> None:
         # Called after every module call: an in-place op by a later module (ReLU(inplace=True))
         # is seen while the tensor is still alive, even if it is freed before forward ends.
+        if self.native:  # the same loop in C (fvis/_trace.c)
+            self.fast_check_versions()
+            return
         still: list[_Live] = []
         for item in self.live:
             tensor = item.ref() if item.ref is not None else None
@@ -514,9 +520,13 @@ class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or obje
         )
 
     def result(self, output: Any, mode: Mode, exported: bool, tree: _Tree) -> CaptureResult:
-        captures = tuple(
-            item.capture(self.batch, self.calls.get(item.key, 1), final=True)
-            for item in sorted(self.done, key=lambda it: it.seq)
+        done = sorted(self.done, key=_by_seq)
+        captures = (
+            self.fast_captures(done, self.batch, self.calls)  # the same records, built in C
+            if self.native
+            else tuple(
+                item.capture(self.batch, self.calls.get(item.key, 1), final=True) for item in done
+            )
         )
         self.in_place_ops = self.in_place_ops or any(c.grad.modified_in_place for c in captures)
         not_called = {
@@ -548,6 +558,7 @@ class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or obje
 
 
 _UNDECIDED = object()
+_by_seq = operator.attrgetter("seq")
 
 
 def _inside_reentrant_checkpoint() -> bool:
