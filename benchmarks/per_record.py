@@ -1,6 +1,7 @@
 """Per-record cost of module capture (issue 15): every leaf captured, ``--ops`` off.
 
     python benchmarks/per_record.py [--reps 15] [--only deep,resnet,gpt2] [--modes grad,inference]
+                                    [--threads 2]
 
 For each model and grad mode, timed interleaved in one process (``common.interleaved``):
 
@@ -9,7 +10,15 @@ For each model and grad mode, timed interleaved in one process (``common.interle
   hook (``with_kwargs=True``), each doing the dict lookup fvis does: the floor any tool that
   sees every module call through hooks pays;
 - ``fvis``: ``fvis.capture.capture`` of every leaf, ``keep_values=False`` (statistics,
-  snapshot facts, trace; no pictures).
+  snapshot facts, trace; no pictures), with the C hooks (``fvis/_trace.c``);
+- ``python``: the same capture with the C hooks off (``fvis.fasthooks.USE_NATIVE = False``):
+  the Python session alone, what every build without a C compiler runs.
+
+``--clock cpu`` (the table in BENCHMARKS.md) times CPU time of this thread
+(``time.thread_time``) instead of the wall clock, and keeps the fastest of ``--reps``
+interleaved repetitions of 5 calls each (``fastest_cpu``): on a shared 2-core machine the wall
+clock of a 2 ms forward swings by ±20-30% with the other processes; with ``--threads 1`` the
+thread's CPU time is all the work there is.
 
 "per record" is the extra time over the bare forward divided by the captures (one per leaf
 call here). Models: ``deep_narrow`` (400 small leaves, 16x64), the ResNet-18-shaped CNN at
@@ -20,7 +29,9 @@ tokens, Hugging Face's names and ``Conv1D``; the same shape as ``ops_overhead.py
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import time
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +44,7 @@ sys.path.insert(0, str(HERE))
 import models  # noqa: E402
 import torch  # noqa: E402
 from cases import leaves  # noqa: E402
-from common import fmt_s, interleaved  # noqa: E402
+from common import Timing, fmt_s, interleaved  # noqa: E402
 from gpt2ish import GPT2_INPUT, GPT2ish  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
@@ -83,15 +94,41 @@ def _hooks(model: nn.Module, x: Tensor, mode: str) -> Callable[[], object]:
     return run
 
 
-def _fvis(model: nn.Module, x: Tensor, mode: str, layers: list[str]) -> Callable[[], object]:
+def _fvis(
+    model: nn.Module, x: Tensor, mode: str, layers: list[str], native: bool = True
+) -> Callable[[], object]:
+    from fvis import fasthooks
     from fvis.capture import Mode, capture
 
     chosen = Mode.INFERENCE if mode == "inference" else Mode.GRAD
 
     def run() -> object:
-        return capture(model, [x], layers, mode=chosen, keep_values=False)
+        fasthooks.USE_NATIVE = native
+        try:
+            return capture(model, [x], layers, mode=chosen, keep_values=False)
+        finally:
+            fasthooks.USE_NATIVE = True
 
     return run
+
+
+def fastest_cpu(
+    fns: dict[str, Callable[[], object]], reps: int, calls: int = 5
+) -> dict[str, Timing]:
+    """Thread CPU seconds per call: the fastest of ``reps`` interleaved repetitions (each
+    starting from a collected heap, so the cycle collector's work inside is counted alike)."""
+    names = list(fns)
+    for name in names:  # warm-up
+        fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            gc.collect()
+            start = time.thread_time()
+            for _ in range(calls):
+                fns[name]()
+            samples[name].append((time.thread_time() - start) / calls)
+    return {name: Timing(min(s), tuple(s)) for name, s in samples.items()}
 
 
 def main() -> None:
@@ -99,8 +136,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--only", default="deep,resnet,gpt2")
     parser.add_argument("--modes", default="inference,grad")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     chosen = args.only.split(",")
     for name, (model, x) in cases().items():
         if name not in chosen:
@@ -108,21 +147,25 @@ def main() -> None:
         layers = leaves(model)
         for mode in args.modes.split(","):
             records = len(_fvis(model, x, mode, layers)().captures)  # type: ignore[attr-defined]
-            t = interleaved(
+            timer = fastest_cpu if args.clock == "cpu" else interleaved
+            t = timer(
                 {
                     "bare": _bare(model, x, mode),
                     "hooks": _hooks(model, x, mode),
                     "fvis": _fvis(model, x, mode, layers),
+                    "python": _fvis(model, x, mode, layers, native=False),
                 },
                 args.reps,
             )
             bare, hooks, fv = t["bare"].median, t["hooks"].median, t["fvis"].median
+            py = t["python"].median
             print(
                 f"{name:6} {mode:9} {records:3} captures: bare {fmt_s(bare)} "
                 f"(±{t['bare'].spread / 2:.0%}), empty hooks {hooks / bare:.3f}x "
                 f"({(hooks - bare) / records * 1e6:.1f} us/record), fvis {fmt_s(fv)} "
                 f"{fv / bare:.3f}x ({(fv - bare) / records * 1e6:.1f} us/record, "
                 f"{(fv - hooks) / records * 1e6:.1f} us over the empty hooks); "
+                f"python hooks {py / bare:.3f}x ({(py - bare) / records * 1e6:.1f} us/record); "
                 f"others {t['bare'].others:.1f} cores",
                 flush=True,
             )

@@ -21,6 +21,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stddef.h>
+#include <frameobject.h>
 
 #include "_moments.h"
 
@@ -195,6 +196,12 @@ static PyObject *untracked(PyObject *obj)
     if (obj != NULL && PyObject_GC_IsTracked(obj)) PyObject_GC_UnTrack(obj);
     return obj;
 }
+
+/* A record that holds tensors (a _Live item, its strong reference, a gradient edge) but that
+ * nothing it reaches can refer back to: no cycle can pass through it. Untracked, it still
+ * keeps what it holds alive for the collector (a reference from an untracked object counts
+ * as one from outside). */
+#define untracked_holder untracked
 
 static int atomic(PyObject *obj) { return obj == NULL || !PyObject_GC_IsTracked(obj); }
 
@@ -448,7 +455,8 @@ static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *reco
     if (values == NULL) goto done;
     if (requires_grad && grad_enabled) {
         PyObject *edge = node != Py_None
-                             ? Py_BuildValue("(ON)", node, PyObject_GetAttr(tensor, s_output_nr))
+                             ? untracked_holder(Py_BuildValue(
+                                   "(ON)", node, PyObject_GetAttr(tensor, s_output_nr)))
                              : PyObject_CallOneArg(cfg.gradient_edge, tensor);
         if (edge == NULL) goto done;
         int failed = 0;
@@ -464,7 +472,7 @@ static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *reco
         ref = Py_NewRef(Py_None);
     } else if (hold) {
         PyObject *held[1] = {Py_NewRef(tensor)};
-        ref = new_slots(cfg.held, &cfg.held_at, 1, held);
+        ref = untracked_holder(new_slots(cfg.held, &cfg.held_at, 1, held));
     } else {
         ref = PyWeakref_NewRef(tensor, NULL);
     }
@@ -497,7 +505,7 @@ static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *reco
     slots[LIVE_TENSOR_INFO] = untracked_tuple(PyTuple_Pack(3, shape, dtype_name, cfg.cpu));
     slots[LIVE_TOKEN_GRID] = Py_NewRef(Py_None);
     slots[LIVE_VALUES] = Py_NewRef(values);
-    item = new_slots(cfg.live, cfg.live_at, LIVE_N, slots);
+    item = untracked_holder(new_slots(cfg.live, cfg.live_at, LIVE_N, slots));
     if (item == NULL) goto done;
     if (ndim == 3 && axis == 2) { /* tokens: a grid of patches, if a patch embedding ran */
         PyObject *args[2] = {record, shape};
@@ -748,6 +756,137 @@ static PyObject *tracer_post(Tracer *self, PyObject *const *args, Py_ssize_t nar
     return Py_NewRef(Py_None);
 }
 
+/* A module's forward, wrapped: the pre-hook, the forward, the forward hook, in one C call.
+ *
+ * Why: any global module hook sends every module call through the slow path of torch's
+ * Module._call_impl (a closure, hook loops, a try block: about 1.5-2 us per call, as much as
+ * the rest of the bookkeeping). fvis.fasthooks puts one of these in each module's instance
+ * __dict__ as ``forward`` instead, where that sees exactly what the global hooks see; the
+ * call then takes _call_impl's fast path. */
+typedef struct {
+    PyObject_HEAD
+    Tracer *tracer;
+    PyObject *module, *forward;
+} Wrapped;
+
+/* The code objects of torch's Module._call_impl (and its inner function, and _slow_forward):
+ * where a call through module(...) calls forward from. */
+static PyObject *call_sites;
+
+/* Whether the running Python frame is one of call_sites: a call made through __call__, which
+ * global hooks see, and not ``module.forward(x)`` straight from the model's code, which they
+ * do not (fvis reports that module as never called, and says why). */
+static int called_through_call(void)
+{
+    PyFrameObject *frame = PyEval_GetFrame();
+    if (frame == NULL || call_sites == NULL) return 0;
+    PyCodeObject *code = PyFrame_GetCode(frame);
+    int found = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(call_sites) && !found; i++) {
+        found = PyTuple_GET_ITEM(call_sites, i) == (PyObject *)code;
+    }
+    Py_DECREF(code);
+    return found;
+}
+
+static PyObject *wrapped_call(Wrapped *self, PyObject *args, PyObject *kwargs)
+{
+    if (!called_through_call()) return PyObject_Call(self->forward, args, kwargs);
+    PyObject *pre_args[2] = {self->module, args};
+    PyObject *r = tracer_pre(self->tracer, pre_args, 2);
+    if (r == NULL) return NULL;
+    Py_DECREF(r);
+    PyObject *output = PyObject_Call(self->forward, args, kwargs);
+    if (output == NULL) return NULL; /* the frame stays: fvis.capture names the failed call */
+    PyObject *keywords = kwargs != NULL ? Py_NewRef(kwargs) : PyDict_New();
+    if (keywords == NULL) {
+        Py_DECREF(output);
+        return NULL;
+    }
+    PyObject *post_args[4] = {self->module, args, keywords, output};
+    r = tracer_post(self->tracer, post_args, 4);
+    Py_DECREF(keywords);
+    if (r == NULL) {
+        Py_DECREF(output);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return output;
+}
+
+static int wrapped_traverse(Wrapped *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->tracer);
+    Py_VISIT(self->module);
+    Py_VISIT(self->forward);
+    return 0;
+}
+
+static int wrapped_clear(Wrapped *self)
+{
+    Py_CLEAR(self->tracer);
+    Py_CLEAR(self->module);
+    Py_CLEAR(self->forward);
+    return 0;
+}
+
+static void wrapped_dealloc(Wrapped *self)
+{
+    PyObject_GC_UnTrack(self);
+    wrapped_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Anything else asked of the wrapper is the wrapped forward's (__name__, __self__, ...). */
+static PyObject *wrapped_getattro(Wrapped *self, PyObject *name)
+{
+    PyObject *found = PyObject_GenericGetAttr((PyObject *)self, name);
+    if (found != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError)) return found;
+    PyErr_Clear();
+    return PyObject_GetAttr(self->forward, name);
+}
+
+static PyObject *wrapped_get_wrapped(Wrapped *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->forward); /* inspect.signature follows __wrapped__ */
+}
+
+static PyGetSetDef wrapped_getset[] = {
+    {"__wrapped__", (getter)wrapped_get_wrapped, NULL, "the module's own forward", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject WrappedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fvis._moments.WrappedForward",
+    .tp_basicsize = sizeof(Wrapped),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A module's forward with the capture's hooks around it (fvis/_trace.c).",
+    .tp_call = (ternaryfunc)wrapped_call,
+    .tp_traverse = (traverseproc)wrapped_traverse,
+    .tp_clear = (inquiry)wrapped_clear,
+    .tp_dealloc = (destructor)wrapped_dealloc,
+    .tp_getattro = (getattrofunc)wrapped_getattro,
+    .tp_getset = wrapped_getset,
+};
+
+/* wrap(module, forward) -> the forward with this tracer's hooks around it. */
+static PyObject *tracer_wrap(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "wrap(module, forward)");
+        return NULL;
+    }
+    Wrapped *wrapped = PyObject_GC_New(Wrapped, &WrappedType);
+    if (wrapped == NULL) return NULL;
+    wrapped->tracer = (Tracer *)Py_NewRef(self);
+    wrapped->module = Py_NewRef(args[0]);
+    wrapped->forward = Py_NewRef(args[1]);
+    PyObject_GC_Track(wrapped);
+    return (PyObject *)wrapped;
+}
+
 static PyObject **live_slot(PyObject *item, int which)
 {
     return (PyObject **)((char *)item + cfg.live_at[which]);
@@ -866,6 +1005,8 @@ fail:
 }
 
 static PyMethodDef tracer_methods[] = {
+    {"wrap", (PyCFunction)(void (*)(void))tracer_wrap, METH_FASTCALL,
+     "wrap(module, forward) -> forward with the pre-hook and forward hook around it"},
     {"fast_check_versions", (PyCFunction)tracer_check_versions, METH_NOARGS,
      "fast_check_versions(): _Session._check_versions"},
     {"fast_captures", (PyCFunction)(void (*)(void))tracer_captures, METH_FASTCALL,
@@ -980,7 +1121,27 @@ static PyObject *tracer_new_checked(PyTypeObject *type, PyObject *args, PyObject
     return PyType_GenericNew(type, args, kwargs);
 }
 
+/* set_call_sites(codes): see call_sites. */
+static PyObject *set_call_sites(PyObject *module, PyObject *codes)
+{
+    (void)module;
+    if (!PyTuple_Check(codes)) {
+        PyErr_SetString(PyExc_TypeError, "set_call_sites(tuple of code objects)");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(codes); i++) {
+        if (!PyCode_Check(PyTuple_GET_ITEM(codes, i))) {
+            PyErr_SetString(PyExc_TypeError, "set_call_sites: code objects expected");
+            return NULL;
+        }
+    }
+    Py_XSETREF(call_sites, Py_NewRef(codes));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef trace_functions[] = {
+    {"set_call_sites", (PyCFunction)set_call_sites, METH_O,
+     "set_call_sites(codes): the frames a call through module(...) runs forward from"},
     {"configure_trace", (PyCFunction)configure_trace, METH_VARARGS,
      "configure_trace((classes), (offsets), (functions)): what the fast hooks build and call"},
     {NULL, NULL, 0, NULL},
@@ -1003,7 +1164,7 @@ int fvis_add_trace(PyObject *module)
     INTERN(cfg.empty, "") INTERN(cfg.cpu, "cpu")
 #undef INTERN
     TracerType.tp_new = tracer_new_checked;
-    if (PyType_Ready(&TracerType) < 0) return -1;
+    if (PyType_Ready(&TracerType) < 0 || PyType_Ready(&WrappedType) < 0) return -1;
     if (PyModule_AddObjectRef(module, "Tracer", (PyObject *)&TracerType) < 0) return -1;
     return PyModule_AddFunctions(module, trace_functions);
 }

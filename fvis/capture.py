@@ -129,7 +129,7 @@ def capture(
     )
     with train_mode(model, train, tree), ExitStack() as stack:
         stack.enter_context(_grad_context(mode))
-        session.install(model, stack)
+        session.install(model, stack, tree.modules.values())
         if watch_ops and mode is Mode.GRAD:  # only a graph can be cut
             stack.enter_context(_DetachWatch(session))
         watch = stack.enter_context(OpWatch(session, op_patterns, every_op)) if ops else None

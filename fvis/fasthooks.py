@@ -6,6 +6,18 @@ usual module call (one tensor in, one plain tensor out, nothing cut, on the host
 hand every other call to the session's Python ``_pre`` / ``_post``. Elsewhere ``Base`` is
 ``object`` and the Python hooks do everything; ``FVIS_NATIVE=0`` also keeps them (tests
 compare the two). Nothing the capture records differs between the paths.
+
+The C hooks are not installed as global module hooks where that can be avoided: any global
+hook sends every module call through the slow path of ``Module._call_impl`` (1.5-2 us a
+call). ``wrapped_forwards`` puts the hooks around each module's ``forward`` instead (an
+instance attribute, removed at the end), where they see what the global hooks would see:
+the call's arguments before its forward runs and its output before its own forward hooks.
+That holds unless a module has forward pre-hooks of its own (the global pre-hook runs before
+them), overrides ``__call__`` (``torch.fx.GraphModule``) or is scripted, or another global
+forward hook is already installed (global hooks run in the order they were registered, so
+one registered before fvis's changes the output before fvis sees it: ``fvis.dumping``'s
+``--input-requires-grad`` hook on an embedding does): then the capture keeps the global
+hooks (``wrappable``).
 """
 
 from __future__ import annotations
@@ -13,13 +25,16 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
 from fvis import stats
-from fvis.records import Capture, CallRecord, GradFacts, _Frame, _Held, _Live
+from fvis.records import CallRecord, Capture, GradFacts, _Frame, _Held, _Live
 from fvis.stats import Stats, tensor_stats
 from fvis.tensor_facts import _dtype, _grad_fn_name, gradient_edge, sample_values
 
@@ -91,7 +106,16 @@ def _configure(native: Any, frame: type) -> bool:
             _grad_fn_name,
         ),
     )
+    native.set_call_sites(_call_sites())
     return True
+
+
+def _call_sites() -> tuple[Any, ...]:
+    """The code of ``Module._call_impl``, of the function nested in it, and of
+    ``Module._slow_forward``: the frames ``module(...)`` calls ``forward`` from."""
+    call_impl = nn.Module._call_impl.__code__
+    nested = tuple(c for c in call_impl.co_consts if isinstance(c, types.CodeType))
+    return (call_impl, *nested, nn.Module._slow_forward.__code__)
 
 
 _native = _load()
@@ -107,6 +131,46 @@ def hooks(session: Any) -> tuple[Callable[..., None], Callable[..., None]]:
     return session._pre, session._post
 
 
+def wrappable(modules: Collection[nn.Module]) -> bool:
+    """Whether wrapping each forward sees what global hooks would (see the module doc)."""
+    hooks = torch.nn.modules.module
+    if not USE_WRAP or hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    plain, impl = nn.Module.__call__, nn.Module._call_impl
+    return all(
+        type(module).__call__ is plain
+        and type(module)._call_impl is impl
+        and not module._forward_pre_hooks
+        and not isinstance(module, torch.jit.ScriptModule)
+        for module in modules
+    )
+
+
+@contextmanager
+def wrapped_forwards(session: Any, modules: Collection[nn.Module]) -> Iterator[None]:
+    """Each module's ``forward`` wrapped by the session's C hooks inside; every module's own
+    ``__dict__`` exactly as it was after (an instance ``forward``, as accelerate sets, is
+    wrapped and put back)."""
+    saved: list[tuple[dict[str, Any], Any]] = []
+    try:
+        for module in modules:
+            own = module.__dict__
+            previous = own.get("forward", _ABSENT)
+            forward = module.forward if previous is _ABSENT else previous
+            own["forward"] = session.wrap(module, forward)
+            saved.append((own, previous))
+        yield
+    finally:
+        for own, previous in reversed(saved):
+            if previous is _ABSENT:
+                own.pop("forward", None)
+            else:
+                own["forward"] = previous
+
+
+_ABSENT = object()
+
+
 def native_session(session: Any) -> bool:
     """Whether ``session`` runs on the C path (then its bookkeeping helpers do too)."""
     return _native is not None and isinstance(session, _native.Tracer) and enabled()
@@ -117,3 +181,4 @@ def enabled() -> bool:
 
 
 USE_NATIVE = True  # tests switch the C hooks off to compare them with the Python ones
+USE_WRAP = True  # and the wrapped forwards off, to compare them with the global hooks

@@ -1,7 +1,8 @@
 """The C hooks (fvis/_trace.c) record exactly what the Python hooks record.
 
-Every model runs twice, once with ``fvis.fasthooks`` on and once with the Python session
-alone, capturing every module; the two results are compared field by field: the trace, each
+Every model runs three times, capturing every module: with the C hooks around each forward
+(the default), with the C hooks as global module hooks (``USE_WRAP`` off), and with the
+Python session alone (``USE_NATIVE`` off); each C result is compared with the Python one the two results are compared field by field: the trace, each
 capture's statistics (bit for bit), grad facts, shapes, drawn values, token grids, edges,
 notes, cuts and the calls that never ran. A count of the calls the C path took makes sure it
 ran at all (a fast path that always fell back would pass the comparison)."""
@@ -76,10 +77,16 @@ def _seeded(cls: type[nn.Module]) -> nn.Module:
 
 
 def _run(
-    model: nn.Module, x: torch.Tensor, native: bool, monkeypatch: pytest.MonkeyPatch, **options: Any
+    model: nn.Module,
+    x: torch.Tensor,
+    native: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    wrap: bool = True,
+    **options: Any,
 ) -> tuple[CaptureResult, int, list[Capture]]:
     """A capture of every module, the C path's call count, and what the callback got."""
     monkeypatch.setattr(fasthooks, "USE_NATIVE", native)
+    monkeypatch.setattr(fasthooks, "USE_WRAP", wrap)
     seen: list[int] = []
     finish = session._Session.finish
 
@@ -131,17 +138,19 @@ def _assert_same(fast: CaptureResult, slow: CaptureResult) -> None:
 
 @pytest.mark.parametrize("name", sorted(_models()))
 @pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("wrap", [True, False], ids=["wrapped", "global"])
 def test_c_hooks_record_what_the_python_hooks_record(
-    name: str, mode: Mode, monkeypatch: pytest.MonkeyPatch
+    name: str, mode: Mode, wrap: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_model, make_input = _models()[name]
     model, x = make_model(), make_input()
-    fast, fast_calls, fast_seen = _run(model, x, True, monkeypatch, mode=mode)
+    fast, fast_calls, fast_seen = _run(model, x, True, monkeypatch, wrap, mode=mode)
     slow, slow_calls, slow_seen = _run(model, x, False, monkeypatch, mode=mode)
     _assert_same(fast, slow)
     assert [_capture_fields(c) for c in fast_seen] == [_capture_fields(c) for c in slow_seen]
     assert slow_calls == 0
     assert fast_calls > 0  # the C path ran
+    assert all("forward" not in m.__dict__ for m in model.modules())  # unwrapped after
 
 
 @pytest.mark.parametrize("options", [{"keep_values": False}, {"what": "both"}, {"sample": None}])
@@ -151,8 +160,10 @@ def test_c_hooks_match_with_other_capture_options(
     for make_model, make_input in (_models()["conv"], _models()["tokens"]):
         model, x = make_model(), make_input()
         fast, fast_calls, _ = _run(model, x, True, monkeypatch, **options)
+        wrapped_off, _, _ = _run(model, x, True, monkeypatch, False, **options)
         slow, _, _ = _run(model, x, False, monkeypatch, **options)
         _assert_same(fast, slow)
+        _assert_same(wrapped_off, slow)
         assert fast_calls > 0
 
 
@@ -175,3 +186,67 @@ def test_c_hooks_see_a_later_in_place_change(monkeypatch: pytest.MonkeyPatch) ->
         result, _, _ = _run(model, x, native, monkeypatch, mode=Mode.GRAD)
         first = next(c for c in result.captures if c.layer == "0")
         assert first.grad.modified_in_place, native
+
+
+class Shell(nn.Module):
+    """Calls one child through ``__call__`` and one through ``.forward`` (no hook sees it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = nn.Linear(4, 4)
+        self.unseen = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unseen.forward(self.seen(x))
+
+
+def test_wrapped_forwards_see_only_calls_through_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A direct ``.forward`` call is not a module call for global hooks, nor for the wrappers;
+    an instance ``forward`` set before (as accelerate does) is wrapped and put back."""
+    torch.manual_seed(0)
+    model = Shell()
+
+    def own_forward(x: torch.Tensor) -> torch.Tensor:
+        return type(model.seen).forward(model.seen, x) * 2
+
+    model.seen.forward = own_forward  # type: ignore[method-assign]
+    result, fast_calls, _ = _run(model, torch.randn(2, 4), True, monkeypatch)
+    assert [r.name for r in result.trace] == ["seen", ""]
+    assert result.never_ran == ("unseen",)
+    assert fast_calls == 2
+    assert model.seen.__dict__["forward"] is own_forward
+    assert "forward" not in model.unseen.__dict__ and "forward" not in model.__dict__
+
+
+def test_wrapped_forward_keeps_the_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Code inside a forward that inspects ``self.forward`` sees the module's own."""
+    import inspect
+
+    seen: list[inspect.Signature] = []
+
+    class Introspective(nn.Module):
+        def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            seen.append(inspect.signature(self.forward))
+            return x * scale
+
+    model = nn.Sequential(Introspective())
+    _run(model, torch.ones(2), True, monkeypatch)
+    assert list(seen[0].parameters) == ["x", "scale"]
+
+
+def test_a_module_with_its_own_pre_hook_keeps_the_global_hooks() -> None:
+    """Its pre-hook may change the arguments: the global pre-hook sees them before it does,
+    a wrapper would see them after; such a model is not wrapped."""
+    model = nn.Sequential(nn.Linear(2, 2))
+    assert fasthooks.wrappable(list(model.modules()))
+    model[0].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    assert not fasthooks.wrappable(list(model.modules()))
+
+
+def test_another_global_hook_keeps_the_global_hooks() -> None:
+    """One registered before fvis's runs before them and may change the output they see."""
+    model = nn.Sequential(nn.Linear(2, 2))
+    hooks = torch.nn.modules.module
+    with hooks.register_module_forward_hook(lambda module, args, output: None):
+        assert not fasthooks.wrappable(list(model.modules()))
+    assert fasthooks.wrappable(list(model.modules()))
