@@ -2,25 +2,25 @@
 
 Every model runs three times, capturing every module: with the C hooks around each forward
 (the default), with the C hooks as global module hooks (``USE_WRAP`` off), and with the
-Python session alone (``USE_NATIVE`` off); each C result is compared with the Python one the two results are compared field by field: the trace, each
-capture's statistics (bit for bit), grad facts, shapes, drawn values, token grids, edges,
-notes, cuts and the calls that never ran. A count of the calls the C path took makes sure it
-ran at all (a fast path that always fell back would pass the comparison)."""
+Python session alone (``USE_NATIVE`` off). Each C result is compared with the Python one
+field by field (``tests/hook_paths.py``): the trace, each capture's statistics (bit for bit),
+grad facts, shapes, drawn values, token grids, edges, notes, cuts and the calls that never
+ran. A count of the calls the C path took makes sure it ran at all (a fast path that always
+fell back would pass the comparison)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fvis import fasthooks, session
-from fvis.capture import Capture, CaptureResult, Mode, capture
+from fvis import fasthooks
+from fvis.capture import Mode
 from sample_models.zoo import SAMPLES, build, example_input
+from tests.hook_paths import assert_same, capture_fields, run_capture
 
 pytestmark = pytest.mark.skipif(fasthooks._native is None, reason="fvis._moments not built")
 
@@ -76,66 +76,6 @@ def _seeded(cls: type[nn.Module]) -> nn.Module:
     return cls().eval()
 
 
-def _run(
-    model: nn.Module,
-    x: torch.Tensor,
-    native: bool,
-    monkeypatch: pytest.MonkeyPatch,
-    wrap: bool = True,
-    **options: Any,
-) -> tuple[CaptureResult, int, list[Capture]]:
-    """A capture of every module, the C path's call count, and what the callback got."""
-    monkeypatch.setattr(fasthooks, "USE_NATIVE", native)
-    monkeypatch.setattr(fasthooks, "USE_WRAP", wrap)
-    seen: list[int] = []
-    finish = session._Session.finish
-
-    def counted(self: session._Session) -> None:
-        seen.append(getattr(self, "fast_calls", 0))
-        finish(self)
-
-    monkeypatch.setattr(session._Session, "finish", counted)
-    delivered: list[Capture] = []
-    layers = [name for name, _ in model.named_modules() if name]
-    torch.manual_seed(0)  # dropout in train mode, perturbed re-runs
-    result = capture(model, [x], layers, on_capture=delivered.append, **options)
-    return result, seen[0], delivered
-
-
-def _capture_fields(c: Capture) -> tuple[Any, ...]:
-    return tuple(
-        getattr(c, f.name) for f in dataclasses.fields(c) if f.name not in ("values", "saved")
-    )
-
-
-def _same_values(a: np.ndarray | None, b: np.ndarray | None) -> bool:
-    return (a is None and b is None) or (
-        a is not None and b is not None and np.array_equal(a, b, equal_nan=True)
-    )
-
-
-def _assert_same(fast: CaptureResult, slow: CaptureResult) -> None:
-    assert fast.trace == slow.trace
-    assert [_capture_fields(c) for c in fast.captures] == [
-        _capture_fields(c) for c in slow.captures
-    ]
-    assert all(
-        _same_values(a.values, b.values) for a, b in zip(fast.captures, slow.captures, strict=True)
-    )
-    assert fast.never_ran == slow.never_ran
-    assert fast.output_notes == slow.output_notes
-    assert fast.in_place_ops == slow.in_place_ops
-    assert fast.checkpointed == slow.checkpointed
-    assert fast.fed_by_cut == slow.fed_by_cut
-    assert fast.detaches == slow.detaches
-    assert fast.grad_off_blocks == slow.grad_off_blocks
-    assert fast.cut_inputs.keys() == slow.cut_inputs.keys()
-    assert fast.not_called.keys() == slow.not_called.keys()
-    assert {k: (n.name(), i) for k, (n, i) in fast.edges.items()} == {
-        k: (n.name(), i) for k, (n, i) in slow.edges.items()
-    }
-
-
 @pytest.mark.parametrize("name", sorted(_models()))
 @pytest.mark.parametrize("mode", list(Mode))
 @pytest.mark.parametrize("wrap", [True, False], ids=["wrapped", "global"])
@@ -144,10 +84,10 @@ def test_c_hooks_record_what_the_python_hooks_record(
 ) -> None:
     make_model, make_input = _models()[name]
     model, x = make_model(), make_input()
-    fast, fast_calls, fast_seen = _run(model, x, True, monkeypatch, wrap, mode=mode)
-    slow, slow_calls, slow_seen = _run(model, x, False, monkeypatch, mode=mode)
-    _assert_same(fast, slow)
-    assert [_capture_fields(c) for c in fast_seen] == [_capture_fields(c) for c in slow_seen]
+    fast, fast_calls, fast_seen = run_capture(model, x, True, monkeypatch, wrap, mode=mode)
+    slow, slow_calls, slow_seen = run_capture(model, x, False, monkeypatch, mode=mode)
+    assert_same(fast, slow)
+    assert [capture_fields(c) for c in fast_seen] == [capture_fields(c) for c in slow_seen]
     assert slow_calls == 0
     assert fast_calls > 0  # the C path ran
     assert all("forward" not in m.__dict__ for m in model.modules())  # unwrapped after
@@ -159,11 +99,11 @@ def test_c_hooks_match_with_other_capture_options(
 ) -> None:
     for make_model, make_input in (_models()["conv"], _models()["tokens"]):
         model, x = make_model(), make_input()
-        fast, fast_calls, _ = _run(model, x, True, monkeypatch, **options)
-        wrapped_off, _, _ = _run(model, x, True, monkeypatch, False, **options)
-        slow, _, _ = _run(model, x, False, monkeypatch, **options)
-        _assert_same(fast, slow)
-        _assert_same(wrapped_off, slow)
+        fast, fast_calls, _ = run_capture(model, x, True, monkeypatch, **options)
+        wrapped_off, _, _ = run_capture(model, x, True, monkeypatch, False, **options)
+        slow, _, _ = run_capture(model, x, False, monkeypatch, **options)
+        assert_same(fast, slow)
+        assert_same(wrapped_off, slow)
         assert fast_calls > 0
 
 
@@ -172,7 +112,7 @@ def test_c_hooks_take_most_calls_of_a_plain_stack(monkeypatch: pytest.MonkeyPatc
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(8, 8) if i % 2 == 0 else nn.ReLU() for i in range(20)])
     for mode in Mode:
-        result, fast_calls, _ = _run(model, torch.randn(3, 8), True, monkeypatch, mode=mode)
+        result, fast_calls, _ = run_capture(model, torch.randn(3, 8), True, monkeypatch, mode=mode)
         assert fast_calls == len(result.trace) == 21
         assert len(result.captures) == 20
 
@@ -183,7 +123,7 @@ def test_c_hooks_see_a_later_in_place_change(monkeypatch: pytest.MonkeyPatch) ->
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
     x = torch.randn(2, 4)
     for native in (True, False):
-        result, _, _ = _run(model, x, native, monkeypatch, mode=Mode.GRAD)
+        result, _, _ = run_capture(model, x, native, monkeypatch, mode=Mode.GRAD)
         first = next(c for c in result.captures if c.layer == "0")
         assert first.grad.modified_in_place, native
 
@@ -210,7 +150,7 @@ def test_wrapped_forwards_see_only_calls_through_call(monkeypatch: pytest.Monkey
         return type(model.seen).forward(model.seen, x) * 2
 
     model.seen.forward = own_forward  # type: ignore[method-assign]
-    result, fast_calls, _ = _run(model, torch.randn(2, 4), True, monkeypatch)
+    result, fast_calls, _ = run_capture(model, torch.randn(2, 4), True, monkeypatch)
     assert [r.name for r in result.trace] == ["seen", ""]
     assert result.never_ran == ("unseen",)
     assert fast_calls == 2
@@ -230,7 +170,7 @@ def test_wrapped_forward_keeps_the_signature(monkeypatch: pytest.MonkeyPatch) ->
             return x * scale
 
     model = nn.Sequential(Introspective())
-    _run(model, torch.ones(2), True, monkeypatch)
+    run_capture(model, torch.ones(2), True, monkeypatch)
     assert list(seen[0].parameters) == ["x", "scale"]
 
 
