@@ -1,7 +1,10 @@
 """What the op watch that records graph cuts with their source lines costs (issue 15).
 
 Not a test: prints medians and ratios to a bare forward (grad mode, eval) for a
-ResNet-18-shaped model at 224x224 and a GPT-2-tiny-shaped transformer, side by side:
+ResNet-18-shaped model at 224x224, the GPT-2-tiny-shaped transformer of ``gpt2ish.py``
+(the one ``ops_overhead.py`` and ``per_record.py`` use) and a very small GPT-2 (2 blocks of
+width 64, 64 tokens: a sub-millisecond forward where torch's per-op dispatch dominates), side
+by side:
 
 - ``watch (old ops)``: the watch as it was before cut sites (4 detach functions);
 - ``watch (cut sites)``: ``fvis.session._DetachWatch`` with the cut table of ``fvis.cuts``;
@@ -27,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import fmt_s, interleaved
+from benchmarks.gpt2ish import GPT2_INPUT, GPT2ish
 from benchmarks.models import RESNET_INPUT, resnet18ish
 from fvis.capture import capture
 from fvis.session import _DetachWatch, _Session
@@ -116,7 +120,11 @@ def main() -> None:
     torch.manual_seed(0)
     cases = {
         "resnet18ish 1x3x224x224": (resnet18ish().eval(), torch.randn(RESNET_INPUT)),
-        "gpt2-tiny 2x64d, 1x64 tokens": (GPT2Tiny().eval(), torch.randint(0, 1000, (1, 64))),
+        "gpt2-tiny-shaped 4x256d, 1x128 tokens": (
+            GPT2ish().eval(),
+            torch.randint(0, 5000, GPT2_INPUT),
+        ),
+        "very small gpt2 2x64d, 1x64 tokens": (GPT2Tiny().eval(), torch.randint(0, 1000, (1, 64))),
     }
     for name, (model, x) in cases.items():
         timings = interleaved(_contenders(model, x), reps)
