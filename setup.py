@@ -1,7 +1,8 @@
 """Only the optional C extension lives here; everything else is in pyproject.toml.
 
 ``fvis._moments`` computes an activation's statistics in one read (see fvis/_moments.c) and
-holds the hook session's fast path (fvis/_trace.c).
+holds the hook session's fast path (fvis/_trace.c, fvis/_wrap.c) and the module walk of each
+capture (fvis/_walk.c).
 It is optional: where no C compiler is found the build goes on without it, and fvis computes
 the same statistics with torch ops, more slowly.
 """
@@ -12,7 +13,7 @@ setup(
     ext_modules=[
         Extension(
             "fvis._moments",
-            sources=["fvis/_moments.c", "fvis/_trace.c"],
+            sources=["fvis/_moments.c", "fvis/_trace.c", "fvis/_wrap.c", "fvis/_walk.c"],
             depends=["fvis/_moments.h"],
             optional=True,
             extra_compile_args=["-O2"],

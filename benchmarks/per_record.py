@@ -31,8 +31,8 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import time
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any

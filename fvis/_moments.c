@@ -394,7 +394,8 @@ PyMODINIT_FUNC PyInit__moments(void)
     PyObject *m = PyModule_Create(&module);
     /* SIMD: whether this CPU takes the vector path. The scalar loop is single-threaded and can
      * be slower than torch's multi-threaded reductions, so fvis uses it only with SIMD. */
-    if (m != NULL && (PyModule_AddIntConstant(m, "SIMD", has_simd()) < 0 || fvis_add_trace(m) < 0)) {
+    if (m != NULL && (PyModule_AddIntConstant(m, "SIMD", has_simd()) < 0 || fvis_add_trace(m) < 0 ||
+                      fvis_add_walk(m) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

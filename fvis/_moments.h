@@ -1,6 +1,7 @@
-/* Shared by the two C files of fvis._moments: the statistics kernel (_moments.c) and the
- * hook fast path (_trace.c), which reads a captured tensor's statistics with the same kernel
- * so that both give the same bits. */
+/* Shared by the C files of fvis._moments: the statistics kernel (_moments.c), the hook fast
+ * path (_trace.c), the wrapped forwards (_wrap.c) and the module walk (_walk.c). The fast
+ * path reads a captured tensor's statistics with the same kernel, so both give the same bits.
+ */
 #ifndef FVIS_MOMENTS_H
 #define FVIS_MOMENTS_H
 
@@ -23,5 +24,18 @@ int fvis_usual_mean_std(double lo, double hi, double sum, double sumsq, long lon
 
 /* Adds the Tracer type and configure_trace() to the module (_trace.c). */
 int fvis_add_trace(PyObject *module);
+
+/* The Tracer type and the session's pre-hook and forward hook (_trace.c), which the wrapped
+ * forwards call. */
+PyTypeObject *fvis_tracer_type(void);
+PyObject *fvis_trace_pre(PyObject *tracer, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fvis_trace_post(PyObject *tracer, PyObject *const *args, Py_ssize_t nargs);
+
+/* Adds the wrapped forwards' functions: configure_wrap(), forwards_wrappable(),
+ * wrap_forwards(), unwrap_forwards(), untrack() (_wrap.c). */
+int fvis_add_wrap(PyObject *module);
+
+/* Adds walk_modules(): fvis.capture._walk (_walk.c). */
+int fvis_add_walk(PyObject *module);
 
 #endif

@@ -1,6 +1,7 @@
 /*
- * The hook session's hot path in C: the global forward pre-hook and forward hook that run
- * once per module call of a capture (fvis/session.py, fvis/fasthooks.py).
+ * The hook session's hot path in C: the forward pre-hook and forward hook that run once per
+ * module call of a capture (fvis/session.py, fvis/fasthooks.py), called around each module's
+ * forward (fvis/_wrap.c) or installed as global module hooks.
  *
  * Why native: with every leaf captured, the Python hooks cost about 12 us per module call on
  * a small layer (frame bookkeeping, the CallRecord, the grad facts, the statistics, the _Live
@@ -21,7 +22,6 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stddef.h>
-#include <frameobject.h>
 
 #include "_moments.h"
 
@@ -47,6 +47,7 @@ static struct {
     PyObject *grad_fn_name;
     PyObject *dtype_name, *tensor_stats, *stats_module, *empty, *cpu;
     PyObject *dtypes; /* dtype -> (floating, name) */
+    PyObject *node_names; /* grad_fn class -> name (node_name_of) */
 } cfg;
 
 static PyObject *s_requires_grad, *s_grad_fn, *s_shape, *s_dtype, *s_is_cpu, *s_is_leaf,
@@ -132,9 +133,55 @@ static int attr_truth(PyObject *obj, PyObject *name)
     return t;
 }
 
-static int method_truth(PyObject *obj, PyObject *name)
+/* Tensor facts read through the descriptors of torch.Tensor itself (fvis.fasthooks hands the
+ * classes over once), for exact Tensor and Parameter objects only: a getset's getter called
+ * directly and a method descriptor called with the tensor, without the attribute lookup and
+ * the bound method each read otherwise makes (about 40-80 ns, and a record reads some twenty).
+ * The getters are torch's own, so what they return is what ``tensor.name`` returns. A
+ * subclass, or a name the classes do not define as a plain getset or method (one torch
+ * overrides in Python), takes the usual getattr. */
+enum {
+    T_REQUIRES_GRAD, T_GRAD_FN, T_SHAPE, T_DTYPE, T_IS_CPU, T_IS_LEAF, T_VERSION, T_OUTPUT_NR,
+    T_IS_INFERENCE, T_IS_CONTIGUOUS, T_IS_NEG, T_IS_ZEROTENSOR, T_DATA_PTR, T_N
+};
+#define T_FIRST_METHOD T_IS_INFERENCE
+static PyObject **tensor_names[T_N] = {
+    &s_requires_grad, &s_grad_fn, &s_shape, &s_dtype, &s_is_cpu, &s_is_leaf, &s_version,
+    &s_output_nr, &s_is_inference, &s_is_contiguous, &s_is_neg, &s_is_zerotensor, &s_data_ptr,
+};
+static PyObject *tensor_descr[T_N]; /* borrowed from the classes, which cfg keeps */
+
+static int is_plain_tensor(PyObject *obj);
+
+static void find_tensor_descriptors(void)
 {
-    PyObject *r = PyObject_CallMethodNoArgs(obj, name);
+    for (int i = 0; i < T_N; i++) {
+        PyObject *d = _PyType_Lookup(cfg.tensor, *tensor_names[i]);
+        int usable = d != NULL && d == _PyType_Lookup(cfg.parameter, *tensor_names[i]) &&
+                     (i < T_FIRST_METHOD ? Py_IS_TYPE(d, &PyGetSetDescr_Type)
+                                         : Py_IS_TYPE(d, &PyMethodDescr_Type));
+        tensor_descr[i] = usable ? d : NULL;
+    }
+}
+
+/* tensor.<name> (a getset) or tensor.<name>() (a method), as a new reference. */
+static PyObject *tensor_fact(PyObject *tensor, int which)
+{
+    PyObject *d = tensor_descr[which];
+    if (d != NULL && is_plain_tensor(tensor)) {
+        if (which < T_FIRST_METHOD) {
+            PyGetSetDef *g = ((PyGetSetDescrObject *)d)->d_getset;
+            return g->get(tensor, g->closure);
+        }
+        return PyObject_Vectorcall(d, &tensor, 1, NULL);
+    }
+    return which < T_FIRST_METHOD ? PyObject_GetAttr(tensor, *tensor_names[which])
+                                  : PyObject_CallMethodNoArgs(tensor, *tensor_names[which]);
+}
+
+static int tensor_truth(PyObject *tensor, int which)
+{
+    PyObject *r = tensor_fact(tensor, which);
     if (r == NULL) return -1;
     int t = PyObject_IsTrue(r);
     Py_DECREF(r);
@@ -328,7 +375,7 @@ static PyObject *fast_stats(PyObject *tensor, PyObject *shape, long axis)
     int usable = native != Py_None;
     Py_DECREF(native);
     if (!usable || !is_plain_tensor(tensor)) return Py_NewRef(Py_None);
-    PyObject *dtype = PyObject_GetAttr(tensor, s_dtype);
+    PyObject *dtype = tensor_fact(tensor, T_DTYPE);
     if (dtype == NULL) return NULL;
     usable = dtype == cfg.float32;
     Py_DECREF(dtype);
@@ -341,11 +388,11 @@ static PyObject *fast_stats(PyObject *tensor, PyObject *shape, long axis)
         if (size <= 0 || numel > INT64_MAX / size) return Py_NewRef(Py_None);
         numel *= size;
     }
-    int contiguous = method_truth(tensor, s_is_contiguous);
+    int contiguous = tensor_truth(tensor, T_IS_CONTIGUOUS);
     if (contiguous <= 0) return contiguous < 0 ? NULL : Py_NewRef(Py_None);
-    int neg = method_truth(tensor, s_is_neg);
+    int neg = tensor_truth(tensor, T_IS_NEG);
     if (neg) return neg < 0 ? NULL : Py_NewRef(Py_None);
-    int zero = method_truth(tensor, s_is_zerotensor);
+    int zero = tensor_truth(tensor, T_IS_ZEROTENSOR);
     if (zero) return zero < 0 ? NULL : Py_NewRef(Py_None);
     /* fvis.stats._channel_dim: None below 3 dims, else 1 or the last dim. */
     long dim = -1;
@@ -358,7 +405,7 @@ static PyObject *fast_stats(PyObject *tensor, PyObject *shape, long axis)
     long long channels = dim >= 0 ? PyLong_AsLongLong(PyTuple_GET_ITEM(shape, dim)) : 0;
     long long outer = first ? PyLong_AsLongLong(PyTuple_GET_ITEM(shape, 0)) : 1;
     long long inner = first ? numel / (outer * channels) : numel;
-    PyObject *address = PyObject_CallMethodNoArgs(tensor, s_data_ptr);
+    PyObject *address = tensor_fact(tensor, T_DATA_PTR);
     if (address == NULL) return NULL;
     const float *x = (const float *)PyLong_AsVoidPtr(address);
     Py_DECREF(address);
@@ -411,13 +458,34 @@ static long channel_dim(Tracer *self, PyObject *key, PyObject *record, PyObject 
     return value == -1 && PyErr_Occurred() ? -1 : value;
 }
 
+/* grad_fn.name(), remembered per node class where every node of the class is named after it:
+ * each backward node torch generates has a class of its own, and a Python autograd.Function's
+ * node is named after its class; the catch-all class of other C++ nodes ("CppFunction") is
+ * named otherwise and is asked every time. */
+static PyObject *node_name_of(PyObject *node)
+{
+    PyObject *type = (PyObject *)Py_TYPE(node);
+    PyObject *known = PyDict_GetItemWithError(cfg.node_names, type);
+    if (known != NULL || PyErr_Occurred()) return Py_XNewRef(known);
+    PyObject *name = PyObject_CallMethodNoArgs(node, s_name);
+    PyObject *type_name = name != NULL ? PyObject_GetAttrString(type, "__name__") : NULL;
+    int same = type_name != NULL && PyUnicode_Check(name) && PyUnicode_Check(type_name) &&
+               PyUnicode_Compare(name, type_name) == 0;
+    Py_XDECREF(type_name);
+    if (name == NULL || PyErr_Occurred() || (same && PyDict_SetItem(cfg.node_names, type, name) < 0)) {
+        Py_XDECREF(name);
+        return NULL;
+    }
+    return name;
+}
+
 /* fvis.session._Session._snapshot of a module's tensor output (path ""). */
 static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *record,
                     PyObject *tensor, PyObject *shape, PyObject *dtype_name)
 {
     int keep_tensors = truth(self->keep_tensors);
     int defer = truth(self->defer_cpu);
-    int is_cpu = attr_truth(tensor, s_is_cpu);
+    int is_cpu = tensor_truth(tensor, T_IS_CPU);
     if (keep_tensors < 0 || defer < 0 || is_cpu < 0) return -1;
     if (keep_tensors || defer || !is_cpu) { /* a copy kept, or statistics on a device */
         PyObject *args[5] = {key, layer, record, cfg.empty, tensor};
@@ -427,23 +495,22 @@ static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *reco
     }
     int grad_enabled = PyTuple_GET_ITEM(record, 3) == Py_True;
     PyObject *call = PyTuple_GET_ITEM(record, 2);
-    int inference = method_truth(tensor, s_is_inference);
-    int requires_grad = attr_truth(tensor, s_requires_grad);
+    int inference = tensor_truth(tensor, T_IS_INFERENCE);
+    int requires_grad = tensor_truth(tensor, T_REQUIRES_GRAD);
     int keep_values = truth(self->keep_values);
     int callback_values = truth(self->callback_values);
     int hold = truth(self->hold);
     if (inference < 0 || requires_grad < 0 || keep_values < 0 || callback_values < 0 || hold < 0)
         return -1;
-    PyObject *node = PyObject_GetAttr(tensor, s_grad_fn);
+    PyObject *node = tensor_fact(tensor, T_GRAD_FN);
     if (node == NULL) return -1;
     int status = -1;
     PyObject *values = NULL, *ref = NULL, *stats = NULL, *item = NULL;
-    PyObject *node_name = node == Py_None ? Py_NewRef(Py_None)
-                                          : PyObject_CallMethodNoArgs(node, s_name);
+    PyObject *node_name = node == Py_None ? Py_NewRef(Py_None) : node_name_of(node);
     PyObject *facts_items[7] = {
         new_bool(grad_enabled), Py_NewRef(PyTuple_GET_ITEM(record, 4)), new_bool(requires_grad),
-        node_name, PyObject_GetAttr(tensor, s_is_leaf), new_bool(inference),
-        inference ? Py_NewRef(Py_None) : PyObject_GetAttr(tensor, s_version),
+        node_name, tensor_fact(tensor, T_IS_LEAF), new_bool(inference),
+        inference ? Py_NewRef(Py_None) : tensor_fact(tensor, T_VERSION),
     };
     PyObject *facts = untracked_tuple(new_named(&PyTuple_Type, 7, facts_items));
     if (facts == NULL) goto done;
@@ -456,7 +523,7 @@ static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *reco
     if (requires_grad && grad_enabled) {
         PyObject *edge = node != Py_None
                              ? untracked_holder(Py_BuildValue(
-                                   "(ON)", node, PyObject_GetAttr(tensor, s_output_nr)))
+                                   "(ON)", node, tensor_fact(tensor, T_OUTPUT_NR)))
                              : PyObject_CallOneArg(cfg.gradient_edge, tensor);
         if (edge == NULL) goto done;
         int failed = 0;
@@ -604,7 +671,7 @@ static PyObject *params_grad(Tracer *self, PyObject *module, PyObject *key, int 
     PyObject *name, *value;
     while (!found && PyDict_Next(params, &pos, &name, &value)) {
         if (value == Py_None) continue;
-        found = attr_truth(value, s_requires_grad);
+        found = tensor_truth(value, T_REQUIRES_GRAD);
         if (found < 0) break;
     }
     pos = 0;
@@ -675,22 +742,22 @@ static int usual_call(Tracer *self, PyObject *module, PyObject *key, PyObject *a
     if (PyErr_Occurred() || u->has_params < 0) return -1;
     u->grad_on = call_truth(cfg.grad_enabled);
     u->inference = call_truth(cfg.inference_mode);
-    u->inputs_rg = attr_truth(PyTuple_GET_ITEM(args, 0), s_requires_grad);
+    u->inputs_rg = tensor_truth(PyTuple_GET_ITEM(args, 0), T_REQUIRES_GRAD);
     if (u->grad_on < 0 || u->inference < 0 || u->inputs_rg < 0) return -1;
-    PyObject *dtype = PyObject_GetAttr(output, s_dtype);
+    PyObject *dtype = tensor_fact(output, T_DTYPE);
     if (dtype == NULL) return -1;
     PyObject *facts = dtype_facts(dtype);
     Py_DECREF(dtype);
     if (facts == NULL) return -1;
     u->floating = PyTuple_GET_ITEM(facts, 0) == Py_True;
     u->dtype_name = PyTuple_GET_ITEM(facts, 1);
-    u->outputs_rg = u->floating ? attr_truth(output, s_requires_grad) : 0;
+    u->outputs_rg = u->floating ? tensor_truth(output, T_REQUIRES_GRAD) : 0;
     if (u->outputs_rg < 0) return -1;
     int needs_grad = u->inputs_rg || u->params_grad == Py_True;
     int cut = u->grad_on && u->floating && needs_grad && !u->inference && !u->outputs_rg;
     int block = !u->grad_on && u->floating && needs_grad && parent_grad_on;
     if (cut || block) return 0; /* a cut, or the first call of a no_grad block: Python */
-    PyObject *size = PyObject_GetAttr(output, s_shape);
+    PyObject *size = tensor_fact(output, T_SHAPE);
     if (size == NULL) return -1;
     u->shape = untracked_tuple(PySequence_Tuple(size));
     Py_DECREF(size);
@@ -756,135 +823,18 @@ static PyObject *tracer_post(Tracer *self, PyObject *const *args, Py_ssize_t nar
     return Py_NewRef(Py_None);
 }
 
-/* A module's forward, wrapped: the pre-hook, the forward, the forward hook, in one C call.
- *
- * Why: any global module hook sends every module call through the slow path of torch's
- * Module._call_impl (a closure, hook loops, a try block: about 1.5-2 us per call, as much as
- * the rest of the bookkeeping). fvis.fasthooks puts one of these in each module's instance
- * __dict__ as ``forward`` instead, where that sees exactly what the global hooks see; the
- * call then takes _call_impl's fast path. */
-typedef struct {
-    PyObject_HEAD
-    Tracer *tracer;
-    PyObject *module, *forward;
-} Wrapped;
+static PyTypeObject TracerType;
 
-/* The code objects of torch's Module._call_impl (and its inner function, and _slow_forward):
- * where a call through module(...) calls forward from. */
-static PyObject *call_sites;
+PyTypeObject *fvis_tracer_type(void) { return &TracerType; }
 
-/* Whether the running Python frame is one of call_sites: a call made through __call__, which
- * global hooks see, and not ``module.forward(x)`` straight from the model's code, which they
- * do not (fvis reports that module as never called, and says why). */
-static int called_through_call(void)
+PyObject *fvis_trace_pre(PyObject *tracer, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyFrameObject *frame = PyEval_GetFrame();
-    if (frame == NULL || call_sites == NULL) return 0;
-    PyCodeObject *code = PyFrame_GetCode(frame);
-    int found = 0;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(call_sites) && !found; i++) {
-        found = PyTuple_GET_ITEM(call_sites, i) == (PyObject *)code;
-    }
-    Py_DECREF(code);
-    return found;
+    return tracer_pre((Tracer *)tracer, args, nargs);
 }
 
-static PyObject *wrapped_call(Wrapped *self, PyObject *args, PyObject *kwargs)
+PyObject *fvis_trace_post(PyObject *tracer, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (!called_through_call()) return PyObject_Call(self->forward, args, kwargs);
-    PyObject *pre_args[2] = {self->module, args};
-    PyObject *r = tracer_pre(self->tracer, pre_args, 2);
-    if (r == NULL) return NULL;
-    Py_DECREF(r);
-    PyObject *output = PyObject_Call(self->forward, args, kwargs);
-    if (output == NULL) return NULL; /* the frame stays: fvis.capture names the failed call */
-    PyObject *keywords = kwargs != NULL ? Py_NewRef(kwargs) : PyDict_New();
-    if (keywords == NULL) {
-        Py_DECREF(output);
-        return NULL;
-    }
-    PyObject *post_args[4] = {self->module, args, keywords, output};
-    r = tracer_post(self->tracer, post_args, 4);
-    Py_DECREF(keywords);
-    if (r == NULL) {
-        Py_DECREF(output);
-        return NULL;
-    }
-    Py_DECREF(r);
-    return output;
-}
-
-static int wrapped_traverse(Wrapped *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->tracer);
-    Py_VISIT(self->module);
-    Py_VISIT(self->forward);
-    return 0;
-}
-
-static int wrapped_clear(Wrapped *self)
-{
-    Py_CLEAR(self->tracer);
-    Py_CLEAR(self->module);
-    Py_CLEAR(self->forward);
-    return 0;
-}
-
-static void wrapped_dealloc(Wrapped *self)
-{
-    PyObject_GC_UnTrack(self);
-    wrapped_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-/* Anything else asked of the wrapper is the wrapped forward's (__name__, __self__, ...). */
-static PyObject *wrapped_getattro(Wrapped *self, PyObject *name)
-{
-    PyObject *found = PyObject_GenericGetAttr((PyObject *)self, name);
-    if (found != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError)) return found;
-    PyErr_Clear();
-    return PyObject_GetAttr(self->forward, name);
-}
-
-static PyObject *wrapped_get_wrapped(Wrapped *self, void *closure)
-{
-    (void)closure;
-    return Py_NewRef(self->forward); /* inspect.signature follows __wrapped__ */
-}
-
-static PyGetSetDef wrapped_getset[] = {
-    {"__wrapped__", (getter)wrapped_get_wrapped, NULL, "the module's own forward", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
-static PyTypeObject WrappedType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "fvis._moments.WrappedForward",
-    .tp_basicsize = sizeof(Wrapped),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "A module's forward with the capture's hooks around it (fvis/_trace.c).",
-    .tp_call = (ternaryfunc)wrapped_call,
-    .tp_traverse = (traverseproc)wrapped_traverse,
-    .tp_clear = (inquiry)wrapped_clear,
-    .tp_dealloc = (destructor)wrapped_dealloc,
-    .tp_getattro = (getattrofunc)wrapped_getattro,
-    .tp_getset = wrapped_getset,
-};
-
-/* wrap(module, forward) -> the forward with this tracer's hooks around it. */
-static PyObject *tracer_wrap(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 2 || !PyCallable_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "wrap(module, forward)");
-        return NULL;
-    }
-    Wrapped *wrapped = PyObject_GC_New(Wrapped, &WrappedType);
-    if (wrapped == NULL) return NULL;
-    wrapped->tracer = (Tracer *)Py_NewRef(self);
-    wrapped->module = Py_NewRef(args[0]);
-    wrapped->forward = Py_NewRef(args[1]);
-    PyObject_GC_Track(wrapped);
-    return (PyObject *)wrapped;
+    return tracer_post((Tracer *)tracer, args, nargs);
 }
 
 static PyObject **live_slot(PyObject *item, int which)
@@ -925,7 +875,7 @@ static PyObject *tracer_check_versions(Tracer *self, PyObject *unused)
             if (PyList_Append(self->done, item) < 0) goto fail;
             continue;
         }
-        PyObject *version = PyObject_GetAttr(tensor, s_version);
+        PyObject *version = tensor_fact(tensor, T_VERSION);
         PyObject *last = *live_slot(item, LIVE_LAST_VERSION);
         int same = version == NULL ? -1 : PyObject_RichCompareBool(version, last, Py_EQ);
         if (same == 0) { /* the rare case: only then name the new grad_fn */
@@ -963,6 +913,7 @@ static PyObject *tracer_captures(Tracer *self, PyObject *const *args, Py_ssize_t
     Py_ssize_t n = PyList_GET_SIZE(items);
     PyObject *out = PyTuple_New(n);
     if (out == NULL) return NULL;
+    int modified = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GET_ITEM(items, i);
         PyObject *facts = Py_IS_TYPE(item, cfg.live) ? *live_slot(item, LIVE_FACTS) : NULL;
@@ -971,6 +922,11 @@ static PyObject *tracer_captures(Tracer *self, PyObject *const *args, Py_ssize_t
             || info == NULL || !PyTuple_Check(info) || PyTuple_GET_SIZE(info) != 3) {
             PyErr_SetString(PyExc_TypeError, "fast_captures: _Live items expected");
             goto fail;
+        }
+        PyObject *version = PyTuple_GET_ITEM(facts, 6), *after = *live_slot(item, LIVE_LAST_VERSION);
+        if (!modified && version != Py_None && after != NULL && after != Py_None) {
+            modified = PyObject_RichCompareBool(version, after, Py_NE); /* modified_in_place */
+            if (modified < 0) goto fail;
         }
         PyObject *grad_items[FACTS_N];
         for (int k = 0; k < 7; k++) grad_items[k] = Py_NewRef(PyTuple_GET_ITEM(facts, k));
@@ -998,19 +954,18 @@ static PyObject *tracer_captures(Tracer *self, PyObject *const *args, Py_ssize_t
         if (atoms) untracked(capture); /* a kept tensor or a stranger value: tracked */
         PyTuple_SET_ITEM(out, i, capture);
     }
-    return out;
+    return Py_BuildValue("(NN)", out, new_bool(modified));
 fail:
     Py_DECREF(out);
     return NULL;
 }
 
 static PyMethodDef tracer_methods[] = {
-    {"wrap", (PyCFunction)(void (*)(void))tracer_wrap, METH_FASTCALL,
-     "wrap(module, forward) -> forward with the pre-hook and forward hook around it"},
     {"fast_check_versions", (PyCFunction)tracer_check_versions, METH_NOARGS,
      "fast_check_versions(): _Session._check_versions"},
     {"fast_captures", (PyCFunction)(void (*)(void))tracer_captures, METH_FASTCALL,
-     "fast_captures(items, batch, calls) -> the final Capture of each _Live item"},
+     "fast_captures(items, batch, calls) -> (the final Capture of each _Live item, whether "
+     "one was modified in place)"},
     {"fast_pre", (PyCFunction)(void (*)(void))tracer_pre, METH_FASTCALL,
      "fast_pre(module, args): the forward pre-hook (fvis.session._Session._pre)"},
     {"fast_post", (PyCFunction)(void (*)(void))tracer_post, METH_FASTCALL,
@@ -1107,7 +1062,9 @@ static PyObject *configure_trace(PyObject *module, PyObject *args)
     KEEP(dtype_name, dtype_name) KEEP(tensor_stats, tensor_stats) KEEP(stats_module, stats_module)
 #undef KEEP
     Py_XSETREF(cfg.dtypes, PyDict_New());
-    if (cfg.dtypes == NULL) return NULL;
+    Py_XSETREF(cfg.node_names, PyDict_New());
+    if (cfg.dtypes == NULL || cfg.node_names == NULL) return NULL;
+    find_tensor_descriptors();
     cfg.ready = 1;
     Py_RETURN_NONE;
 }
@@ -1121,27 +1078,7 @@ static PyObject *tracer_new_checked(PyTypeObject *type, PyObject *args, PyObject
     return PyType_GenericNew(type, args, kwargs);
 }
 
-/* set_call_sites(codes): see call_sites. */
-static PyObject *set_call_sites(PyObject *module, PyObject *codes)
-{
-    (void)module;
-    if (!PyTuple_Check(codes)) {
-        PyErr_SetString(PyExc_TypeError, "set_call_sites(tuple of code objects)");
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(codes); i++) {
-        if (!PyCode_Check(PyTuple_GET_ITEM(codes, i))) {
-            PyErr_SetString(PyExc_TypeError, "set_call_sites: code objects expected");
-            return NULL;
-        }
-    }
-    Py_XSETREF(call_sites, Py_NewRef(codes));
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef trace_functions[] = {
-    {"set_call_sites", (PyCFunction)set_call_sites, METH_O,
-     "set_call_sites(codes): the frames a call through module(...) runs forward from"},
     {"configure_trace", (PyCFunction)configure_trace, METH_VARARGS,
      "configure_trace((classes), (offsets), (functions)): what the fast hooks build and call"},
     {NULL, NULL, 0, NULL},
@@ -1164,7 +1101,7 @@ int fvis_add_trace(PyObject *module)
     INTERN(cfg.empty, "") INTERN(cfg.cpu, "cpu")
 #undef INTERN
     TracerType.tp_new = tracer_new_checked;
-    if (PyType_Ready(&TracerType) < 0 || PyType_Ready(&WrappedType) < 0) return -1;
+    if (PyType_Ready(&TracerType) < 0 || fvis_add_wrap(module) < 0) return -1;
     if (PyModule_AddObjectRef(module, "Tracer", (PyObject *)&TracerType) < 0) return -1;
     return PyModule_AddFunctions(module, trace_functions);
 }

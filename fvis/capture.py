@@ -24,7 +24,7 @@ the names other modules import from ``fvis.capture``.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fvis import fasthooks
 from fvis.choices import Mode, What
 from fvis.errors import ModelInputError, UsageError, first_line, torchscript_refused
 from fvis.ops import OpWatch, split_patterns
@@ -151,9 +152,9 @@ def train_mode(model: nn.Module, train: bool, tree: _Tree | None = None) -> Iter
     flip flags. Wrap the backward pass too: activation checkpointing recomputes the forward
     then, and must see the same modes (``fvis.api`` does).
     """
-    modules = (tree or _walk(model)).modules.values()
-    modes = {module: module.training for module in modules}
-    if _needs_train_call(modes, train):
+    tree = tree or _walk(model)
+    modes = {module: module.training for module in tree.modules.values()}
+    if _needs_train_call(modes, train, tree.classes):
         model.train(train)
     try:
         yield
@@ -167,7 +168,7 @@ def _refuse_script(model: nn.Module, layers: Sequence[str], tree: _Tree) -> None
     """A ScriptModule never calls Python hooks: every layer would be reported "never ran"."""
     if isinstance(model, torch.jit.ScriptModule):
         raise torchscript_refused(f"the model ({type(model).__name__})")
-    if not any(isinstance(m, torch.jit.ScriptModule) for m in tree.modules.values()):
+    if not any(issubclass(c, torch.jit.ScriptModule) for c in tree.classes):
         return  # the usual case: no scripted submodule anywhere
     for layer in layers:
         parts = layer.split(".") if layer else []
@@ -183,20 +184,26 @@ class _Tree:
     names: dict[int, list[str]]  # id -> every dotted name (shared modules have several)
     modules: dict[int, nn.Module]  # id -> module
     by_name: dict[str, nn.Module]
+    classes: frozenset[type]  # every module's class (the checks of a class made once)
 
 
-def _needs_train_call(modes: Mapping[nn.Module, bool], train: bool) -> bool:
+def _needs_train_call(
+    modes: Mapping[nn.Module, bool], train: bool, classes: Iterable[type]
+) -> bool:
     """``model.train(train)`` walks and sets every module; skip it when every flag already
-    matches, unless a module overrides ``train`` (models that keep BatchNorm frozen in
-    training do it there)."""
-    return any(
-        training != train or type(module).train is not nn.Module.train
-        for module, training in modes.items()
-    )
+    matches, unless a module's class overrides ``train`` (models that keep BatchNorm frozen
+    in training do it there)."""
+    return (not train) in modes.values() or any(c.train is not nn.Module.train for c in classes)
 
 
 def _walk(model: nn.Module) -> _Tree:
-    """Every module and every dotted name, walking ``_modules`` so shared modules keep all."""
+    """Every module and every dotted name, walking ``_modules`` so shared modules keep all
+    (in C where the extension is built: ``fasthooks.walk``, the same dicts)."""
+    walked = fasthooks.walk(model)
+    return _Tree(*walked) if walked is not None else _python_walk(model)
+
+
+def _python_walk(model: nn.Module) -> _Tree:
     names: dict[int, list[str]] = {}
     modules: dict[int, nn.Module] = {}
     by_name: dict[str, nn.Module] = {}
@@ -215,7 +222,8 @@ def _walk(model: nn.Module) -> _Tree:
             dot = prefix + "." if prefix else ""
             children = [(dot + n, m) for n, m in module._modules.items() if m is not None]
             stack.extend(reversed(children))
-    return _Tree(names, modules, by_name)
+    fasthooks.untrack(names.values())  # lists of names: never part of a cycle
+    return _Tree(names, modules, by_name, frozenset(map(type, modules.values())))
 
 
 def _targets(tree: _Tree, layers: Sequence[str]) -> dict[int, tuple[str, nn.Module]]:
@@ -225,6 +233,7 @@ def _targets(tree: _Tree, layers: Sequence[str]) -> dict[int, tuple[str, nn.Modu
         if module is None:
             raise ModelInputError(f"no layer {layer!r} in the loaded model")
         targets.setdefault(id(module), (layer, module))
+    fasthooks.untrack(targets.values())  # (name, module): no cycle through them outlives it
     return targets
 
 

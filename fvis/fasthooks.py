@@ -1,4 +1,5 @@
-"""The hook session's fast path: ``_Session``'s base class and its C hooks (fvis/_trace.c).
+"""The hook session's fast path: ``_Session``'s base class and its C hooks (fvis/_trace.c,
+fvis/_wrap.c).
 
 ``Base`` is ``fvis._moments.Tracer`` where the extension was built and configured: a C type
 whose members hold the session's state, with ``fast_pre`` / ``fast_post`` hooks that do the
@@ -9,7 +10,7 @@ compare the two). Nothing the capture records differs between the paths.
 
 The C hooks are not installed as global module hooks where that can be avoided: any global
 hook sends every module call through the slow path of ``Module._call_impl`` (1.5-2 us a
-call). ``wrapped_forwards`` puts the hooks around each module's ``forward`` instead (an
+call). ``wrap_forwards`` puts the hooks around each module's ``forward`` instead (an
 instance attribute, removed at the end), where they see what the global hooks would see:
 the call's arguments before its forward runs and its output before its own forward hooks.
 That holds unless a module has forward pre-hooks of its own (the global pre-hook runs before
@@ -26,8 +27,8 @@ import dataclasses
 import importlib
 import os
 import types
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -106,7 +107,9 @@ def _configure(native: Any, frame: type) -> bool:
             _grad_fn_name,
         ),
     )
-    native.set_call_sites(_call_sites())
+    native.configure_wrap(
+        _call_sites(), nn.Module.__call__, nn.Module._call_impl, torch.jit.ScriptModule
+    )
     return True
 
 
@@ -133,42 +136,46 @@ def hooks(session: Any) -> tuple[Callable[..., None], Callable[..., None]]:
 
 def wrappable(modules: Collection[nn.Module]) -> bool:
     """Whether wrapping each forward sees what global hooks would (see the module doc)."""
+    return _no_other_global_hook() and _native.forwards_wrappable(tuple(modules))
+
+
+def _no_other_global_hook() -> bool:
     hooks = torch.nn.modules.module
-    if not USE_WRAP or hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return False
-    plain, impl = nn.Module.__call__, nn.Module._call_impl
-    return all(
-        type(module).__call__ is plain
-        and type(module)._call_impl is impl
-        and not module._forward_pre_hooks
-        and not isinstance(module, torch.jit.ScriptModule)
-        for module in modules
+    return (
+        _native is not None
+        and USE_WRAP
+        and not hooks._global_forward_hooks
+        and not hooks._global_forward_pre_hooks
     )
 
 
-@contextmanager
-def wrapped_forwards(session: Any, modules: Collection[nn.Module]) -> Iterator[None]:
-    """Each module's ``forward`` wrapped by the session's C hooks inside; every module's own
-    ``__dict__`` exactly as it was after (an instance ``forward``, as accelerate sets, is
-    wrapped and put back)."""
-    saved: list[tuple[dict[str, Any], Any]] = []
-    try:
-        for module in modules:
-            own = module.__dict__
-            previous = own.get("forward", _ABSENT)
-            forward = module.forward if previous is _ABSENT else previous
-            own["forward"] = session.wrap(module, forward)
-            saved.append((own, previous))
-        yield
-    finally:
-        for own, previous in reversed(saved):
-            if previous is _ABSENT:
-                own.pop("forward", None)
-            else:
-                own["forward"] = previous
+def wrap_forwards(session: Any, modules: Collection[nn.Module], stack: ExitStack) -> bool:
+    """Each module's ``forward`` wrapped by the session's C hooks (fvis/_wrap.c) until
+    ``stack`` closes, every module's own ``__dict__`` exactly as it was after (an instance
+    ``forward``, as accelerate sets, is wrapped and put back); False, with nothing done,
+    where that would not see what the global hooks see (``wrappable``)."""
+    if not _no_other_global_hook():
+        return False
+    saved = _native.wrap_forwards(session, tuple(modules))
+    if saved is None:
+        return False
+    stack.callback(_native.unwrap_forwards, saved)
+    return True
 
 
-_ABSENT = object()
+def untrack(containers: Iterable[Any]) -> None:
+    """Takes a capture's own per-module tuples, lists and dicts out of the cycle collector
+    (see fvis/_wrap.c: alive for the whole capture, they would trigger full collections).
+    Only for containers nothing can make part of a garbage cycle; a no-op without the C
+    extension."""
+    if _native is not None:
+        _native.untrack(containers)
+
+
+def walk(model: nn.Module) -> tuple[Any, ...] | None:
+    """``fvis.capture._walk``'s dicts built in C (fvis/_walk.c), or None where Python walks:
+    without the extension, with ``FVIS_NATIVE=0``, or a ``_modules`` that is not a dict."""
+    return _native.walk_modules(model) if enabled() else None
 
 
 def native_session(session: Any) -> bool:

@@ -34,7 +34,7 @@ from fvis.device_stats import (
     sample_on_device,
     stats_from,
 )
-from fvis.fasthooks import Base, hooks, native_session, wrappable, wrapped_forwards
+from fvis.fasthooks import Base, hooks, native_session, wrap_forwards
 from fvis.outputs import describe_value, flatten_tensors
 from fvis.records import (
     CallRecord,
@@ -130,8 +130,7 @@ class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or obje
         pair of global hooks, filtered to this model's modules (installing per-module hooks
         cost ~0.2 ms on a ResNet-18, these ~3 us)."""
         self.native = native_session(self)
-        if self.native and modules and wrappable(modules):
-            stack.enter_context(wrapped_forwards(self, modules))
+        if self.native and modules and wrap_forwards(self, modules, stack):
             return
         pre, post = hooks(self)
         module = torch.nn.modules.module
@@ -527,14 +526,14 @@ class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or obje
 
     def result(self, output: Any, mode: Mode, exported: bool, tree: _Tree) -> CaptureResult:
         done = sorted(self.done, key=_by_seq)
-        captures = (
-            self.fast_captures(done, self.batch, self.calls)  # the same records, built in C
-            if self.native
-            else tuple(
+        if self.native:  # the same records, built in C
+            captures, modified = self.fast_captures(done, self.batch, self.calls)
+        else:
+            captures = tuple(
                 item.capture(self.batch, self.calls.get(item.key, 1), final=True) for item in done
             )
-        )
-        self.in_place_ops = self.in_place_ops or any(c.grad.modified_in_place for c in captures)
+            modified = any(c.grad.modified_in_place for c in captures)
+        self.in_place_ops = self.in_place_ops or modified
         not_called = {
             name: _not_called(name, module, exported)
             for key, (name, module) in self.targets.items()

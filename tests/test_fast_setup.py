@@ -1,0 +1,175 @@
+"""The per-capture setup in C (fvis/_walk.c, fvis/_wrap.c) and what it keeps out of the
+cycle collector: the same module tree as the Python walk, wrappers that are put back and
+never tracked, and a capture that leaves no per-module object for the collector to move to
+its oldest generation (which made CPython run a full collection every ~20 captures)."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+from fvis import fasthooks
+from fvis.capture import Mode, _python_walk, _walk, capture
+from sample_models.zoo import SAMPLES, build
+
+pytestmark = pytest.mark.skipif(not fasthooks.enabled(), reason="fvis._moments not built or off")
+
+
+class Shared(nn.Module):
+    """One module under three names, a ``None`` child, nested containers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.again = self.block
+        self.items = nn.ModuleList([self.block[0], nn.Identity()])
+        self.nothing = None
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 2), "b c": nn.Linear(4, 2)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads["a"](self.items[1](self.again(x)))
+
+
+def tree_fields(tree: object) -> tuple[object, ...]:
+    return (tree.names, tree.modules, tree.by_name, tree.classes)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", [*SAMPLES, "shared"])
+def test_the_c_walk_builds_the_python_tree(name: str) -> None:
+    model = Shared() if name == "shared" else build(name)
+    fast, slow = _walk(model), _python_walk(model)
+    assert tree_fields(fast) == tree_fields(slow)
+    assert list(fast.by_name) == list(slow.by_name)  # the same order: names are listed in it
+    assert list(fast.names) == list(slow.names)
+
+
+def test_the_walk_names_a_shared_module_under_every_name() -> None:
+    model = Shared()
+    tree = _walk(model)
+    assert tree.names[id(model.block)] == ["block", "again"]
+    assert tree.names[id(model.block[0])] == ["block.0", "items.0"]  # its subtree walked once
+    assert "heads.b c" in tree.by_name and "nothing" not in tree.by_name
+
+
+def test_an_odd_modules_table_is_walked_in_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``_modules`` that is not a dict: the C walk declines and Python walks it."""
+    model = Shared()
+    assert fasthooks._native.walk_modules(model) is not None
+    object.__setattr__(model.heads, "_modules", _ModulesTable(model.heads._modules))
+    assert fasthooks._native.walk_modules(model) is None
+    assert "heads.a" in _walk(model).by_name
+
+
+class _ModulesTable:
+    def __init__(self, items: dict[str, nn.Module]) -> None:
+        self._items = dict(items)
+
+    def items(self) -> object:
+        return self._items.items()
+
+    def values(self) -> object:
+        return self._items.values()
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def __iter__(self) -> object:
+        return iter(self._items)
+
+    def __getitem__(self, key: str) -> nn.Module:
+        return self._items[key]
+
+
+def test_wrapped_forwards_are_untracked_and_put_back() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    seen: list[tuple[bool, bool]] = []
+
+    def look(module: nn.Module, args: object, output: object) -> None:
+        wrapper = model[1].__dict__.get("forward")
+        seen.append((wrapper is not None, wrapper is not None and gc.is_tracked(wrapper)))
+
+    model[0].register_forward_hook(look)
+    capture(model, [torch.ones(1, 4)], ["0", "1"])
+    assert seen == [(True, False)]
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert model[1].forward.__func__ is nn.ReLU.forward
+
+
+def test_a_capture_leaves_nothing_per_module_for_the_collector() -> None:
+    """Before: a wrapper, a bound method, two tuples and a list per module were alive and
+    tracked mid-capture (every collection then moved them to the oldest generation)."""
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(200)])
+    last = model[-1]
+    found: list[int] = []
+    before: set[int] = set()
+
+    def count(module: nn.Module, args: object, output: object) -> None:
+        found.append(sum(1 for o in gc.get_objects() if id(o) not in before))
+
+    last.register_forward_hook(count)
+    layers = [str(k) for k in range(200)]
+    capture(model, [torch.ones(2, 8)], layers, mode=Mode.INFERENCE, keep_values=False)  # warm
+    found.clear()
+    gc.collect()
+    before.update(id(o) for o in gc.get_objects())
+    capture(model, [torch.ones(2, 8)], layers, mode=Mode.INFERENCE, keep_values=False)
+    assert found and found[0] < 100, found  # ~50 (the capture's own frames); was over 1,000
+
+
+def test_untrack_takes_only_plain_containers() -> None:
+    items = [[1], (object(),), {"a": []}, nn.Linear(1, 1)]
+    fasthooks.untrack(items)
+    assert [gc.is_tracked(item) for item in items] == [False, False, False, True]
+
+
+class Double(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad * 2
+
+
+class Triple(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x * 3
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad * 3
+
+
+class Custom(nn.Module):
+    def __init__(self, function: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function.apply(x)
+
+
+def test_grad_fn_names_of_every_kind_of_node() -> None:
+    """Generated nodes and Python autograd.Functions (two classes, one name each), as each
+    output's own ``grad_fn.name()`` says (an independent forward hook reads it)."""
+    model = nn.Sequential(nn.Linear(3, 3), Custom(Double), Custom(Triple), Custom(Double))
+    names: dict[str, str] = {}
+    for name, module in model.named_children():
+        module.register_forward_hook(
+            lambda m, a, out, name=name: names.__setitem__(name, out.grad_fn.name())
+        )
+    x = torch.ones(1, 3, requires_grad=True)
+    for _ in range(2):  # the second run reads the names remembered per node class
+        result = capture(model, [x], ["0", "1", "2", "3"])
+        assert {c.layer: c.grad.grad_fn for c in result.captures} == names
+    assert names == {
+        "0": "AddmmBackward0",
+        "1": "DoubleBackward",
+        "2": "TripleBackward",
+        "3": "DoubleBackward",
+    }
