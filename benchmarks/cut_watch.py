@@ -6,6 +6,7 @@ ResNet-18-shaped model at 224x224, the GPT-2-tiny-shaped transformer of ``gpt2is
 width 64, 64 tokens: a sub-millisecond forward where torch's per-op dispatch dominates), side
 by side:
 
+- ``empty mode``: a ``TorchFunctionMode`` that does nothing (what any such mode costs);
 - ``watch (old ops)``: the watch as it was before cut sites (4 detach functions);
 - ``watch (cut sites)``: ``fvis.session._DetachWatch`` with the cut table of ``fvis.cuts``;
 - ``capture, no watch`` / ``capture + watch``: ``fvis.capture`` hooking no layer (the module
@@ -38,6 +39,13 @@ from fvis.session import _DetachWatch, _Session
 _OLD = frozenset(
     {torch.Tensor.detach, torch.detach, torch.Tensor.data.__get__, torch.Tensor.detach_}
 )
+
+
+class _EmptyMode(TorchFunctionMode):
+    """The floor of any Python function mode: every op dispatched to it, nothing done."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
 
 
 class _OldWatch(TorchFunctionMode):
@@ -105,6 +113,7 @@ def _contenders(model: nn.Module, x: Tensor) -> dict[str, Any]:
 
     return {
         "bare forward": bare,
+        "empty mode": under(_EmptyMode),
         "watch (old ops)": under(_OldWatch),
         "watch (cut sites)": under(lambda: _DetachWatch(session)),
         "capture, no watch": lambda: capture(model, [x], [], keep_values=False),

@@ -16,9 +16,9 @@ For each model and grad mode, timed interleaved in one process (``common.interle
 
 ``--clock cpu`` (the table in BENCHMARKS.md) times CPU time of this thread
 (``time.thread_time``) instead of the wall clock, and keeps the fastest of ``--reps``
-interleaved repetitions of 5 calls each (``fastest_cpu``): on a shared 2-core machine the wall
-clock of a 2 ms forward swings by ±20-30% with the other processes; with ``--threads 1`` the
-thread's CPU time is all the work there is.
+interleaved repetitions of 5 calls each (``fastest_cpu``; ``--collect``: each from a full
+collection): on a shared 2-core machine the wall clock of a 2 ms forward swings by ±20-30%
+with the other processes; with ``--threads 1`` the thread's CPU time is all the work there is.
 
 "per record" is the extra time over the bare forward divided by the captures (one per leaf
 call here). Models: ``deep_narrow`` (400 small leaves, 16x64), the ResNet-18-shaped CNN at
@@ -29,6 +29,7 @@ tokens, Hugging Face's names and ``Conv1D``; the same shape as ``ops_overhead.py
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -113,17 +114,20 @@ def _fvis(
 
 
 def fastest_cpu(
-    fns: dict[str, Callable[[], object]], reps: int, calls: int = 5
+    fns: dict[str, Callable[[], object]], reps: int, calls: int = 5, collect: bool = False
 ) -> dict[str, Timing]:
-    """Thread CPU seconds per call: the fastest of ``reps`` interleaved repetitions (each
-    starting from a collected heap, so the cycle collector's work inside is counted alike)."""
+    """Thread CPU seconds per call: the fastest of ``reps`` interleaved repetitions of
+    ``calls`` calls. The cycle collector runs as it does in any loop of captures; with
+    ``collect`` each repetition starts from a full collection instead (which leaves the
+    first call of each repetition cold for every contender: ~15% slower bare forwards)."""
     names = list(fns)
     for name in names:  # warm-up
         fns[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            gc.collect()
+            if collect:
+                gc.collect()
             start = time.thread_time()
             for _ in range(calls):
                 fns[name]()
@@ -138,6 +142,7 @@ def main() -> None:
     parser.add_argument("--modes", default="inference,grad")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--collect", action="store_true", help="--clock cpu: gc.collect() per rep")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     chosen = args.only.split(",")
@@ -147,7 +152,11 @@ def main() -> None:
         layers = leaves(model)
         for mode in args.modes.split(","):
             records = len(_fvis(model, x, mode, layers)().captures)  # type: ignore[attr-defined]
-            timer = fastest_cpu if args.clock == "cpu" else interleaved
+            timer = (
+                functools.partial(fastest_cpu, collect=args.collect)
+                if args.clock == "cpu"
+                else interleaved
+            )
             t = timer(
                 {
                     "bare": _bare(model, x, mode),
