@@ -33,7 +33,7 @@ typedef struct {
  * Module._call_impl, of its inner function and of _slow_forward (where a call through
  * module(...) calls forward from); nn.Module's own __call__ and _call_impl; ScriptModule. */
 static PyObject *call_sites, *plain_call, *plain_call_impl, *script_module;
-static PyObject *s_call, *s_call_impl, *s_forward_pre_hooks, *s_forward;
+static PyObject *s_call, *s_call_impl, *s_forward_pre_hooks, *s_forward, *no_keywords;
 
 /* Whether the running Python frame is one of call_sites: a call made through __call__, which
  * global hooks see, and not ``module.forward(x)`` straight from the model's code, which they
@@ -77,14 +77,10 @@ static PyObject *wrapped_call(Wrapped *self, PyObject *args, PyObject *kwargs)
     Py_DECREF(r);
     PyObject *output = call_forward(self, args, kwargs);
     if (output == NULL) return NULL; /* the frame stays: fvis.capture names the failed call */
-    PyObject *keywords = kwargs != NULL ? Py_NewRef(kwargs) : PyDict_New();
-    if (keywords == NULL) {
-        Py_DECREF(output);
-        return NULL;
-    }
-    PyObject *post_args[4] = {self->module, args, keywords, output};
+    /* no keywords: one shared empty dict (the hooks only read it; a new one per call cost
+     * an allocation the collector counts) */
+    PyObject *post_args[4] = {self->module, args, kwargs != NULL ? kwargs : no_keywords, output};
     r = fvis_trace_post(self->tracer, post_args, 4);
-    Py_DECREF(keywords);
     if (r == NULL) {
         Py_DECREF(output);
         return NULL;
@@ -355,6 +351,6 @@ int fvis_add_wrap(PyObject *module)
     INTERN(s_call, "__call__") INTERN(s_call_impl, "_call_impl")
     INTERN(s_forward_pre_hooks, "_forward_pre_hooks") INTERN(s_forward, "forward")
 #undef INTERN
-    if (PyType_Ready(&WrappedType) < 0) return -1;
+    if ((no_keywords = PyDict_New()) == NULL || PyType_Ready(&WrappedType) < 0) return -1;
     return PyModule_AddFunctions(module, wrap_functions);
 }

@@ -108,7 +108,9 @@ class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or obje
         self.cut_outputs: dict[int, int] = {}  # storage pointer -> call_id of the cut
         self.fed_by_cut: dict[int, int] = {}
         self.notes: dict[str, list[str]] = {}  # layer -> what its output held that was not kept
-        self.all_names = {name for aliases in names.values() for name in aliases}
+        # every dotted name: the walk's by_name holds each one already
+        every = by_name or {name for aliases in names.values() for name in aliases}
+        self.all_names: Collection[str] = every
         self.grids: dict[tuple[int, ...], tuple[int, int, int] | None] = {}
         self.detaches: list[Detach] = []
         self.replaying = False  # re-running a module to test whether its output is constant
