@@ -13,10 +13,17 @@ setup(
     ext_modules=[
         Extension(
             "fvis._moments",
-            sources=["fvis/_moments.c", "fvis/_trace.c", "fvis/_wrap.c", "fvis/_walk.c"],
-            depends=["fvis/_moments.h"],
+            sources=[
+                "fvis/_moments.c",
+                "fvis/_trace.c",
+                "fvis/_facts.c",
+                "fvis/_trace_end.c",
+                "fvis/_wrap.c",
+                "fvis/_walk.c",
+            ],
+            depends=["fvis/_moments.h", "fvis/_trace.h"],
             optional=True,
-            extra_compile_args=["-O2"],
+            extra_compile_args=["-O2", "-fvisibility=hidden"],  # only PyInit is exported
         )
     ]
 )

@@ -1,7 +1,7 @@
 /* Shared by the C files of fvis._moments: the statistics kernel (_moments.c), the hook fast
- * path (_trace.c), the wrapped forwards (_wrap.c) and the module walk (_walk.c). The fast
- * path reads a captured tensor's statistics with the same kernel, so both give the same bits.
- */
+ * path (_trace.c with _facts.c and _trace_end.c, see _trace.h), the wrapped forwards (_wrap.c)
+ * and the module walk (_walk.c). The fast path reads a captured tensor's statistics with the
+ * same kernel, so both give the same bits. */
 #ifndef FVIS_MOMENTS_H
 #define FVIS_MOMENTS_H
 

@@ -1,0 +1,124 @@
+/*
+ * The end of a capture on the C path: the version check that sees outputs changed in place
+ * after their call, and the final Capture and GradFacts records (fvis.session._Session's
+ * _check_versions and result()).
+ */
+#include "_trace.h"
+
+/* fast_check_versions(): fvis.session._Session._check_versions. */
+PyObject *tracer_check_versions(Tracer *self, PyObject *unused)
+{
+    (void)unused;
+    if (!NEED(self, live) || !NEED(self, done)) return NULL;
+    if (!PyList_Check(self->live) || !PyList_Check(self->done)) {
+        PyErr_SetString(PyExc_TypeError, "Tracer.live and .done are lists");
+        return NULL;
+    }
+    PyObject *live = Py_NewRef(self->live);
+    PyObject *still = PyList_New(0);
+    if (still == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(live); i++) {
+        PyObject *item = PyList_GET_ITEM(live, i);
+        if (!Py_IS_TYPE(item, cfg.live)) {
+            PyErr_SetString(PyExc_TypeError, "Tracer.live holds _Live items");
+            goto fail;
+        }
+        PyObject *ref = *live_slot(item, LIVE_REF), *tensor;
+        if (ref == NULL || ref == Py_None) {
+            tensor = Py_NewRef(Py_None);
+        } else if (Py_IS_TYPE(ref, cfg.held)) {
+            tensor = *(PyObject **)((char *)ref + cfg.held_at);
+            tensor = Py_NewRef(tensor != NULL ? tensor : Py_None);
+        } else {
+            tensor = PyObject_CallNoArgs(ref);
+            if (tensor == NULL) goto fail;
+        }
+        if (tensor == Py_None) {
+            Py_DECREF(tensor);
+            if (PyList_Append(self->done, item) < 0) goto fail;
+            continue;
+        }
+        PyObject *version = tensor_fact(tensor, T_VERSION);
+        PyObject *last = *live_slot(item, LIVE_LAST_VERSION);
+        int same = version == NULL ? -1 : PyObject_RichCompareBool(version, last, Py_EQ);
+        if (same == 0) { /* the rare case: only then name the new grad_fn */
+            PyObject *name = PyObject_CallOneArg(cfg.grad_fn_name, tensor);
+            if (name == NULL) {
+                same = -1;
+            } else {
+                Py_XSETREF(*live_slot(item, LIVE_LAST_VERSION), Py_NewRef(version));
+                Py_XSETREF(*live_slot(item, LIVE_LAST_GRAD_FN), name);
+            }
+        }
+        Py_XDECREF(version);
+        Py_DECREF(tensor);
+        if (same < 0 || PyList_Append(still, item) < 0) goto fail;
+    }
+    Py_DECREF(live);
+    Py_XSETREF(self->live, still);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(live);
+    Py_XDECREF(still);
+    return NULL;
+}
+
+/* fast_captures(items, batch, calls) -> tuple of Capture: ``item.capture(batch,
+ * calls.get(item.key, 1), final=True)`` for each _Live item (fvis.records._Live.capture). */
+PyObject *tracer_captures(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 3 || !PyList_Check(args[0]) || !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "fast_captures(items: list, batch, calls: dict)");
+        return NULL;
+    }
+    PyObject *items = args[0], *batch = args[1], *calls = args[2];
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    PyObject *out = PyTuple_New(n);
+    if (out == NULL) return NULL;
+    int modified = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        PyObject *facts = Py_IS_TYPE(item, cfg.live) ? *live_slot(item, LIVE_FACTS) : NULL;
+        PyObject *info = facts != NULL ? *live_slot(item, LIVE_TENSOR_INFO) : NULL;
+        if (facts == NULL || !PyTuple_Check(facts) || PyTuple_GET_SIZE(facts) != 7
+            || info == NULL || !PyTuple_Check(info) || PyTuple_GET_SIZE(info) != 3) {
+            PyErr_SetString(PyExc_TypeError, "fast_captures: _Live items expected");
+            goto fail;
+        }
+        PyObject *version = PyTuple_GET_ITEM(facts, 6), *after = *live_slot(item, LIVE_LAST_VERSION);
+        if (!modified && version != Py_None && after != NULL && after != Py_None) {
+            modified = PyObject_RichCompareBool(version, after, Py_NE); /* modified_in_place */
+            if (modified < 0) goto fail;
+        }
+        PyObject *grad_items[FACTS_N];
+        for (int k = 0; k < 7; k++) grad_items[k] = Py_NewRef(PyTuple_GET_ITEM(facts, k));
+        grad_items[7] = Py_XNewRef(*live_slot(item, LIVE_LAST_VERSION));
+        grad_items[8] = Py_XNewRef(*live_slot(item, LIVE_LAST_GRAD_FN));
+        PyObject *grad = untracked(new_slots(cfg.facts, cfg.facts_at, FACTS_N, grad_items));
+        PyObject *total = PyDict_GetItemWithError(calls, *live_slot(item, LIVE_KEY));
+        if (grad == NULL || (total == NULL && PyErr_Occurred())) {
+            Py_XDECREF(grad);
+            goto fail;
+        }
+        PyObject *fields[CAPTURE_N] = {
+            Py_XNewRef(*live_slot(item, LIVE_LAYER)), Py_XNewRef(*live_slot(item, LIVE_CALL)),
+            Py_XNewRef(*live_slot(item, LIVE_PATH)), Py_NewRef(PyTuple_GET_ITEM(info, 0)),
+            Py_NewRef(PyTuple_GET_ITEM(info, 1)), Py_NewRef(PyTuple_GET_ITEM(info, 2)), grad,
+            Py_XNewRef(*live_slot(item, LIVE_STATS)), Py_XNewRef(*live_slot(item, LIVE_VALUES)),
+            total != NULL ? Py_NewRef(total) : PyLong_FromLong(1), Py_NewRef(batch),
+            Py_XNewRef(*live_slot(item, LIVE_CALL_ID)),
+            Py_XNewRef(*live_slot(item, LIVE_TOKEN_GRID)), Py_XNewRef(*live_slot(item, LIVE_SAVED)),
+        };
+        int atoms = 1;
+        for (int k = 0; k < CAPTURE_N; k++) atoms &= atomic(fields[k]);
+        PyObject *capture = new_slots(cfg.capture, cfg.capture_at, CAPTURE_N, fields);
+        if (capture == NULL) goto fail;
+        if (atoms) untracked(capture); /* a kept tensor or a stranger value: tracked */
+        PyTuple_SET_ITEM(out, i, capture);
+    }
+    return Py_BuildValue("(NN)", out, new_bool(modified));
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
