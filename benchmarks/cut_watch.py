@@ -8,7 +8,7 @@ by side:
 
 - ``empty mode``: a ``TorchFunctionMode`` that does nothing (what any such mode costs);
 - ``watch (old ops)``: the watch as it was before cut sites (4 detach functions);
-- ``watch (cut sites)``: ``fvis.session._DetachWatch`` with the cut table of ``fvis.cuts``;
+- ``watch (cut sites)``: ``fvis.cuts.DetachWatch`` with the cut table of ``fvis.cuts``;
 - ``capture, no watch`` / ``capture + watch``: ``fvis.capture`` hooking no layer (the module
   trace only), without and with the watch: the second, watched pass the API runs when a
   verdict blames a cut.
@@ -34,7 +34,8 @@ from benchmarks.common import fmt_s, interleaved
 from benchmarks.gpt2ish import GPT2_INPUT, GPT2ish
 from benchmarks.models import RESNET_INPUT, resnet18ish
 from fvis.capture import capture
-from fvis.session import _DetachWatch, _Session
+from fvis.cuts import DetachWatch
+from fvis.session import _Session
 
 _OLD = frozenset(
     {torch.Tensor.detach, torch.detach, torch.Tensor.data.__get__, torch.Tensor.detach_}
@@ -115,7 +116,7 @@ def _contenders(model: nn.Module, x: Tensor) -> dict[str, Any]:
         "bare forward": bare,
         "empty mode": under(_EmptyMode),
         "watch (old ops)": under(_OldWatch),
-        "watch (cut sites)": under(lambda: _DetachWatch(session)),
+        "watch (cut sites)": under(lambda: DetachWatch(session)),
         "capture, no watch": lambda: capture(model, [x], [], keep_values=False),
         "capture + watch": lambda: capture(model, [x], [], keep_values=False, watch_ops=True),
     }

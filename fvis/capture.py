@@ -34,11 +34,12 @@ from torch import nn
 
 from fvis import fasthooks
 from fvis.choices import Mode, What
+from fvis.cuts import DetachWatch
 from fvis.errors import ModelInputError, UsageError, first_line, torchscript_refused
 from fvis.ops import OpWatch, split_patterns
 from fvis.outputs import flatten_tensors
 from fvis.records import CallRecord, Capture, CaptureResult, Detach, GradFacts, NotCalled
-from fvis.session import _DetachWatch, _Session
+from fvis.session import _Session
 from fvis.tensor_facts import _dtype as _dtype  # re-exported: fvis.watching reads it here
 from fvis.tensor_facts import gradient_edge, sample_values
 
@@ -132,7 +133,7 @@ def capture(
         stack.enter_context(_grad_context(mode))
         session.install(model, stack, tree.modules.values())
         if watch_ops and mode is Mode.GRAD:  # only a graph can be cut
-            stack.enter_context(_DetachWatch(session))
+            stack.enter_context(DetachWatch(session))
         watch = stack.enter_context(OpWatch(session, op_patterns, every_op)) if ops else None
         output = _run(model, inputs, kwargs or {}, session)
         session.finish()

@@ -1,6 +1,6 @@
 """Which torch functions can cut the autograd graph during a forward, and what each one cut.
 
-The op watch (``fvis.session._DetachWatch``, on in the pass ``fvis.api`` runs when a verdict
+The op watch (``DetachWatch``, on in the pass ``fvis.api`` runs when a verdict
 blames a cut) tests every op against ``CUT_FUNCS``: one frozenset membership test, the whole
 cost when nothing is cut; only a hit calls ``cut_value``.
 ``torch.from_numpy`` is not here: its array already left the graph through ``.numpy()`` or a
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from fvis.records import Detach
 from fvis.sources import locate
@@ -102,3 +103,24 @@ def block_entry(entry: Detach | None, parent: int) -> Detach:
         return entry
     op = "torch.inference_mode()" if torch.is_inference_mode_enabled() else "torch.no_grad()"
     return Detach(parent, None, op, locate(op, block=True))
+
+
+class DetachWatch(TorchFunctionMode):
+    """Sees every graph cut during forward (``fvis.cuts``: ``.detach()``, ``.data``,
+    ``.item()``, entering ``no_grad`` ...; hooks see only module boundaries), so a value
+    detached inside a parent's forward is not called unused, and records its source line."""
+
+    def __init__(self, session: Any) -> None:  # a fvis.session._Session
+        super().__init__()
+        self.session = session
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in CUT_FUNCS and args:  # the only test for ops that cut nothing
+            cut = self.session.on_cut(func, args, kwargs)
+            out = func(*args, **(kwargs or {}))
+            if cut is not None:  # recorded once the op worked (.numpy() of a grad tensor fails)
+                self.session.detaches.append(cut)
+            return out
+        if (kwargs and kwargs.get("inplace")) or getattr(func, "__name__", "").endswith("_"):
+            self.session.in_place_ops = True  # then a saved tensor may have changed
+        return func(*args, **(kwargs or {}))

@@ -1,11 +1,11 @@
-"""The hook session of one capture: what the global module hooks record during forward.
+"""The hook session of one capture: what the module hooks record during forward.
 
 ``_Session`` holds the hook callbacks and their state (the trace of ``CallRecord`` s, the
 captures being recorded as ``fvis.records._Live`` items, gradient edges, where cuts fed
-later calls). ``_Frame`` is a module call under way, ``_DetachWatch`` sees every
-``.detach()`` during forward, ``_call_record`` builds the record of one call, and
-``_perturbed`` / ``_same_tensors`` re-run a module on other values to tell a constant output
-from a cut. ``fvis.capture`` runs the model inside one session.
+later calls); the C hooks (``fvis.fasthooks``) do its usual calls. The records come from
+``fvis.call_records``, the channel axis and token grid of a capture from
+``fvis.session_axes``, and ``fvis.cuts.DetachWatch`` sees every ``.detach()`` during
+forward. ``fvis.capture`` runs the model inside one session.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from fvis import device_stats
 from fvis.attention import missing_probabilities
-from fvis.axes import Axis, channel_axis, decide, find_token_grid, prefix_tokens
+from fvis.axes import Axis
+from fvis.call_records import call_record, not_called
 from fvis.choices import Mode, What
-from fvis.cuts import CUT_FUNCS, SET_GRAD_ENABLED, block_entry, cut_record, grad_entry
+from fvis.cuts import SET_GRAD_ENABLED, block_entry, cut_record, grad_entry
 from fvis.device_stats import (
     DEFERRED_DEVICES,
     HostCopies,
@@ -41,21 +41,21 @@ from fvis.records import (
     Capture,
     CaptureResult,
     Detach,
-    NotCalled,
     _Frame,
     _Held,
     _Live,
 )
+from fvis.session_axes import AxisDecisions
 from fvis.stats import _channel_dim as channel_dim
 from fvis.stats import tensor_stats
 from fvis.tensor_facts import (
-    _any_requires_grad,
     _device,
     _dtype,
     _grad_fn_name,
     _storages,
-    _tensors,
     gradient_edge,
+    perturbed,
+    same_tensors,
     sample_values,
 )
 
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from fvis.capture import _Tree
 
 
-class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or object
+class _Session(AxisDecisions, Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or object
     """State of one capture run: hook callbacks and what they recorded."""
 
     def __init__(
@@ -224,7 +224,7 @@ class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or obje
         params_grad = self.params_grad.get(key)
         if params_grad is None:
             params_grad = self._params_grad(module)
-        record = _call_record(
+        record = call_record(
             frame,
             type(module).__qualname__,
             call,
@@ -341,12 +341,12 @@ class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or obje
         self.replaying = True
         try:
             with torch.no_grad():
-                again = module(*_perturbed(args), **_perturbed(kwargs or {}))
+                again = module(*perturbed(args), **perturbed(kwargs or {}))
         except Exception:  # the module needs its real values: not constant
             return False
         finally:
             self.replaying = False
-        return _same_tensors(output, again)
+        return same_tensors(output, again)
 
     def on_cut(self, func: Any, args: tuple[Any, ...], kwargs: Any) -> Detach | None:
         """The record of the cut ``func`` is about to make (``fvis.cuts``), with its source
@@ -434,66 +434,6 @@ class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or obje
             item.values = sample
             self._deliver(item)
 
-    def _channel_dim(self, key: int, record: CallRecord, shape: tuple[int, ...]) -> int:
-        """``_axis(...).dim``, with what the module itself decides remembered per module and
-        shape for this capture (only a module that does not decide asks the trace)."""
-        own = self.decided.get((key, shape), _UNDECIDED)
-        if own is _UNDECIDED:
-            target = self.targets.get(key)  # an op's module (fvis.ops) need not be a target
-            module = target[1] if target is not None else self.by_name[record.name]
-            own = self.decided[(key, shape)] = decide(module, shape)
-        return own.dim if own is not None else self._axis(key, record, shape).dim
-
-    def _axis(self, key: int, record: CallRecord, shape: tuple[int, ...]) -> Axis:
-        """The channel dim of this output (``fvis.axes``), from its module or its producer."""
-
-        def producer() -> Axis | None:
-            # Calls that finished before this one started, newest first, with this shape.
-            checked = 0
-            for earlier in reversed(self.trace):
-                if earlier.call_id >= record.call_id or shape not in earlier.output_shapes:
-                    continue
-                module = self.by_name.get(earlier.name)
-                found = decide(module, shape) if module is not None else None
-                checked += 1
-                if found is not None:
-                    return Axis(found.dim, f"{found.reason} (in {earlier.name or 'the model'})")
-                if checked >= 16:
-                    break
-            return None
-
-        target = self.targets.get(key)  # an op's module (fvis.ops) need not be a target
-        module = target[1] if target is not None else self.by_name[record.name]
-        return channel_axis(module, shape, producer)
-
-    def _token_grid(
-        self, record: CallRecord, shape: tuple[int, ...]
-    ) -> tuple[int, int, int] | None:
-        """Where ``(N, T, D)`` tokens came from a ``(N, D, H, W)`` patch embedding that ran
-        earlier, with ``T = prefix + H * W`` and the prefix (class, distillation, register)
-        tokens found as parameters of the model: ``(prefix, H, W)``; else None."""
-        key = shape
-        if key not in self.grids:
-            # The prefix count walks every parameter of the model: only where an earlier
-            # call made an (N, D, H, W) map that these tokens may come from (GPT-2 has none).
-            n, _, width = shape
-            maybe = any(
-                len(out) == 4 and out[:2] == (n, width)
-                for earlier in self.trace
-                if earlier.call_id < record.call_id
-                for out in earlier.output_shapes
-            )
-            self.grids[key] = (
-                find_token_grid(self.trace, record.call_id, shape, self.prefix(shape))
-                if maybe
-                else None
-            )
-        return self.grids[key]
-
-    def prefix(self, shape: tuple[int, ...]) -> int:
-        root = self.by_name.get("")
-        return prefix_tokens(root, shape[-1]) if root is not None else 0
-
     def _check_versions(self) -> None:
         # Called after every module call: an in-place op by a later module (ReLU(inplace=True))
         # is seen while the tensor is still alive, even if it is freed before forward ends.
@@ -536,14 +476,14 @@ class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or obje
             )
             modified = any(c.grad.modified_in_place for c in captures)
         self.in_place_ops = self.in_place_ops or modified
-        not_called = {
-            name: _not_called(name, module, exported)
+        missed = {
+            name: not_called(name, module, exported)
             for key, (name, module) in self.targets.items()
             if key not in self.calls
         }
         # A container (ModuleList, ModuleDict) has no forward: it can never run, so it never
         # "never ran"; its items are what runs.
-        never = tuple(name for name, info in not_called.items() if not info.container)
+        never = tuple(name for name, info in missed.items() if not info.container)
         classes = {names[0]: type(tree.modules[key]) for key, names in self.names.items()}
         return CaptureResult(
             captures,
@@ -556,7 +496,7 @@ class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or obje
             self.fed_by_cut,
             {layer: tuple(notes) for layer, notes in self.notes.items()},
             tuple(self.detaches),
-            not_called,
+            missed,
             classes,
             self.in_place_ops,
             frozenset(self.checkpointed),
@@ -564,7 +504,6 @@ class _Session(Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or obje
         )
 
 
-_UNDECIDED = object()
 _by_seq = operator.attrgetter("seq")
 
 
@@ -581,112 +520,3 @@ def _inside_reentrant_checkpoint() -> bool:
 
 
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
-
-
-class _DetachWatch(TorchFunctionMode):
-    """Sees every graph cut during forward (``fvis.cuts``: ``.detach()``, ``.data``,
-    ``.item()``, entering ``no_grad`` ...; hooks see only module boundaries), so a value
-    detached inside a parent's forward is not called unused, and records its source line."""
-
-    def __init__(self, session: _Session) -> None:
-        super().__init__()
-        self.session = session
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in CUT_FUNCS and args:  # the only test for ops that cut nothing
-            cut = self.session.on_cut(func, args, kwargs)
-            out = func(*args, **(kwargs or {}))
-            if cut is not None:  # recorded once the op worked (.numpy() of a grad tensor fails)
-                self.session.detaches.append(cut)
-            return out
-        if (kwargs and kwargs.get("inplace")) or getattr(func, "__name__", "").endswith("_"):
-            self.session.in_place_ops = True  # then a saved tensor may have changed
-        return func(*args, **(kwargs or {}))
-
-
-def _not_called(name: str, module: nn.Module, exported: bool) -> NotCalled:
-    container = type(module).forward is nn.Module.forward  # ModuleList, ModuleDict
-    every = list(module.parameters())
-    params = tuple(p for p in every if p.requires_grad)
-    return NotCalled(name, type(module).__qualname__, container, params, exported, bool(every))
-
-
-def _perturbed(value: Any) -> Any:
-    """``value`` with every floating tensor (in tuples, lists, dicts) replaced by random values
-    of the same shape, dtype and device; a fixed seed keeps runs repeatable."""
-    if isinstance(value, torch.Tensor):
-        if not (value.is_floating_point() or value.is_complex()) or value.device.type == "meta":
-            return value
-        generator = torch.Generator(device=value.device).manual_seed(1234)
-        scale = float(value.detach().abs().max()) + 1.0 if value.numel() else 1.0
-        noise = torch.randn(value.shape, generator=generator, device=value.device)
-        return (noise * scale).to(value.dtype)
-    if type(value) in (tuple, list):
-        return type(value)(_perturbed(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _perturbed(v) for k, v in value.items()}
-    return value
-
-
-def _same_tensors(first: Any, second: Any) -> bool:
-    a, b = _tensors(first), _tensors(second)
-    return (
-        bool(a)
-        and len(a) == len(b)
-        and all(
-            x.shape == y.shape and x.dtype == y.dtype and torch.equal(x.detach(), y.detach())
-            for x, y in zip(a, b, strict=True)
-        )
-    )
-
-
-def _call_record(
-    frame: _Frame,
-    class_name: str,
-    call: int,
-    params_grad: bool,
-    args: Any,
-    output: Any,
-    has_params: bool = False,
-) -> CallRecord:
-    if isinstance(output, torch.Tensor):  # the usual case, without building lists
-        floating = output.is_floating_point() or output.is_complex()
-        outputs_require_grad = floating and output.requires_grad
-        output_shapes: tuple[tuple[int, ...], ...] = (tuple(output.shape),)
-    else:
-        outputs = _tensors(output)
-        floats = [t for t in outputs if t.is_floating_point() or t.is_complex()]
-        floating = bool(floats)
-        outputs_require_grad = any(t.requires_grad for t in floats)
-        output_shapes = tuple(tuple(t.shape) for t in outputs)
-    # tuple.__new__ with every field: what CallRecord(...) builds, without its Python-level
-    # __new__ (3x faster; this runs once per module call).
-    if type(args) is tuple and len(args) == 1 and isinstance(args[0], torch.Tensor):
-        inputs_require_grad = args[0].requires_grad  # the usual call: one tensor in
-    else:
-        inputs_require_grad = _any_requires_grad(args)
-    return _new_tuple(
-        CallRecord,
-        (
-            frame.name,
-            class_name,
-            call,
-            _grad_enabled(),
-            _inference_mode(),
-            inputs_require_grad,
-            params_grad,
-            outputs_require_grad,
-            floating,
-            output_shapes,
-            frame.call_id,
-            frame.parent_id,
-            False,  # constant
-            has_params,
-            False,  # op: a module call, not a tensor op (fvis.ops)
-        ),
-    )
-
-
-_new_tuple = tuple.__new__
-_grad_enabled = torch.is_grad_enabled
-_inference_mode = torch.is_inference_mode_enabled

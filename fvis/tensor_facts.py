@@ -102,3 +102,32 @@ def drawn(tensor: torch.Tensor, sample: int | None) -> torch.Tensor:
     if sample is not None and data.dim() >= 2:
         data = data[min(sample, data.shape[0] - 1)]
     return data.abs() if data.is_complex() else data
+
+
+def perturbed(value: Any) -> Any:
+    """``value`` with every floating tensor (in tuples, lists, dicts) replaced by random values
+    of the same shape, dtype and device; a fixed seed keeps runs repeatable."""
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.is_complex()) or value.device.type == "meta":
+            return value
+        generator = torch.Generator(device=value.device).manual_seed(1234)
+        scale = float(value.detach().abs().max()) + 1.0 if value.numel() else 1.0
+        noise = torch.randn(value.shape, generator=generator, device=value.device)
+        return (noise * scale).to(value.dtype)
+    if type(value) in (tuple, list):
+        return type(value)(perturbed(v) for v in value)
+    if isinstance(value, dict):
+        return {k: perturbed(v) for k, v in value.items()}
+    return value
+
+
+def same_tensors(first: Any, second: Any) -> bool:
+    a, b = _tensors(first), _tensors(second)
+    return (
+        bool(a)
+        and len(a) == len(b)
+        and all(
+            x.shape == y.shape and x.dtype == y.dtype and torch.equal(x.detach(), y.detach())
+            for x, y in zip(a, b, strict=True)
+        )
+    )
