@@ -123,7 +123,7 @@ class Gallery:
         """Grad-CAM overlays for captures with a ``(C, H, W)`` activation and its gradient,
         one per drawn sample, each over that sample's own input image (when it has one)."""
         from fvis.backward import gradcam
-        from fvis.render import overlay
+        from fvis.overlay import overlay
 
         for capture in captures:
             grad = grads.get(capture.label)

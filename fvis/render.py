@@ -42,16 +42,32 @@ import io
 import math
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import cache
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from fvis.choices import Cmap, NormScope
 from fvis.errors import OutputError, UsageError
+from fvis.palette import (
+    BACKGROUND_INDEX,
+    MID_INDEX,
+    N_COLOURS,
+    NAN_INDEX,
+    NEGINF_INDEX,
+    POSINF_INDEX,
+    RESERVED_COLOURS,
+    TEXT_INDEX,
+    bitmap_font,
+    cmap_table,
+    digit_glyphs,
+    line_height,
+    palette,
+    safe_text,
+    text_width,
+)
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -66,23 +82,7 @@ __all__ = [
     "save_png",
 ]
 
-N_COLOURS = 251
-MID_INDEX = (N_COLOURS - 1) // 2
-NAN_INDEX = 251
-POSINF_INDEX = 252
-NEGINF_INDEX = 253
-BACKGROUND_INDEX = 254
-TEXT_INDEX = 255
-RESERVED_COLOURS: dict[int, tuple[int, int, int]] = {
-    NAN_INDEX: (255, 0, 255),
-    POSINF_INDEX: (0, 255, 0),
-    NEGINF_INDEX: (0, 255, 255),
-    BACKGROUND_INDEX: (22, 60, 70),
-    TEXT_INDEX: (250, 250, 250),
-}
-
 _GAP = 2  # px between grid cells, and the margin around everything
-_MAX_TITLE_CHARS = 120
 _MAX_BODY_PIXELS = 1 << 22  # 2048 x 2048: beyond this, subsample rather than write a huge PNG
 _STRIP_WRAP = 256
 _MIN_AXIS_PX = 8
@@ -208,19 +208,19 @@ def retitle(image: Image.Image, info: RenderInfo, old: str, new: str) -> Image.I
     if not info.header or old == new:
         return image
     first = info.header[0]
-    drawn = _safe_text(old)
-    lines = [_safe_text(new) + first[len(drawn) :] if first.startswith(drawn) else first]
+    drawn = safe_text(old)
+    lines = [safe_text(new) + first[len(drawn) :] if first.startswith(drawn) else first]
     lines += info.header[1:]
-    top = _GAP * 2 + len(info.header) * _line_height()
+    top = _GAP * 2 + len(info.header) * line_height()
     body = np.asarray(image)[top : image.height - _GAP, _GAP:]
-    width = max(_text_width(line) for line in lines) + 2 * _GAP
+    width = max(text_width(line) for line in lines) + 2 * _GAP
     canvas = np.full((image.height, max(image.width, width)), BACKGROUND_INDEX, np.uint8)
     canvas[top : image.height - _GAP, _GAP : _GAP + body.shape[1]] = body
     out = Image.fromarray(canvas)
     out.putpalette(image.getpalette() or [])
     draw = ImageDraw.Draw(out)
     for i, line in enumerate(lines):
-        draw.text((_GAP, _GAP + i * _line_height()), line, fill=TEXT_INDEX, font=_font())
+        draw.text((_GAP, _GAP + i * line_height()), line, fill=TEXT_INDEX, font=bitmap_font())
     return out
 
 
@@ -468,7 +468,7 @@ def _grid_body(tiles: NDArray[np.uint8], labels: tuple[int, ...]) -> NDArray[np.
 
 def _label_masks(labels: tuple[int, ...]) -> NDArray[np.bool_]:
     """(n, glyph height, width) text masks for the labels, built from cached digit glyphs."""
-    glyphs = _digit_glyphs()
+    glyphs = digit_glyphs()
     width = max(len(str(label)) for label in labels)
     text = "".join(str(label).ljust(width) for label in labels).encode("ascii")
     codes = np.frombuffer(text, np.uint8).reshape(len(labels), width) - ord("0")
@@ -492,7 +492,7 @@ def _header_lines(
     shown = "[no finite values]" if value_range is None else _format_range(value_range)
     if math.prod(shape) == 0:
         shown = "[empty]"
-    lines = [f"{_safe_text(title)}  {tuple(shape)}  {shown}"]
+    lines = [f"{safe_text(title)}  {tuple(shape)}  {shown}"]
     names = ("NaN", "+Inf", "-Inf")
     colours = ("magenta", "green", "cyan")
     found = [f"{k} {c} ({col})" for k, c, col in zip(names, counts, colours, strict=True) if c]
@@ -507,144 +507,18 @@ def _format_range(value_range: tuple[float, float]) -> str:
     return f"[{value_range[0]:.3g}, {value_range[1]:.3g}]"
 
 
-def _safe_text(text: str) -> str:
-    """Text the bitmap font can draw: others become '?', capped at 120 chars with '...'."""
-    safe = "".join(c if ord(c) < 256 and c.isprintable() else "?" for c in text)
-    if len(safe) > _MAX_TITLE_CHARS:
-        safe = safe[: _MAX_TITLE_CHARS - 3] + "..."
-    return safe
-
-
 def _compose(lines: list[str], body: NDArray[np.uint8], cmap: Cmap) -> Image.Image:
     """Place the body under the text lines on a background canvas and draw the text."""
-    font, line_h = _font(), _line_height()
-    text_w = max(_text_width(line) for line in lines)
+    typeface, line_h = bitmap_font(), line_height()
+    text_w = max(text_width(line) for line in lines)
     top = _GAP * 2 + len(lines) * line_h
     width = max(body.shape[1], text_w) + 2 * _GAP
     height = top + body.shape[0] + _GAP
     canvas = np.full((height, width), BACKGROUND_INDEX, np.uint8)
     canvas[top : top + body.shape[0], _GAP : _GAP + body.shape[1]] = body
     image = Image.fromarray(canvas)
-    image.putpalette(_palette(cmap))
+    image.putpalette(palette(cmap))
     draw = ImageDraw.Draw(image)
     for i, line in enumerate(lines):
-        draw.text((_GAP, _GAP + i * line_h), line, fill=TEXT_INDEX, font=font)
+        draw.text((_GAP, _GAP + i * line_h), line, fill=TEXT_INDEX, font=typeface)
     return image
-
-
-# --- fonts and colour tables (built once) ----------------------------------------------
-
-_ANCHORS: dict[Cmap, tuple[str, ...]] = {
-    Cmap.GRAY: ("000000", "ffffff"),
-    # viridis, magma: 9 evenly spaced samples of matplotlib's tables; coolwarm: Moreland's.
-    Cmap.VIRIDIS: (
-        *("440154", "472d7b", "3b528b", "2c728e", "21908c"),
-        *("27ad81", "5dc863", "aadc32", "fde725"),
-    ),
-    Cmap.MAGMA: (
-        *("000004", "1d1147", "51127c", "822681", "b63679"),
-        *("e65164", "fb8861", "fec287", "fcfdbf"),
-    ),
-    Cmap.COOLWARM: (
-        *("3b4cc0", "6282ea", "8db0fe", "b8d0f9", "dddddd"),
-        *("f5c4ad", "f49a7b", "de604d", "b40426"),
-    ),
-}
-
-
-def cmap_table(cmap: Cmap) -> NDArray[np.uint8]:
-    """The colour map's (251, 3) RGB table, low to high, interpolated from anchor colours.
-
-    >>> cmap_table(Cmap.GRAY)[[0, -1]].tolist()
-    [[0, 0, 0], [255, 255, 255]]
-    """
-    anchors = np.array([list(bytes.fromhex(h)) for h in _ANCHORS[cmap]], np.float64)
-    at = np.linspace(0.0, 1.0, len(anchors))
-    x = np.linspace(0.0, 1.0, N_COLOURS)
-    channels = [np.interp(x, at, anchors[:, i]) for i in range(3)]
-    return np.rint(np.stack(channels, axis=1)).astype(np.uint8)
-
-
-@cache
-def _palette(cmap: Cmap) -> bytes:
-    """The 256-entry RGB palette: colour map, then the reserved colours."""
-    table = np.zeros((256, 3), np.uint8)
-    table[:N_COLOURS] = cmap_table(cmap)
-    for index, rgb in RESERVED_COLOURS.items():
-        table[index] = rgb
-    return table.tobytes()
-
-
-@cache
-def _font() -> ImageFont.ImageFont:
-    """Pillow's built-in bitmap font: Latin-1, fixed metrics, no FreeType needed."""
-    loader = getattr(ImageFont, "load_default_imagefont", None)  # Pillow >= 10.1
-    # Before 10.1, load_default() itself returned the bitmap font.
-    return cast(ImageFont.ImageFont, loader() if loader else ImageFont.load_default())
-
-
-def _text_width(text: str) -> int:
-    """Pixel width of text in the bitmap font."""
-    return int(_font().getbbox(text)[2])
-
-
-@cache
-def _line_height() -> int:
-    """Height of one line of text in the bitmap font, plus one pixel of leading."""
-    return int(_font().getbbox("0Ag|_")[3]) + 1
-
-
-@cache
-def _digit_glyphs() -> NDArray[np.bool_]:
-    """(11, height, width) masks of '0'..'9' and a blank, drawn once with the bitmap font."""
-    gw = max(_text_width(d) for d in "0123456789")
-    gh = _line_height() - 1
-    glyphs = np.zeros((11, gh, gw), np.bool_)
-    for digit in range(10):
-        mask = Image.new("1", (gw, gh), 0)
-        ImageDraw.Draw(mask).text((0, 0), str(digit), fill=1, font=_font())
-        glyphs[digit] = np.asarray(mask)
-    glyphs.flags.writeable = False
-    return glyphs
-
-
-_MIN_OVERLAY_WIDTH = 192
-
-
-def overlay(
-    heat: NDArray[np.floating],
-    base: NDArray[np.uint8] | None,
-    title: str,
-    cmap: Cmap = Cmap.MAGMA,
-    alpha: float = 0.5,
-) -> Image.Image:
-    """A ``[0, 1]`` heatmap (Grad-CAM) resized onto ``base`` (HxWx3 uint8), as an RGB image.
-
-    >>> overlay(np.eye(4), None, "cam").mode
-    'RGB'
-    """
-    table = cmap_table(cmap).astype(np.float32)
-    if base is not None and base.shape[1] < _MIN_OVERLAY_WIDTH:
-        # A 32x32 input would give an unreadable overlay: repeat pixels (no new detail).
-        factor = -(-_MIN_OVERLAY_WIDTH // base.shape[1])
-        base = np.repeat(np.repeat(base, factor, axis=0), factor, axis=1)
-    size = (
-        (base.shape[1], base.shape[0])
-        if base is not None
-        else (heat.shape[1] * 8, heat.shape[0] * 8)
-    )
-    small = Image.fromarray(np.clip(heat, 0.0, 1.0).astype(np.float32), mode="F")
-    big = np.asarray(small.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
-    colours = table[np.clip((big * (len(table) - 1)).round().astype(int), 0, len(table) - 1)]
-    if base is not None:
-        rgb = base[..., :3] if base.shape[2] >= 3 else np.repeat(base[..., :1], 3, axis=2)
-        colours = (1 - alpha) * rgb.astype(np.float32) + alpha * colours
-    picture = Image.fromarray(colours.clip(0, 255).astype(np.uint8), mode="RGB")
-    strip = Image.new("RGB", (picture.width, 14), RESERVED_COLOURS[BACKGROUND_INDEX])
-    ImageDraw.Draw(strip).text(
-        (2, 1), _safe_text(title), fill=RESERVED_COLOURS[TEXT_INDEX], font=_font()
-    )
-    out = Image.new("RGB", (picture.width, picture.height + strip.height))
-    out.paste(strip, (0, 0))
-    out.paste(picture, (0, strip.height))
-    return out

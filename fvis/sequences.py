@@ -21,26 +21,28 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
-from fvis.render import (
-    _GAP,
+from fvis.palette import (
     BACKGROUND_INDEX,
-    DEFAULT_OPTIONS,
     N_COLOURS,
     TEXT_INDEX,
+    bitmap_font,
+    digit_glyphs,
+    line_height,
+    palette,
+    safe_text,
+    text_width,
+)
+from fvis.render import (
+    _GAP,
+    DEFAULT_OPTIONS,
     Cmap,
     Layout,
     RenderInfo,
     RenderOptions,
     _as_real,
-    _digit_glyphs,
-    _font,
     _header_lines,
-    _line_height,
-    _palette,
     _robust_bounds,
-    _safe_text,
     _stats,
-    _text_width,
     _to_indices,
     _top_by_energy,
     _upscale,
@@ -60,7 +62,7 @@ def token_label(token: str) -> str:
     >>> token_label("Ġworld")
     '_world'
     """
-    text = _safe_text(token.translate(_TOKEN_MARKS))
+    text = safe_text(token.translate(_TOKEN_MARKS))
     return text if len(text) <= _MAX_LABEL_CHARS else text[: _MAX_LABEL_CHARS - 1] + "~"
 
 
@@ -94,7 +96,7 @@ def render_tokens(
     if tokens is None or len(tokens) != t:
         extra.append("rows: token positions")
     row_h, every = _row_height(t)
-    col_w = max(1, min(_text_width("0") + 1, _MAX_BODY_SIDE // max(len(shown), 1)))
+    col_w = max(1, min(text_width("0") + 1, _MAX_BODY_SIDE // max(len(shown), 1)))
     body = _upscale(indices, row_h, col_w)
     dims = _column_labels(shown, col_w)
     header = _header_lines(title, arr.shape, value_range, tuple(extra), _three(counts))
@@ -132,7 +134,7 @@ def _three(counts: list[int]) -> tuple[int, int, int]:
 
 def _row_height(rows: int) -> tuple[int, int]:
     """Pixels per row, and every how many rows a label is drawn."""
-    line = _line_height()
+    line = line_height()
     height = line if rows * line <= _MAX_BODY_SIDE else max(1, _MAX_BODY_SIDE // rows)
     return height, math.ceil(line / height)
 
@@ -140,7 +142,7 @@ def _row_height(rows: int) -> tuple[int, int]:
 def _column_labels(shown: tuple[int, ...], col_w: int) -> NDArray[np.uint8]:
     """Each shown dim's index as digits stacked top to bottom over its column (columns too
     narrow for a digit are labelled every n-th)."""
-    glyphs = _digit_glyphs()
+    glyphs = digit_glyphs()
     _, gh, gw = glyphs.shape
     digits = max(len(str(i)) for i in shown) if shown else 1
     every = math.ceil((gw + 1) / col_w)
@@ -169,22 +171,22 @@ def _assemble(
     cmap: Cmap,
 ) -> Image.Image:
     """Title lines; dim labels over the body; token labels left of it; the legend below."""
-    line_h, gap = _line_height(), _GAP
-    label_w = max(_text_width(label) for label in labels) + gap
+    line_h, gap = line_height(), _GAP
+    label_w = max(text_width(label) for label in labels) + gap
     legend = _legend_text(bounds)
     top = gap * 2 + len(lines) * line_h
     body_top = top + dims.shape[0]
     legend_top = body_top + body.shape[0] + gap * 2
-    width = max(label_w + body.shape[1], max(_text_width(x) for x in lines), _legend_width(legend))
+    width = max(label_w + body.shape[1], max(text_width(x) for x in lines), _legend_width(legend))
     height = legend_top + max(_LEGEND_H, line_h) + gap
     canvas = np.full((height, width + 2 * gap), BACKGROUND_INDEX, np.uint8)
     left = gap + label_w
     canvas[top:body_top, left : left + dims.shape[1]] = dims
     canvas[body_top : body_top + body.shape[0], left : left + body.shape[1]] = body
     image = Image.fromarray(canvas)
-    image.putpalette(_palette(cmap))
+    image.putpalette(palette(cmap))
     draw = ImageDraw.Draw(image)
-    font = _font()
+    font = bitmap_font()
     for i, line in enumerate(lines):
         draw.text((gap, gap + i * line_h), line, fill=TEXT_INDEX, font=font)
     for i in range(0, len(labels), every):
@@ -227,8 +229,8 @@ def _attention_tile(
 ) -> Image.Image:
     """One head: its title, key labels written upwards over the columns, query labels to the
     left of the rows."""
-    font, line_h, gap = _font(), _line_height(), _GAP
-    label_w = max(_text_width(label) for label in labels) + gap
+    font, line_h, gap = bitmap_font(), line_height(), _GAP
+    label_w = max(text_width(label) for label in labels) + gap
     body = _upscale(indices, cell, cell)
     top = line_h + label_w
     tile = Image.new("P", (label_w + body.shape[1] + gap, top + body.shape[0] + gap))
@@ -252,36 +254,38 @@ def _assemble_tiles(
     lines: list[str], tiles: list[Image.Image], bounds: tuple[float, float], cmap: Cmap
 ) -> Image.Image:
     """Tiles in a near-square grid under the title lines, the legend below."""
-    gap, line_h = _GAP, _line_height()
+    gap, line_h = _GAP, line_height()
     cols = math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / cols)
     tile_w, tile_h = max(t.width for t in tiles), max(t.height for t in tiles)
     legend = _legend_text(bounds)
     top = gap * 2 + len(lines) * line_h
     legend_top = top + rows * (tile_h + gap) + gap
-    width = max(cols * (tile_w + gap), max(_text_width(x) for x in lines), _legend_width(legend))
+    width = max(cols * (tile_w + gap), max(text_width(x) for x in lines), _legend_width(legend))
     image = Image.new("P", (width + 2 * gap, legend_top + line_h + gap))
-    image.putpalette(_palette(cmap))
+    image.putpalette(palette(cmap))
     image.paste(BACKGROUND_INDEX, (0, 0, image.width, image.height))
     for n, tile in enumerate(tiles):
         image.paste(tile, (gap + (n % cols) * (tile_w + gap), top + (n // cols) * (tile_h + gap)))
     _draw_legend(image, legend, legend_top)
     draw = ImageDraw.Draw(image)
     for i, line in enumerate(lines):
-        draw.text((gap, gap + i * line_h), line, fill=TEXT_INDEX, font=_font())
+        draw.text((gap, gap + i * line_h), line, fill=TEXT_INDEX, font=bitmap_font())
     return image
 
 
 def _draw_legend(image: Image.Image, legend: tuple[str, str], legend_top: int) -> None:
     """The colour bar (every colour-map index, low to high) between its two end values."""
-    gap, line_h = _GAP, _line_height()
-    bar_left = gap + _text_width(legend[0]) + gap
+    gap, line_h = _GAP, line_height()
+    bar_left = gap + text_width(legend[0]) + gap
     bar_top = legend_top + max(0, (line_h - _LEGEND_H) // 2)
     ramp = np.repeat(np.arange(N_COLOURS, dtype=np.uint8)[None, :], _LEGEND_H, axis=0)
     image.paste(Image.fromarray(ramp), (bar_left, bar_top))
     draw = ImageDraw.Draw(image)
-    draw.text((gap, legend_top), legend[0], fill=TEXT_INDEX, font=_font())
-    draw.text((bar_left + N_COLOURS + gap, legend_top), legend[1], fill=TEXT_INDEX, font=_font())
+    draw.text((gap, legend_top), legend[0], fill=TEXT_INDEX, font=bitmap_font())
+    draw.text(
+        (bar_left + N_COLOURS + gap, legend_top), legend[1], fill=TEXT_INDEX, font=bitmap_font()
+    )
 
 
 def _legend_text(bounds: tuple[float, float] | None) -> tuple[str, str]:
@@ -291,4 +295,4 @@ def _legend_text(bounds: tuple[float, float] | None) -> tuple[str, str]:
 
 
 def _legend_width(legend: tuple[str, str]) -> int:
-    return _text_width(legend[0]) + N_COLOURS + _text_width(legend[1]) + 4 * _GAP
+    return text_width(legend[0]) + N_COLOURS + text_width(legend[1]) + 4 * _GAP

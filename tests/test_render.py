@@ -32,6 +32,7 @@ from fvis.render import (
 )
 
 render_module = importlib.import_module("fvis.render")  # `fvis.render` is the public function
+palette_module = importlib.import_module("fvis.palette")
 
 LAST = N_COLOURS - 1
 PATTERN = np.arange(16.0).reshape(4, 4)
@@ -67,7 +68,7 @@ def expected_levels(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def label_width() -> int:
-    return int(render_module._digit_glyphs().shape[2])
+    return int(palette_module.digit_glyphs().shape[2])
 
 
 # --- grid geometry and colour order --------------------------------------------------
@@ -316,10 +317,10 @@ def test_integer_input_is_accepted_and_complex_is_refused() -> None:
 
 def test_hostile_titles_render_safely() -> None:
     hostile = "[red]x[/red]\x1b[2J../../etc 特征图 🔥"
-    assert render_module._safe_text(hostile) == "[red]x[/red]?[2J../../etc ??? ?"
+    assert palette_module.safe_text(hostile) == "[red]x[/red]?[2J../../etc ??? ?"
     image, _ = render(np.ones((2, 3, 3)), hostile * 20)
     assert image.size[0] < 130 * 8
-    capped = render_module._safe_text("a" * 500)
+    capped = palette_module.safe_text("a" * 500)
     assert len(capped) == 120 and capped.endswith("...")
 
 
