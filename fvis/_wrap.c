@@ -34,6 +34,7 @@ typedef struct {
  * module(...) calls forward from); nn.Module's own __call__ and _call_impl; ScriptModule. */
 static PyObject *call_sites, *plain_call, *plain_call_impl, *script_module;
 static PyObject *s_call, *s_call_impl, *s_forward_pre_hooks, *s_forward, *no_keywords;
+static PyObject *s_getattribute, *plain_getattribute; /* object.__getattribute__ */
 
 /* Whether the running Python frame is one of call_sites: a call made through __call__, which
  * global hooks see, and not ``module.forward(x)`` straight from the model's code, which they
@@ -139,17 +140,37 @@ static PyTypeObject WrappedType = {
     .tp_getset = wrapped_getset,
 };
 
-static PyObject *new_wrapped(PyObject *tracer, PyObject *module, PyObject *forward)
+/* The wrapper of a module's forward: func called with the module first where bound. */
+static PyObject *new_wrapped(PyObject *tracer, PyObject *module, PyObject *func, int bound)
 {
     Wrapped *wrapped = PyObject_New(Wrapped, &WrappedType);
     if (wrapped == NULL) return NULL;
     wrapped->tracer = Py_NewRef(tracer);
     wrapped->module = Py_NewRef(module);
-    /* A method bound to the module is kept as its function: a bound method is an object the
-     * collector tracks (and may not be untracked). */
-    wrapped->bound = PyMethod_Check(forward) && PyMethod_GET_SELF(forward) == module;
-    wrapped->func = Py_NewRef(wrapped->bound ? PyMethod_GET_FUNCTION(forward) : forward);
+    wrapped->func = Py_NewRef(func);
+    wrapped->bound = bound;
     return (PyObject *)wrapped;
+}
+
+/* The wrapper of what ``module.forward`` is. A plain function on the class (the usual case)
+ * is kept as it is, bound at each call: a bound method is an object the collector tracks
+ * (and may not be untracked), and making one costs as much again. */
+static PyObject *wrap_forward_of(PyObject *tracer, PyObject *module, PyObject *previous)
+{
+    if (previous == NULL) { /* attribute lookup is object's (wrappable_module) */
+        PyObject *on_class = _PyType_Lookup(Py_TYPE(module), s_forward); /* borrowed */
+        if (on_class != NULL && PyFunction_Check(on_class)) {
+            return new_wrapped(tracer, module, on_class, 1);
+        }
+    }
+    PyObject *forward =
+        previous != NULL ? Py_NewRef(previous) : PyObject_GetAttr(module, s_forward);
+    if (forward == NULL) return NULL;
+    int bound = PyMethod_Check(forward) && PyMethod_GET_SELF(forward) == module;
+    PyObject *func = bound ? PyMethod_GET_FUNCTION(forward) : forward;
+    PyObject *wrapped = new_wrapped(tracer, module, func, bound);
+    Py_DECREF(forward);
+    return wrapped;
 }
 
 /* configure_wrap(codes, call, call_impl, script_module): see call_sites. */
@@ -177,7 +198,8 @@ static PyObject *configure_wrap(PyObject *module, PyObject *args)
 #define TYPES_SEEN 64
 
 /* Whether wrapping this module's forward sees what global hooks would (fvis.fasthooks):
- * torch's own __call__ and _call_impl, no forward pre-hook of its own, not scripted. The
+ * torch's own __call__ and _call_impl, object's __getattribute__, no forward pre-hook of its
+ * own, not scripted. The
  * type checks are made once per class (seen). 1, 0, or -1 with an exception. */
 static int wrappable_module(PyObject *m, PyTypeObject **seen, int *n_seen)
 {
@@ -191,8 +213,10 @@ static int wrappable_module(PyObject *m, PyTypeObject **seen, int *n_seen)
     for (int i = 0; i < *n_seen; i++) {
         if (seen[i] == type) return 1;
     }
+    /* a class's own __getattribute__ may answer ``forward`` without the instance dict */
     ok = _PyType_Lookup(type, s_call) == plain_call &&
-         _PyType_Lookup(type, s_call_impl) == plain_call_impl;
+         _PyType_Lookup(type, s_call_impl) == plain_call_impl &&
+         _PyType_Lookup(type, s_getattribute) == plain_getattribute;
     if (ok) {
         int scripted = PyObject_IsSubclass((PyObject *)type, script_module);
         if (scripted < 0) return -1;
@@ -253,11 +277,9 @@ static int wrap_one(PyObject *tracer, PyObject *m, PyObject *saved)
     PyObject *own = PyObject_GenericGetDict(m, NULL);
     if (own == NULL) return -1;
     PyObject *previous = PyDict_GetItemWithError(own, s_forward); /* accelerate sets one */
-    PyObject *forward = previous != NULL ? Py_NewRef(previous)
-                        : PyErr_Occurred() ? NULL : PyObject_GetAttr(m, s_forward);
-    PyObject *entry = forward == NULL ? NULL
+    PyObject *entry = PyErr_Occurred() ? NULL
                       : previous != NULL ? PyTuple_Pack(2, own, previous) : PyTuple_Pack(1, own);
-    PyObject *wrapped = entry == NULL ? NULL : new_wrapped(tracer, m, forward);
+    PyObject *wrapped = entry == NULL ? NULL : wrap_forward_of(tracer, m, previous);
     int failed = wrapped == NULL || PyList_Append(saved, entry) < 0;
     if (!failed) {
         PyObject_GC_UnTrack(entry); /* see the top of this file */
@@ -266,7 +288,6 @@ static int wrap_one(PyObject *tracer, PyObject *m, PyObject *saved)
     }
     Py_XDECREF(wrapped);
     Py_XDECREF(entry);
-    Py_XDECREF(forward);
     Py_DECREF(own);
     return failed ? -1 : 0;
 }
@@ -350,7 +371,9 @@ int fvis_add_wrap(PyObject *module)
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1;
     INTERN(s_call, "__call__") INTERN(s_call_impl, "_call_impl")
     INTERN(s_forward_pre_hooks, "_forward_pre_hooks") INTERN(s_forward, "forward")
+    INTERN(s_getattribute, "__getattribute__")
 #undef INTERN
+    plain_getattribute = _PyType_Lookup(&PyBaseObject_Type, s_getattribute); /* immortal type */
     if ((no_keywords = PyDict_New()) == NULL || PyType_Ready(&WrappedType) < 0) return -1;
     return PyModule_AddFunctions(module, wrap_functions);
 }

@@ -5,6 +5,7 @@ its oldest generation (which made CPython run a full collection every ~20 captur
 
 from __future__ import annotations
 
+import functools
 import gc
 
 import pytest
@@ -173,3 +174,36 @@ def test_grad_fn_names_of_every_kind_of_node() -> None:
         "2": "TripleBackward",
         "3": "DoubleBackward",
     }
+
+
+class AnswersForward(nn.Module):
+    """Its own ``__getattribute__`` answers ``forward`` without looking at the instance."""
+
+    def __getattribute__(self, name: str) -> object:
+        if name == "forward":
+            return lambda x: x * 3
+        return super().__getattribute__(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+class PartialForward(nn.Module):
+    """A ``forward`` on the class that is not a plain function."""
+
+    def _scaled(self, x: torch.Tensor, factor: float) -> torch.Tensor:
+        return x * factor
+
+    forward = functools.partialmethod(_scaled, factor=5.0)
+
+
+@pytest.mark.parametrize("cls", [AnswersForward, PartialForward])
+def test_odd_forwards_are_captured_as_a_plain_call_runs_them(cls: type[nn.Module]) -> None:
+    """Each capture holds what the module's own call returns (3x, 5x), wrapped or not."""
+    model = nn.Sequential(cls())
+    x = torch.ones(1, 2)
+    expected = model(x)
+    result = capture(model, [x], ["0"])
+    assert [c.stats.max for c in result.captures] == [float(expected.max())]
+    assert fasthooks.wrappable(list(model.modules())) is (cls is PartialForward)
+    assert "forward" not in model[0].__dict__
