@@ -48,6 +48,7 @@ static PyObject **tensor_names[T_N] = {
     &s_output_nr, &s_is_inference, &s_is_contiguous, &s_is_neg, &s_is_zerotensor, &s_data_ptr,
 };
 static PyObject *tensor_descr[T_N]; /* borrowed from the classes, which cfg keeps */
+static unsigned int looked_up_in[2];  /* the classes' version tags when they were looked up */
 
 void find_tensor_descriptors(void)
 {
@@ -58,11 +59,24 @@ void find_tensor_descriptors(void)
                                          : Py_IS_TYPE(d, &PyMethodDescr_Type));
         tensor_descr[i] = usable ? d : NULL;
     }
+    looked_up_in[0] = cfg.tensor->tp_version_tag;
+    looked_up_in[1] = cfg.parameter->tp_version_tag;
 }
 
-/* tensor.<name> (a getset) or tensor.<name>() (a method), as a new reference. */
+/* Whether the classes are as they were looked up: CPython gives a class a new version tag
+ * whenever it or a base changes (``torch.Tensor.data_ptr = ...``); 0 is no tag. */
+static int descriptors_current(void)
+{
+    return looked_up_in[0] != 0 && looked_up_in[0] == cfg.tensor->tp_version_tag &&
+           looked_up_in[1] != 0 && looked_up_in[1] == cfg.parameter->tp_version_tag;
+}
+
+/* tensor.<name> (a getset) or tensor.<name>() (a method), as a new reference. A method set
+ * on one tensor object itself (``t.is_contiguous = f``) is not seen: torch never does that,
+ * and for data_ptr the real address is what the statistics must read. */
 PyObject *tensor_fact(PyObject *tensor, int which)
 {
+    if (!descriptors_current()) find_tensor_descriptors();
     PyObject *d = tensor_descr[which];
     if (d != NULL && is_plain_tensor(tensor)) {
         if (which < T_FIRST_METHOD) {

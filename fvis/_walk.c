@@ -15,7 +15,8 @@ static PyObject *s_modules, *s_dot, *s_empty;
 
 /* Visits module under prefix: the same steps as fvis.capture._walk's loop body. The children
  * go on the stack last first, so they are visited in order. 1 done, 0 where Python must walk
- * (a _modules that is not a dict), -1 with an exception. */
+ * (a _modules that is not exactly a dict, a child name that is not exactly a str), -1 with an
+ * exception. */
 static int visit(PyObject *prefix, PyObject *module, PyObject *names, PyObject *modules,
                  PyObject *by_name, PyObject *classes, PyObject *stack)
 {
@@ -43,7 +44,7 @@ static int visit(PyObject *prefix, PyObject *module, PyObject *names, PyObject *
     PyObject *children = PyDict_GetItemWithError(own_dict, s_modules);
     Py_XINCREF(children);
     Py_DECREF(own_dict);
-    if (children == NULL || !PyDict_Check(children)) {
+    if (children == NULL || !PyDict_CheckExact(children)) { /* an OrderedDict keeps its order */
         status = PyErr_Occurred() ? -1 : 0; /* Python's walk says what is wrong with it */
         Py_XDECREF(children);
         goto done;
@@ -57,6 +58,11 @@ static int visit(PyObject *prefix, PyObject *module, PyObject *names, PyObject *
         PyObject *added = status < 0 ? NULL : PyList_New(0);
         while (added != NULL && PyDict_Next(children, &pos, &name, &child)) {
             if (child == Py_None) continue;
+            if (!PyUnicode_CheckExact(name)) { /* a name Python must spell (or refuse) */
+                Py_CLEAR(added);
+                status = 0;
+                break;
+            }
             PyObject *full = dot != NULL ? PyUnicode_Concat(dot, name) : Py_NewRef(name);
             PyObject *entry = full == NULL ? NULL : PyTuple_Pack(2, full, child);
             Py_XDECREF(full);
@@ -64,7 +70,7 @@ static int visit(PyObject *prefix, PyObject *module, PyObject *names, PyObject *
             Py_XDECREF(entry);
         }
         if (added == NULL) {
-            status = -1;
+            if (status > 0) status = -1;
         } else {
             if (PyList_Reverse(added) < 0 || PyList_SetSlice(stack, at, at, added) < 0) status = -1;
             Py_DECREF(added);

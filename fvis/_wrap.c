@@ -12,9 +12,10 @@
  * so every collection during it finds them alive and moves them to the oldest generation,
  * and after about twenty captures CPython runs a full collection over every object torch
  * and the model own (tens of milliseconds: a fifth of a small model's capture). They are
- * therefore kept out of the collector: the wrapper is never tracked, and untrack() takes the
- * containers out. The only cycle through them (module -> __dict__ -> wrapper -> session ->
- * module) is broken by hand when the capture puts each forward back.
+ * therefore kept out of the collector: the wrapper is not tracked while the capture runs, and
+ * untrack() takes the containers out. The only cycle through them (module -> __dict__ ->
+ * wrapper -> session -> module) is broken by hand when the capture puts each forward back
+ * (retire: a wrapper something else kept lets the session go and is tracked from then on).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -35,6 +36,7 @@ typedef struct {
 static PyObject *call_sites, *plain_call, *plain_call_impl, *script_module;
 static PyObject *s_call, *s_call_impl, *s_forward_pre_hooks, *s_forward, *no_keywords;
 static PyObject *s_getattribute, *plain_getattribute; /* object.__getattribute__ */
+static PyObject *s_backward_hooks, *s_backward_pre_hooks;
 
 /* Whether the running Python frame is one of call_sites: a call made through __call__, which
  * global hooks see, and not ``module.forward(x)`` straight from the model's code, which they
@@ -71,7 +73,8 @@ static PyObject *call_forward(Wrapped *self, PyObject *args, PyObject *kwargs)
 
 static PyObject *wrapped_call(Wrapped *self, PyObject *args, PyObject *kwargs)
 {
-    if (!called_through_call()) return call_forward(self, args, kwargs);
+    /* tracer NULL: the capture ended and this wrapper had been kept somewhere (unwrap) */
+    if (self->tracer == NULL || !called_through_call()) return call_forward(self, args, kwargs);
     PyObject *pre_args[2] = {self->module, args};
     PyObject *r = fvis_trace_pre(self->tracer, pre_args, 2);
     if (r == NULL) return NULL;
@@ -90,11 +93,26 @@ static PyObject *wrapped_call(Wrapped *self, PyObject *args, PyObject *kwargs)
     return output;
 }
 
-static void wrapped_dealloc(Wrapped *self)
+static int wrapped_traverse(Wrapped *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->tracer);
+    Py_VISIT(self->module);
+    Py_VISIT(self->func);
+    return 0;
+}
+
+static int wrapped_clear(Wrapped *self)
 {
     Py_CLEAR(self->tracer);
     Py_CLEAR(self->module);
     Py_CLEAR(self->func);
+    return 0;
+}
+
+static void wrapped_dealloc(Wrapped *self)
+{
+    PyObject_GC_UnTrack(self); /* the function, which allows an untracked object */
+    wrapped_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -132,9 +150,11 @@ static PyTypeObject WrappedType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "fvis._moments.WrappedForward",
     .tp_basicsize = sizeof(Wrapped),
-    .tp_flags = Py_TPFLAGS_DEFAULT, /* not collected: see the top of this file */
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, /* tracked only once it escapes */
     .tp_doc = "A module's forward with the capture's hooks around it (fvis/_wrap.c).",
     .tp_call = (ternaryfunc)wrapped_call,
+    .tp_traverse = (traverseproc)wrapped_traverse,
+    .tp_clear = (inquiry)wrapped_clear,
     .tp_dealloc = (destructor)wrapped_dealloc,
     .tp_getattro = (getattrofunc)wrapped_getattro,
     .tp_getset = wrapped_getset,
@@ -143,7 +163,7 @@ static PyTypeObject WrappedType = {
 /* The wrapper of a module's forward: func called with the module first where bound. */
 static PyObject *new_wrapped(PyObject *tracer, PyObject *module, PyObject *func, int bound)
 {
-    Wrapped *wrapped = PyObject_New(Wrapped, &WrappedType);
+    Wrapped *wrapped = PyObject_GC_New(Wrapped, &WrappedType); /* left untracked */
     if (wrapped == NULL) return NULL;
     wrapped->tracer = Py_NewRef(tracer);
     wrapped->module = Py_NewRef(module);
@@ -197,26 +217,38 @@ static PyObject *configure_wrap(PyObject *module, PyObject *args)
 
 #define TYPES_SEEN 64
 
+/* Whether own[name] is an empty dict (a module's hook tables); a missing table is not. */
+static int empty_dict(PyObject *own, PyObject *name)
+{
+    PyObject *table = PyDict_GetItemWithError(own, name);
+    return table != NULL && PyDict_Check(table) && PyDict_GET_SIZE(table) == 0;
+}
+
 /* Whether wrapping this module's forward sees what global hooks would (fvis.fasthooks):
- * torch's own __call__ and _call_impl, object's __getattribute__, no forward pre-hook of its
- * own, not scripted. The
+ * torch's own __call__ and _call_impl, object's __getattribute__, no data descriptor named
+ * forward, no forward pre-hook or backward hook of its own, not scripted. The
  * type checks are made once per class (seen). 1, 0, or -1 with an exception. */
 static int wrappable_module(PyObject *m, PyTypeObject **seen, int *n_seen)
 {
     PyObject *own = PyObject_GenericGetDict(m, NULL);
     if (own == NULL) return -1;
-    PyObject *pre_hooks = PyDict_GetItemWithError(own, s_forward_pre_hooks);
-    int ok = pre_hooks != NULL && PyDict_Check(pre_hooks) && PyDict_GET_SIZE(pre_hooks) == 0;
+    /* its own forward pre-hooks run after the global ones; backward hooks replace the
+     * arguments (BackwardHookFunction) after the global pre-hooks saw them */
+    int ok = empty_dict(own, s_forward_pre_hooks) && empty_dict(own, s_backward_hooks) &&
+             empty_dict(own, s_backward_pre_hooks);
     Py_DECREF(own);
     if (!ok) return PyErr_Occurred() ? -1 : 0;
     PyTypeObject *type = Py_TYPE(m);
     for (int i = 0; i < *n_seen; i++) {
         if (seen[i] == type) return 1;
     }
-    /* a class's own __getattribute__ may answer ``forward`` without the instance dict */
+    /* a class's own __getattribute__, or a data descriptor named forward (a property), would
+     * answer ``forward`` without the instance dict */
+    PyObject *on_class = _PyType_Lookup(type, s_forward);
     ok = _PyType_Lookup(type, s_call) == plain_call &&
          _PyType_Lookup(type, s_call_impl) == plain_call_impl &&
-         _PyType_Lookup(type, s_getattribute) == plain_getattribute;
+         _PyType_Lookup(type, s_getattribute) == plain_getattribute &&
+         (on_class == NULL || Py_TYPE(on_class)->tp_descr_set == NULL);
     if (ok) {
         int scripted = PyObject_IsSubclass((PyObject *)type, script_module);
         if (scripted < 0) return -1;
@@ -253,22 +285,46 @@ static PyObject *forwards_wrappable(PyObject *module, PyObject *modules)
     return ok < 0 ? NULL : PyBool_FromLong(ok);
 }
 
+/* Ends a wrapper's part in the capture as its module gets its forward back. One that was
+ * kept somewhere else during the capture (a partial of ``module.forward``, say) stays, as a
+ * plain forward: it lets the session go and is tracked from now on, so a cycle through it
+ * can be collected. */
+static void retire(PyObject *wrapper)
+{
+    if (wrapper == NULL || !Py_IS_TYPE(wrapper, &WrappedType)) return;
+    Wrapped *w = (Wrapped *)wrapper;
+    Py_CLEAR(w->tracer);
+    if (Py_REFCNT(wrapper) > 2 && !PyObject_GC_IsTracked(wrapper)) { /* beyond dict + ours */
+        PyObject_GC_Track(wrapper);
+    }
+}
+
 /* Puts back what saved records, last first: (own,) where the module had no instance forward
- * (it is removed), (own, previous) where it had one. */
+ * (it is removed), (own, previous) where it had one. Every entry is put back even when one
+ * fails; the first error is the one raised. */
 static int restore(PyObject *saved)
 {
-    int failed = 0;
+    PyObject *type = NULL, *value = NULL, *traceback = NULL;
     for (Py_ssize_t i = PyList_GET_SIZE(saved) - 1; i >= 0; i--) {
         PyObject *entry = PyList_GET_ITEM(saved, i);
         PyObject *own = PyTuple_GET_ITEM(entry, 0);
-        if (PyTuple_GET_SIZE(entry) == 2) {
-            failed |= PyDict_SetItem(own, s_forward, PyTuple_GET_ITEM(entry, 1)) < 0;
-        } else if (PyDict_DelItem(own, s_forward) < 0) {
-            if (PyErr_ExceptionMatches(PyExc_KeyError)) PyErr_Clear();
-            else failed = 1;
+        PyObject *wrapper = PyDict_GetItemWithError(own, s_forward);
+        Py_XINCREF(wrapper);
+        retire(wrapper);
+        int failed = wrapper == NULL && PyErr_Occurred();
+        if (!failed && PyTuple_GET_SIZE(entry) == 2) {
+            failed = PyDict_SetItem(own, s_forward, PyTuple_GET_ITEM(entry, 1)) < 0;
+        } else if (!failed && PyDict_DelItem(own, s_forward) < 0) {
+            failed = !PyErr_ExceptionMatches(PyExc_KeyError);
+            if (!failed) PyErr_Clear();
         }
+        Py_XDECREF(wrapper);
+        if (failed && type == NULL) PyErr_Fetch(&type, &value, &traceback);
+        else if (failed) PyErr_Clear();
     }
-    return failed ? -1 : 0;
+    if (type == NULL) return 0;
+    PyErr_Restore(type, value, traceback);
+    return -1;
 }
 
 /* Wraps one module's forward and records what to put back in saved. */
@@ -371,7 +427,8 @@ int fvis_add_wrap(PyObject *module)
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1;
     INTERN(s_call, "__call__") INTERN(s_call_impl, "_call_impl")
     INTERN(s_forward_pre_hooks, "_forward_pre_hooks") INTERN(s_forward, "forward")
-    INTERN(s_getattribute, "__getattribute__")
+    INTERN(s_getattribute, "__getattribute__") INTERN(s_backward_hooks, "_backward_hooks")
+    INTERN(s_backward_pre_hooks, "_backward_pre_hooks")
 #undef INTERN
     plain_getattribute = _PyType_Lookup(&PyBaseObject_Type, s_getattribute); /* immortal type */
     if ((no_keywords = PyDict_New()) == NULL || PyType_Ready(&WrappedType) < 0) return -1;

@@ -64,7 +64,8 @@ def _load() -> Any:
         native = importlib.import_module("fvis._moments")
     except ImportError:  # built without a C compiler
         return None
-    return native if hasattr(native, "Tracer") else None  # an older in-place build
+    needed = ("Tracer", "configure_wrap", "wrap_forwards", "walk_modules", "untrack")
+    return native if all(hasattr(native, n) for n in needed) else None  # an older build
 
 
 def _offsets(native: Any, cls: type, names: tuple[str, ...]) -> tuple[int, ...] | None:
@@ -141,11 +142,13 @@ def wrappable(modules: Collection[nn.Module]) -> bool:
 
 def _no_other_global_hook() -> bool:
     hooks = torch.nn.modules.module
-    return (
+    return (  # global backward hooks replace every module's arguments before its forward
         _native is not None
         and USE_WRAP
         and not hooks._global_forward_hooks
         and not hooks._global_forward_pre_hooks
+        and not hooks._global_backward_hooks
+        and not hooks._global_backward_pre_hooks
     )
 
 

@@ -5,8 +5,11 @@ its oldest generation (which made CPython run a full collection every ~20 captur
 
 from __future__ import annotations
 
+import collections
 import functools
 import gc
+import types
+import weakref
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from torch import nn
 from fvis import fasthooks
 from fvis.capture import Mode, _python_walk, _walk, capture
 from sample_models.zoo import SAMPLES, build
+from tests.hook_paths import assert_same, run_capture
 
 pytestmark = pytest.mark.skipif(not fasthooks.enabled(), reason="fvis._moments not built or off")
 
@@ -207,3 +211,99 @@ def test_odd_forwards_are_captured_as_a_plain_call_runs_them(cls: type[nn.Module
     assert [c.stats.max for c in result.captures] == [float(expected.max())]
     assert fasthooks.wrappable(list(model.modules())) is (cls is PartialForward)
     assert "forward" not in model[0].__dict__
+
+
+class PropertyForward(nn.Module):
+    """``forward`` is a property: a data descriptor, which the instance dict cannot shadow."""
+
+    @property
+    def forward(self) -> object:  # type: ignore[override]
+        return lambda x: x * 7
+
+
+def test_a_property_forward_keeps_the_global_hooks() -> None:
+    model = nn.Sequential(PropertyForward())
+    assert not fasthooks.wrappable(list(model.modules()))
+    result = capture(model, [torch.ones(1, 2)], ["0"])
+    assert [c.stats.max for c in result.captures] == [7.0]
+
+
+def backward_hooked() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    model[2].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    return model
+
+
+@pytest.mark.parametrize("what", ["input", "output"])
+def test_backward_hooks_keep_the_global_hooks(what: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full backward hook swaps a module's arguments for BackwardHookFunction outputs after
+    the global pre-hooks ran: wrapped, the inputs' grad_fn would differ from what the global
+    hooks record (the Python session is the reference)."""
+    model = backward_hooked()
+    assert not fasthooks.wrappable(list(model.modules()))
+    x = torch.ones(1, 3, requires_grad=True)
+    fast, _, _ = run_capture(model, x, True, monkeypatch, what=what)
+    slow, _, _ = run_capture(model, x, False, monkeypatch, what=what)
+    assert_same(fast, slow)
+
+
+def test_a_global_backward_hook_keeps_the_global_hooks() -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    hooks = torch.nn.modules.module
+    with hooks.register_module_full_backward_hook(lambda module, grad_in, grad_out: None):
+        assert not fasthooks.wrappable(list(model.modules()))
+    assert fasthooks.wrappable(list(model.modules()))
+
+
+class KeepsForward(nn.Module):
+    """Keeps a partial of its child's ``forward`` (the wrapper, during a capture)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(2, 2)
+        self.kept: object = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.kept = functools.partial(self.inner.forward)
+        return self.inner(x)
+
+
+def test_a_kept_wrapper_lets_the_capture_go() -> None:
+    """After the capture the kept wrapper is a plain forward, records nothing, and a cycle
+    through it (model -> kept -> wrapper -> model) is collected."""
+    model = KeepsForward()
+    result = capture(model, [torch.ones(1, 2)], ["inner"])
+    assert len(result.captures) == 1
+    kept = model.kept
+    assert torch.equal(kept(torch.ones(1, 2)), model.inner(torch.ones(1, 2)))  # type: ignore[operator]
+    gone = weakref.ref(model)
+    del model, kept, result
+    gc.collect()
+    assert gone() is None
+
+
+def test_an_ordered_modules_table_is_walked_in_its_own_order() -> None:
+    """An OrderedDict ``_modules`` (old pickles) iterates in its own order, which may not be
+    the dict's insertion order: Python walks it."""
+    model = nn.Sequential(nn.ReLU(), nn.Tanh(), nn.Sigmoid())
+    object.__setattr__(model, "_modules", collections.OrderedDict(model._modules))
+    model._modules.move_to_end("0")
+    assert fasthooks._native.walk_modules(model) is None
+    assert list(_walk(model).by_name) == ["", "1", "2", "0"] == list(_python_walk(model).by_name)
+
+
+def test_a_stale_build_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An in-place build from before the wrapped forwards has a Tracer but not the rest."""
+    old = types.SimpleNamespace(Tracer=object, slot_offsets=None)
+    monkeypatch.setattr(fasthooks.importlib, "import_module", lambda name: old)
+    assert fasthooks._load() is None
+
+
+def test_tensor_facts_follow_a_patched_tensor_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The descriptors read in C are looked up again when torch.Tensor changes."""
+    model = nn.Sequential(nn.Linear(2, 2))
+    x = torch.ones(1, 2)
+    assert [c.grad.is_inference for c in capture(model, [x], ["0"]).captures] == [False]
+    monkeypatch.setattr(torch.Tensor, "is_inference", lambda self: True)
+    assert [c.grad.is_inference for c in capture(model, [x], ["0"]).captures] == [True]
