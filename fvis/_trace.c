@@ -16,7 +16,9 @@
  * record by record on the sample zoo and on real models.
  *
  * Tracer is the base class of fvis.session._Session: its members are the session's state,
- * set and read from Python by name, read here directly.
+ * set and read from Python by name, read here directly. The tensor facts and records it
+ * builds are in _facts.c, the end of a capture in _trace_end.c, the module walk in _walk.c
+ * (_trace.h: what they share).
  */
 #include "_trace.h"
 
