@@ -34,7 +34,7 @@ int call_truth(PyObject *callable)
     return t;
 }
 
-int attr_truth(PyObject *obj, PyObject *name)
+static int attr_truth(PyObject *obj, PyObject *name)
 {
     PyObject *r = PyObject_GetAttr(obj, name);
     if (r == NULL) return -1;

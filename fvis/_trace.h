@@ -62,7 +62,6 @@ PyObject *need(PyObject *value, const char *name);
 #define NEED(self, name) need((self)->name, #name)
 int truth(PyObject *value);
 int call_truth(PyObject *callable);
-int attr_truth(PyObject *obj, PyObject *name);
 
 /* Tensor facts read through the descriptors of torch.Tensor itself (fvis.fasthooks hands the
  * classes over once), for exact Tensor and Parameter objects only: a getset's getter called

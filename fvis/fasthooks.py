@@ -177,7 +177,8 @@ def untrack(containers: Iterable[Any]) -> None:
 
 def walk(model: nn.Module) -> tuple[Any, ...] | None:
     """``fvis.capture._walk``'s dicts built in C (fvis/_walk.c), or None where Python walks:
-    without the extension, with ``FVIS_NATIVE=0``, or a ``_modules`` that is not a dict."""
+    without the extension, with ``FVIS_NATIVE=0``, or where a ``_modules`` is not exactly a
+    dict or a child's name not exactly a str."""
     return _native.walk_modules(model) if enabled() else None
 
 

@@ -183,10 +183,15 @@ def test_a_module_with_its_own_pre_hook_keeps_the_global_hooks() -> None:
     assert not fasthooks.wrappable(list(model.modules()))
 
 
-def test_another_global_hook_keeps_the_global_hooks() -> None:
-    """One registered before fvis's runs before them and may change the output they see."""
+@pytest.mark.parametrize(
+    "register",
+    ["register_module_forward_hook", "register_module_full_backward_hook"],
+)
+def test_another_global_hook_keeps_the_global_hooks(register: str) -> None:
+    """A forward hook registered before fvis's runs before them and may change the output they
+    see; a backward hook replaces every module's arguments after the global pre-hooks."""
     model = nn.Sequential(nn.Linear(2, 2))
     hooks = torch.nn.modules.module
-    with hooks.register_module_forward_hook(lambda module, args, output: None):
+    with getattr(hooks, register)(lambda module, first, second: None):
         assert not fasthooks.wrappable(list(model.modules()))
     assert fasthooks.wrappable(list(model.modules()))
