@@ -201,20 +201,15 @@ static int64_t dead_last(const float *x, int64_t rows, int64_t channels)
     return dead;
 }
 
-/* fvis.stats._native_stats for a finite contiguous float32 host tensor, or Py_None (a new
- * reference) where fvis.stats.tensor_stats must decide; NULL on error. */
+/* fvis.stats._native_stats for a finite contiguous float32 host tensor (the caller read the
+ * dtype), or Py_None (a new reference) where fvis.stats.tensor_stats must decide; NULL on
+ * error. */
 PyObject *fast_stats(PyObject *tensor, PyObject *shape, long axis)
 {
-    PyObject *native = PyObject_GetAttr(cfg.stats_module, s_native);
-    if (native == NULL) return NULL;
-    int usable = native != Py_None;
-    Py_DECREF(native);
-    if (!usable || !is_plain_tensor(tensor)) return Py_NewRef(Py_None);
-    PyObject *dtype = tensor_fact(tensor, T_DTYPE);
-    if (dtype == NULL) return NULL;
-    usable = dtype == cfg.float32;
-    Py_DECREF(dtype);
-    if (!usable) return Py_NewRef(Py_None);
+    /* fvis.stats._native, read from the module's dict (tests switch it off) */
+    PyObject *native = PyDict_GetItemWithError(PyModule_GetDict(cfg.stats_module), s_native);
+    if (native == NULL) return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    if (native == Py_None || !is_plain_tensor(tensor)) return Py_NewRef(Py_None);
     Py_ssize_t ndim = PyTuple_GET_SIZE(shape);
     long long numel = 1;
     for (Py_ssize_t i = 0; i < ndim; i++) {
@@ -269,6 +264,51 @@ PyObject *fast_stats(PyObject *tensor, PyObject *shape, long axis)
         dim >= 0 ? PyLong_FromLong(dim) : Py_NewRef(Py_None),
     };
     return untracked(new_slots(cfg.stats, cfg.stats_at, STATS_N, items));
+}
+
+/* ``tensor._version``, and in *inference whether the tensor is an inference tensor (then the
+ * version is None). Out of inference mode the version is read first: only an inference tensor
+ * has no version counter (c10 refuses one to it), so a version read means "not inference" and
+ * the is_inference() call (a method, as dear as three getters) is made only where the read
+ * failed. */
+PyObject *version_or_inference(PyObject *tensor, int inference_mode, int *inference)
+{
+    if (inference_mode) {
+        *inference = tensor_truth(tensor, T_IS_INFERENCE);
+        if (*inference < 0) return NULL;
+        return *inference ? Py_NewRef(Py_None) : tensor_fact(tensor, T_VERSION);
+    }
+    PyObject *version = tensor_fact(tensor, T_VERSION);
+    *inference = 0;
+    if (version != NULL) return version;
+    PyObject *type, *value, *trace;
+    PyErr_Fetch(&type, &value, &trace);
+    *inference = tensor_truth(tensor, T_IS_INFERENCE);
+    if (*inference <= 0) { /* not the reason: the read's own error stands */
+        if (*inference < 0) PyErr_Clear();
+        PyErr_Restore(type, value, trace);
+        *inference = 0;
+        return NULL;
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(trace);
+    return Py_NewRef(Py_None);
+}
+
+/* (node, tensor.output_nr): the gradient edge of a tensor whose grad_fn is node. */
+PyObject *node_edge(PyObject *node, PyObject *tensor)
+{
+    PyObject *nr = tensor_fact(tensor, T_OUTPUT_NR);
+    if (nr == NULL) return NULL;
+    PyObject *edge = PyTuple_New(2);
+    if (edge == NULL) {
+        Py_DECREF(nr);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(edge, 0, Py_NewRef(node));
+    PyTuple_SET_ITEM(edge, 1, nr);
+    return edge;
 }
 
 /* grad_fn.name(), remembered per node class where every node of the class is named after it:

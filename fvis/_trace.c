@@ -148,7 +148,8 @@ static long channel_dim(Tracer *self, PyObject *key, PyObject *record, PyObject 
 
 /* fvis.session._Session._snapshot of a module's tensor output (path ""). */
 static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *record,
-                    PyObject *tensor, PyObject *shape, PyObject *dtype_name)
+                    PyObject *tensor, PyObject *shape, PyObject *dtype_name, int requires_grad,
+                    int float32)
 {
     int keep_tensors = truth(self->keep_tensors);
     int defer = truth(self->defer_cpu);
@@ -162,22 +163,26 @@ static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *reco
     }
     int grad_enabled = PyTuple_GET_ITEM(record, 3) == Py_True;
     PyObject *call = PyTuple_GET_ITEM(record, 2);
-    int inference = tensor_truth(tensor, T_IS_INFERENCE);
-    int requires_grad = tensor_truth(tensor, T_REQUIRES_GRAD);
     int keep_values = truth(self->keep_values);
     int callback_values = truth(self->callback_values);
     int hold = truth(self->hold);
-    if (inference < 0 || requires_grad < 0 || keep_values < 0 || callback_values < 0 || hold < 0)
-        return -1;
+    if (keep_values < 0 || callback_values < 0 || hold < 0) return -1;
+    int inference;
+    PyObject *version = version_or_inference(tensor, PyTuple_GET_ITEM(record, 4) == Py_True,
+                                             &inference);
+    if (version == NULL) return -1;
     PyObject *node = tensor_fact(tensor, T_GRAD_FN);
-    if (node == NULL) return -1;
+    if (node == NULL) {
+        Py_DECREF(version);
+        return -1;
+    }
     int status = -1;
     PyObject *values = NULL, *ref = NULL, *stats = NULL, *item = NULL;
     PyObject *node_name = node == Py_None ? Py_NewRef(Py_None) : node_name_of(node);
+    /* is_leaf is torch's ``not grad_fn`` (THPVariable_is_leaf): no second read */
     PyObject *facts_items[7] = {
         new_bool(grad_enabled), Py_NewRef(PyTuple_GET_ITEM(record, 4)), new_bool(requires_grad),
-        node_name, tensor_fact(tensor, T_IS_LEAF), new_bool(inference),
-        inference ? Py_NewRef(Py_None) : tensor_fact(tensor, T_VERSION),
+        node_name, new_bool(node == Py_None), new_bool(inference), version,
     };
     PyObject *facts = untracked_tuple(new_named(&PyTuple_Type, 7, facts_items));
     if (facts == NULL) goto done;
@@ -188,10 +193,8 @@ static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *reco
     }
     if (values == NULL) goto done;
     if (requires_grad && grad_enabled) {
-        PyObject *edge = node != Py_None
-                             ? untracked_holder(Py_BuildValue(
-                                   "(ON)", node, tensor_fact(tensor, T_OUTPUT_NR)))
-                             : PyObject_CallOneArg(cfg.gradient_edge, tensor);
+        PyObject *edge = node != Py_None ? untracked_holder(node_edge(node, tensor))
+                                         : PyObject_CallOneArg(cfg.gradient_edge, tensor);
         if (edge == NULL) goto done;
         int failed = 0;
         if (edge != Py_None) {
@@ -214,7 +217,7 @@ static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *reco
     Py_ssize_t ndim = PyTuple_GET_SIZE(shape);
     long axis = ndim >= 3 ? channel_dim(self, key, record, shape) : 1;
     if (axis == -1 && PyErr_Occurred()) goto done;
-    stats = fast_stats(tensor, shape, axis);
+    stats = float32 ? fast_stats(tensor, shape, axis) : Py_NewRef(Py_None);
     if (stats == Py_None) {
         Py_DECREF(stats);
         PyObject *dim = PyLong_FromLong(axis);
@@ -270,7 +273,8 @@ done:
 static int record_call(Tracer *self, PyObject *module, PyObject *key, PyObject *frame,
                        PyObject *call, PyObject *params_grad, int has_params, int grad_on,
                        int inference, int inputs_rg, int outputs_rg, int floating,
-                       PyObject *output, PyObject *shape, PyObject *dtype_name, int inplace)
+                       PyObject *output, PyObject *shape, PyObject *dtype_name, int inplace,
+                       int float32)
 {
 #if PY_VERSION_HEX >= 0x030B0000
     PyObject *class_name = PyType_GetQualName(Py_TYPE(module));
@@ -308,7 +312,8 @@ static int record_call(Tracer *self, PyObject *module, PyObject *key, PyObject *
         goto done;
     }
     Py_INCREF(target);
-    status = snapshot(self, key, PyTuple_GET_ITEM(target, 0), record, output, shape, dtype_name);
+    status = snapshot(self, key, PyTuple_GET_ITEM(target, 0), record, output, shape, dtype_name,
+                      outputs_rg, float32);
     Py_DECREF(target);
 done:
     Py_DECREF(record);
@@ -359,7 +364,7 @@ static PyObject *params_grad(Tracer *self, PyObject *module, PyObject *key, int 
 /* Whether a call takes the fast path, read before anything changes; the facts it needs. */
 typedef struct {
     PyObject *frame, *params_grad, *dtype_name, *shape;
-    int has_params, inplace, grad_on, inference, inputs_rg, outputs_rg, floating;
+    int has_params, inplace, grad_on, inference, inputs_rg, outputs_rg, floating, float32;
 } usual_t;
 
 static void usual_clear(usual_t *u)
@@ -414,6 +419,7 @@ static int usual_call(Tracer *self, PyObject *module, PyObject *key, PyObject *a
     PyObject *dtype = tensor_fact(output, T_DTYPE);
     if (dtype == NULL) return -1;
     PyObject *facts = dtype_facts(dtype);
+    u->float32 = dtype == cfg.float32;
     Py_DECREF(dtype);
     if (facts == NULL) return -1;
     u->floating = PyTuple_GET_ITEM(facts, 0) == Py_True;
@@ -426,7 +432,9 @@ static int usual_call(Tracer *self, PyObject *module, PyObject *key, PyObject *a
     if (cut || block) return 0; /* a cut, or the first call of a no_grad block: Python */
     PyObject *size = tensor_fact(output, T_SHAPE);
     if (size == NULL) return -1;
-    u->shape = untracked_tuple(PySequence_Tuple(size));
+    /* torch.Size is a tuple: its items copied into a plain one (PySequence_Tuple iterates) */
+    u->shape = untracked_tuple(PyTuple_Check(size) ? PyTuple_GetSlice(size, 0, PY_SSIZE_T_MAX)
+                                                   : PySequence_Tuple(size));
     Py_DECREF(size);
     return u->shape == NULL ? -1 : 1;
 }
@@ -478,7 +486,7 @@ static PyObject *tracer_post(Tracer *self, PyObject *const *args, Py_ssize_t nar
     if (status == 0) {
         status = record_call(self, module, key, frame, count, u.params_grad, u.has_params,
                              u.grad_on, u.inference, u.inputs_rg, u.outputs_rg, u.floating,
-                             args[3], u.shape, u.dtype_name, u.inplace);
+                             args[3], u.shape, u.dtype_name, u.inplace, u.float32);
     }
     Py_XDECREF(count);
     Py_DECREF(frame);

@@ -95,6 +95,8 @@ PyObject *untracked_tuple(PyObject *obj);
 PyObject *dtype_facts(PyObject *dtype);
 PyObject *fast_stats(PyObject *tensor, PyObject *shape, long axis);
 PyObject *node_name_of(PyObject *node);
+PyObject *version_or_inference(PyObject *tensor, int inference_mode, int *inference);
+PyObject *node_edge(PyObject *node, PyObject *tensor);
 
 /* _trace_end.c: the methods that end a capture. */
 static inline PyObject **live_slot(PyObject *item, int which)

@@ -11,14 +11,14 @@
 
 #include "_moments.h"
 
-static PyObject *s_modules, *s_dot, *s_empty;
+static PyObject *s_modules, *s_dot, *s_empty, *s_training;
 
 /* Visits module under prefix: the same steps as fvis.capture._walk's loop body. The children
  * go on the stack last first, so they are visited in order. 1 done, 0 where Python must walk
  * (a _modules that is not exactly a dict, a child name that is not exactly a str), -1 with an
  * exception. */
 static int visit(PyObject *prefix, PyObject *module, PyObject *names, PyObject *modules,
-                 PyObject *by_name, PyObject *classes, PyObject *stack)
+                 PyObject *by_name, PyObject *classes, PyObject *kinds, PyObject *stack)
 {
     if (PyDict_SetItem(by_name, prefix, module) < 0) return -1;
     PyObject *key = PyLong_FromVoidPtr(module); /* id(module) */
@@ -35,7 +35,8 @@ static int visit(PyObject *prefix, PyObject *module, PyObject *names, PyObject *
     PyList_SET_ITEM(own, 0, Py_NewRef(prefix));
     PyObject_GC_UnTrack(own); /* names only: never part of a cycle (fvis/_wrap.c) */
     int failed = PyDict_SetItem(names, key, own) < 0 || PyDict_SetItem(modules, key, module) < 0 ||
-                 PySet_Add(classes, (PyObject *)Py_TYPE(module)) < 0;
+                 PySet_Add(classes, (PyObject *)Py_TYPE(module)) < 0 ||
+                 PyDict_SetItem(kinds, prefix, (PyObject *)Py_TYPE(module)) < 0;
     Py_DECREF(own);
     if (failed) goto done;
     /* _modules read from the instance dict: Module.__getattr__ makes getattr slow */
@@ -83,26 +84,28 @@ done:
     return status;
 }
 
-/* walk_modules(model) -> (names, modules, by_name, classes), or None where Python must walk. */
+/* walk_modules(model) -> (names, modules, by_name, classes, kinds), or None where Python must
+ * walk. */
 static PyObject *walk_modules(PyObject *unused, PyObject *model)
 {
     (void)unused;
     PyObject *names = PyDict_New(), *modules = PyDict_New(), *by_name = PyDict_New();
-    PyObject *classes = PySet_New(NULL), *stack = PyList_New(0), *result = NULL;
-    PyObject *root = PyTuple_Pack(2, s_empty, model);
-    int status = names && modules && by_name && classes && stack && root ? 1 : -1;
+    PyObject *classes = PySet_New(NULL), *kinds = PyDict_New(), *stack = PyList_New(0);
+    PyObject *root = PyTuple_Pack(2, s_empty, model), *result = NULL;
+    int status = names && modules && by_name && classes && kinds && stack && root ? 1 : -1;
     if (status > 0 && PyList_Append(stack, root) < 0) status = -1;
     while (status > 0 && PyList_GET_SIZE(stack) > 0) {
         Py_ssize_t last = PyList_GET_SIZE(stack) - 1;
         PyObject *entry = Py_NewRef(PyList_GET_ITEM(stack, last));
         if (PyList_SetSlice(stack, last, last + 1, NULL) < 0) status = -1;
         else status = visit(PyTuple_GET_ITEM(entry, 0), PyTuple_GET_ITEM(entry, 1), names,
-                            modules, by_name, classes, stack);
+                            modules, by_name, classes, kinds, stack);
         Py_DECREF(entry);
     }
     if (status > 0) {
         PyObject *frozen = PyFrozenSet_New(classes);
-        result = frozen == NULL ? NULL : Py_BuildValue("(OOON)", names, modules, by_name, frozen);
+        result = frozen == NULL ? NULL
+                                : Py_BuildValue("(OOONO)", names, modules, by_name, frozen, kinds);
     } else if (status == 0) {
         result = Py_NewRef(Py_None);
     }
@@ -110,14 +113,109 @@ static PyObject *walk_modules(PyObject *unused, PyObject *model)
     Py_XDECREF(modules);
     Py_XDECREF(by_name);
     Py_XDECREF(classes);
+    Py_XDECREF(kinds);
     Py_XDECREF(stack);
     Py_XDECREF(root);
     return result;
 }
 
+/* targets_of(by_name, layers) -> ({id(module): (layer, module)}, None), or (None, layer) for
+ * the first layer by_name lacks: fvis.capture._targets. */
+static PyObject *targets_of(PyObject *unused, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)unused;
+    if (nargs != 2 || !PyDict_Check(args[0]) || !PyList_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "targets_of(by_name: dict, layers: list)");
+        return NULL;
+    }
+    PyObject *by_name = args[0], *layers = args[1], *targets = PyDict_New();
+    if (targets == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(layers); i++) {
+        PyObject *layer = PyList_GET_ITEM(layers, i);
+        PyObject *module = PyDict_GetItemWithError(by_name, layer);
+        if (module == NULL) {
+            Py_DECREF(targets);
+            return PyErr_Occurred() ? NULL : Py_BuildValue("(OO)", Py_None, layer);
+        }
+        PyObject *key = PyLong_FromVoidPtr(module);
+        int known = key == NULL ? -1 : PyDict_Contains(targets, key);
+        PyObject *entry = known == 0 ? PyTuple_Pack(2, layer, module) : NULL;
+        /* (name, module): no cycle through it outlives the capture (fvis/_wrap.c) */
+        if (entry != NULL) PyObject_GC_UnTrack(entry);
+        int failed = known < 0 || (known == 0 && (entry == NULL
+                                                   || PyDict_SetItem(targets, key, entry) < 0));
+        Py_XDECREF(key);
+        Py_XDECREF(entry);
+        if (failed) {
+            Py_DECREF(targets);
+            return NULL;
+        }
+    }
+    return Py_BuildValue("(NO)", targets, Py_None);
+}
+
+/* training_flags(modules) -> bytes: each module's ``training``, read from its __dict__. */
+static PyObject *training_flags(PyObject *unused, PyObject *modules)
+{
+    (void)unused;
+    if (!PyTuple_CheckExact(modules)) {
+        PyErr_SetString(PyExc_TypeError, "training_flags(modules: tuple)");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(modules);
+    PyObject *flags = PyBytes_FromStringAndSize(NULL, n);
+    if (flags == NULL) return NULL;
+    char *out = PyBytes_AS_STRING(flags);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *value = PyObject_GetAttr(PyTuple_GET_ITEM(modules, i), s_training);
+        int flag = value == NULL ? -1 : PyObject_IsTrue(value);
+        Py_XDECREF(value);
+        if (flag < 0) {
+            Py_DECREF(flags);
+            return NULL;
+        }
+        out[i] = (char)flag;
+    }
+    return flags;
+}
+
+/* restore_training(modules, flags): ``module.training = flag`` where it changed (only there:
+ * Module.__setattr__ is slow); every module is restored, the first error raised after. */
+static PyObject *restore_training(PyObject *unused, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)unused;
+    if (nargs != 2 || !PyTuple_CheckExact(args[0]) || !PyBytes_CheckExact(args[1])
+        || PyBytes_GET_SIZE(args[1]) != PyTuple_GET_SIZE(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "restore_training(modules: tuple, flags: bytes)");
+        return NULL;
+    }
+    PyObject *modules = args[0], *type = NULL, *value = NULL, *trace = NULL;
+    const char *flags = PyBytes_AS_STRING(args[1]);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(modules); i++) {
+        PyObject *module = PyTuple_GET_ITEM(modules, i), *now = PyObject_GetAttr(module, s_training);
+        int flag = now == NULL ? -1 : PyObject_IsTrue(now);
+        Py_XDECREF(now);
+        if (flag >= 0 && flag != flags[i]) {
+            flag = PyObject_SetAttr(module, s_training, flags[i] ? Py_True : Py_False);
+        }
+        if (flag < 0 && type == NULL) PyErr_Fetch(&type, &value, &trace);
+        else if (flag < 0) PyErr_Clear();
+    }
+    if (type == NULL) Py_RETURN_NONE;
+    PyErr_Restore(type, value, trace);
+    return NULL;
+}
+
 static PyMethodDef walk_functions[] = {
     {"walk_modules", (PyCFunction)walk_modules, METH_O,
-     "walk_modules(model) -> (names, modules, by_name, classes), or None: fvis.capture._walk"},
+     "walk_modules(model) -> (names, modules, by_name, classes, kinds), or None: "
+     "fvis.capture._walk"},
+    {"targets_of", (PyCFunction)(void (*)(void))targets_of, METH_FASTCALL,
+     "targets_of(by_name, layers) -> (targets, None), or (None, the missing layer)"},
+    {"training_flags", (PyCFunction)training_flags, METH_O,
+     "training_flags(modules) -> bytes of each module's training flag"},
+    {"restore_training", (PyCFunction)(void (*)(void))restore_training, METH_FASTCALL,
+     "restore_training(modules, flags): put back every flag that changed"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -126,5 +224,6 @@ int fvis_add_walk(PyObject *module)
     if ((s_modules = PyUnicode_InternFromString("_modules")) == NULL) return -1;
     if ((s_dot = PyUnicode_InternFromString(".")) == NULL) return -1;
     if ((s_empty = PyUnicode_InternFromString("")) == NULL) return -1;
+    if ((s_training = PyUnicode_InternFromString("training")) == NULL) return -1;
     return PyModule_AddFunctions(module, walk_functions);
 }

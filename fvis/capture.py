@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fvis import fasthooks
+from fvis import collector, fasthooks
 from fvis.choices import Mode, What
 from fvis.cuts import DetachWatch
 from fvis.errors import ModelInputError, UsageError, first_line, torchscript_refused
@@ -129,16 +129,17 @@ def capture(
         keep_tensors=keep_tensors,
         what=what,
     )
-    with train_mode(model, train, tree), ExitStack() as stack:
-        stack.enter_context(_grad_context(mode))
-        session.install(model, stack, tree.modules.values())
-        if watch_ops and mode is Mode.GRAD:  # only a graph can be cut
-            stack.enter_context(DetachWatch(session))
-        watch = stack.enter_context(OpWatch(session, op_patterns, every_op)) if ops else None
-        output = _run(model, inputs, kwargs or {}, session)
-        session.finish()
-    exported = type(model).__name__ == "UnflattenedModule"
-    result = session.result(output, mode, exported, tree)
+    with collector.room_for(len(tree.modules)):
+        with train_mode(model, train, tree), ExitStack() as stack:
+            stack.enter_context(_grad_context(mode))
+            session.install(model, stack, tree.modules.values())
+            if watch_ops and mode is Mode.GRAD:  # only a graph can be cut
+                stack.enter_context(DetachWatch(session))
+            watch = stack.enter_context(OpWatch(session, op_patterns, every_op)) if ops else None
+            output = _run(model, inputs, kwargs or {}, session)
+            session.finish()
+        exported = type(model).__name__ == "UnflattenedModule"
+        result = session.result(output, mode, exported, tree)
     if watch is None:
         return result
     return replace(result, ops=tuple(watch.records), op_calls=watch.calls)
@@ -154,15 +155,19 @@ def train_mode(model: nn.Module, train: bool, tree: _Tree | None = None) -> Iter
     then, and must see the same modes (``fvis.api`` does).
     """
     tree = tree or _walk(model)
-    modes = {module: module.training for module in tree.modules.values()}
-    if _needs_train_call(modes, train, tree.classes):
+    modules = tuple(tree.modules.values())
+    flags = fasthooks.training_flags(modules)
+    if flags is None:  # no extension: the same in Python
+        flags = bytes(bool(module.training) for module in modules)
+    if _needs_train_call(flags, train, tree.classes):
         model.train(train)
     try:
         yield
     finally:
-        for module, training in modes.items():
-            if module.training != training:
-                module.training = training
+        if not fasthooks.restore_training(modules, flags):
+            for module, training in zip(modules, flags, strict=True):
+                if module.training != bool(training):
+                    module.training = bool(training)
 
 
 def _refuse_script(model: nn.Module, layers: Sequence[str], tree: _Tree) -> None:
@@ -186,15 +191,14 @@ class _Tree:
     modules: dict[int, nn.Module]  # id -> module
     by_name: dict[str, nn.Module]
     classes: frozenset[type]  # every module's class (the checks of a class made once)
+    kinds: dict[str, type]  # each module's first name -> its class (CaptureResult.classes)
 
 
-def _needs_train_call(
-    modes: Mapping[nn.Module, bool], train: bool, classes: Iterable[type]
-) -> bool:
-    """``model.train(train)`` walks and sets every module; skip it when every flag already
-    matches, unless a module's class overrides ``train`` (models that keep BatchNorm frozen
-    in training do it there)."""
-    return (not train) in modes.values() or any(c.train is not nn.Module.train for c in classes)
+def _needs_train_call(flags: bytes, train: bool, classes: Iterable[type]) -> bool:
+    """``model.train(train)`` walks and sets every module; skip it when every flag (one byte
+    per module) already matches, unless a module's class overrides ``train`` (models that
+    keep BatchNorm frozen in training do it there)."""
+    return (not train) in flags or any(c.train is not nn.Module.train for c in classes)
 
 
 def _walk(model: nn.Module) -> _Tree:
@@ -208,6 +212,7 @@ def _python_walk(model: nn.Module) -> _Tree:
     names: dict[int, list[str]] = {}
     modules: dict[int, nn.Module] = {}
     by_name: dict[str, nn.Module] = {}
+    kinds: dict[str, type] = {}
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:  # once per capture call, over every module: kept lean
         prefix, module = stack.pop()
@@ -219,22 +224,31 @@ def _python_walk(model: nn.Module) -> _Tree:
             continue
         names[key] = [prefix]
         modules[key] = module
+        kinds[prefix] = type(module)
         if module._modules:
             dot = prefix + "." if prefix else ""
             children = [(dot + n, m) for n, m in module._modules.items() if m is not None]
             stack.extend(reversed(children))
     fasthooks.untrack(names.values())  # lists of names: never part of a cycle
-    return _Tree(names, modules, by_name, frozenset(map(type, modules.values())))
+    return _Tree(names, modules, by_name, frozenset(map(type, modules.values())), kinds)
 
 
 def _targets(tree: _Tree, layers: Sequence[str]) -> dict[int, tuple[str, nn.Module]]:
-    targets: dict[int, tuple[str, nn.Module]] = {}
-    for layer in layers:
-        module = tree.by_name.get(layer)
-        if module is None:
-            raise ModelInputError(f"no layer {layer!r} in the loaded model")
-        targets.setdefault(id(module), (layer, module))
-    fasthooks.untrack(targets.values())  # (name, module): no cycle through them outlives it
+    found = fasthooks.targets_of(tree.by_name, layers)
+    if found is None:  # no extension: the same in Python
+        targets: dict[int, tuple[str, nn.Module]] = {}
+        for layer in layers:
+            module = tree.by_name.get(layer)
+            if module is None:
+                found = (None, layer)
+                break
+            targets.setdefault(id(module), (layer, module))
+        else:
+            found = (targets, None)
+        fasthooks.untrack(targets.values())  # (name, module): no cycle outlives the capture
+    targets, missing = found
+    if targets is None:
+        raise ModelInputError(f"no layer {missing!r} in the loaded model")
     return targets
 
 

@@ -27,7 +27,7 @@ import dataclasses
 import importlib
 import os
 import types
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -64,7 +64,7 @@ def _load() -> Any:
         native = importlib.import_module("fvis._moments")
     except ImportError:  # built without a C compiler
         return None
-    needed = ("Tracer", "configure_wrap", "wrap_forwards", "walk_modules", "untrack")
+    needed = ("Tracer", "configure_wrap", "wrap_forwards", "walk_modules", "untrack", "targets_of")
     return native if all(hasattr(native, n) for n in needed) else None  # an older build
 
 
@@ -180,6 +180,27 @@ def walk(model: nn.Module) -> tuple[Any, ...] | None:
     without the extension, with ``FVIS_NATIVE=0``, or where a ``_modules`` is not exactly a
     dict or a child's name not exactly a str."""
     return _native.walk_modules(model) if enabled() else None
+
+
+def targets_of(
+    by_name: dict[str, nn.Module], layers: Sequence[str]
+) -> tuple[dict[int, tuple[str, nn.Module]] | None, str | None] | None:
+    """``fvis.capture._targets`` in C: (targets, None), (None, the first unknown layer), or
+    None where Python does it (without the extension, or ``FVIS_NATIVE=0``)."""
+    return _native.targets_of(by_name, list(layers)) if enabled() else None
+
+
+def training_flags(modules: tuple[nn.Module, ...]) -> bytes | None:
+    """Each module's ``training`` flag as one byte, in C; None where Python reads them."""
+    return _native.training_flags(modules) if enabled() else None
+
+
+def restore_training(modules: tuple[nn.Module, ...], flags: bytes) -> bool:
+    """Puts back every ``training`` flag that changed, in C; False where Python must."""
+    if not enabled():
+        return False
+    _native.restore_training(modules, flags)
+    return True
 
 
 def native_session(session: Any) -> bool:

@@ -476,15 +476,19 @@ class _Session(AxisDecisions, Base):  # type: ignore[misc]  # fvis.fasthooks: a 
             )
             modified = any(c.grad.modified_in_place for c in captures)
         self.in_place_ops = self.in_place_ops or modified
-        missed = {
-            name: not_called(name, module, exported)
-            for key, (name, module) in self.targets.items()
-            if key not in self.calls
-        }
+        ran = self.calls.__contains__
+        missed = (
+            {
+                name: not_called(name, module, exported)
+                for key, (name, module) in self.targets.items()
+                if not ran(key)
+            }
+            if not all(map(ran, self.targets))
+            else {}
+        )
         # A container (ModuleList, ModuleDict) has no forward: it can never run, so it never
         # "never ran"; its items are what runs.
         never = tuple(name for name, info in missed.items() if not info.container)
-        classes = {names[0]: type(tree.modules[key]) for key, names in self.names.items()}
         return CaptureResult(
             captures,
             tuple(self.trace),
@@ -497,7 +501,7 @@ class _Session(AxisDecisions, Base):  # type: ignore[misc]  # fvis.fasthooks: a 
             {layer: tuple(notes) for layer, notes in self.notes.items()},
             tuple(self.detaches),
             missed,
-            classes,
+            tree.kinds,
             self.in_place_ops,
             frozenset(self.checkpointed),
             grad_off_blocks=self.grad_off_blocks,

@@ -62,12 +62,36 @@ class ConvNet(nn.Module):
         return self.head(self.flat(self.pool(x)))
 
 
+class CachedNet(nn.Module):
+    """A layer that returns a table made under inference_mode (an inference tensor: no
+    version counter) beside one that computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.table = Cached()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) + self.table(x).sum()
+
+
+class Cached(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.inference_mode():
+            self.cached = torch.ones(2, 4) * 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cached
+
+
 def _models() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]]:
     cases: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
         name: (lambda n=name: build(n), lambda n=name: example_input(n)) for name in SAMPLES
     }
     cases["tokens"] = (lambda: _seeded(TokenNet), lambda: torch.arange(12).reshape(2, 6) % 50)
     cases["conv"] = (lambda: _seeded(ConvNet), lambda: torch.randn(2, 3, 8, 8))
+    cases["cached"] = (lambda: _seeded(CachedNet), lambda: torch.randn(2, 4))
     return cases
 
 

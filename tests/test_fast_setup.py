@@ -296,6 +296,24 @@ def test_tensor_facts_follow_a_patched_tensor_class(monkeypatch: pytest.MonkeyPa
     """The descriptors read in C are looked up again when torch.Tensor changes."""
     model = nn.Sequential(nn.Linear(2, 2))
     x = torch.ones(1, 2)
-    assert [c.grad.is_inference for c in capture(model, [x], ["0"]).captures] == [False]
-    monkeypatch.setattr(torch.Tensor, "is_inference", lambda self: True)
-    assert [c.grad.is_inference for c in capture(model, [x], ["0"]).captures] == [True]
+    assert [c.grad.is_leaf for c in capture(model, [x], ["0"]).captures] == [False]
+    monkeypatch.setattr(torch.Tensor, "_version", property(lambda self: 41))
+    (patched,) = capture(model, [x], ["0"]).captures
+    assert patched.grad.version == 41
+
+
+def test_an_inference_tensor_out_of_inference_mode_is_told_without_a_version() -> None:
+    """Out of inference mode the C path reads the version first and asks is_inference() only
+    where that read fails: a cached inference tensor must still be reported as one."""
+    with torch.inference_mode():
+        table = torch.ones(2, 3)
+
+    class Table(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return table
+
+    model = nn.Sequential(Table(), nn.Identity())
+    for mode in (Mode.GRAD, Mode.NO_GRAD):
+        (got,) = capture(model, [torch.zeros(1)], ["0"], mode=mode).captures
+        assert got.grad.is_inference is table.is_inference() is True
+        assert got.grad.version is None and got.grad.grad_fn is None and got.grad.is_leaf
