@@ -327,8 +327,6 @@ static PyObject *params_grad(Tracer *self, PyObject *module, PyObject *key, int 
     PyObject *known = PyDict_GetItemWithError(self->params_grad, key);
     if (known != NULL || PyErr_Occurred()) return known;
     if (depth > 200) return NULL; /* the Python code decides deep trees */
-    /* A module that contains itself stops here (as in Python). */
-    if (PyDict_SetItem(self->params_grad, key, Py_False) < 0) return NULL;
     PyObject *own = PyObject_GenericGetDict(module, NULL);
     if (own == NULL) return NULL;
     int found = 0;
@@ -345,6 +343,11 @@ static PyObject *params_grad(Tracer *self, PyObject *module, PyObject *key, int 
         if (value == Py_None) continue;
         found = tensor_truth(value, T_REQUIRES_GRAD);
         if (found < 0) break;
+    }
+    /* A module that contains itself stops here (as in Python); a leaf needs no such mark. */
+    if (found == 0 && PyDict_GET_SIZE(children)
+        && PyDict_SetItem(self->params_grad, key, Py_False) < 0) {
+        found = -1;
     }
     pos = 0;
     while (found == 0 && PyDict_Next(children, &pos, &name, &value)) {
@@ -474,15 +477,14 @@ static PyObject *tracer_post(Tracer *self, PyObject *const *args, Py_ssize_t nar
     /* Our own tensor reads are not the model's (as in _Session._post). */
     Py_XSETREF(self->in_hook, Py_NewRef(Py_True));
     Py_ssize_t depth = PyList_GET_SIZE(self->stack);
-    PyObject *frame = Py_NewRef(u.frame);
-    PyObject *count = NULL;
-    int status = PyList_SetSlice(self->stack, depth - 1, depth, NULL);
-    if (status == 0) {
-        PyObject *before = PyDict_GetItemWithError(self->calls, key);
-        long long previous = before != NULL ? PyLong_AsLongLong(before) : 0;
-        count = PyErr_Occurred() ? NULL : PyLong_FromLongLong(previous + 1);
-        status = count == NULL || PyDict_SetItem(self->calls, key, count) < 0 ? -1 : 0;
-    }
+    /* the frame popped as list.pop() would, its reference now ours (the list keeps its room:
+     * PyList_SetSlice cost as much as the rest of the bookkeeping of the pop) */
+    PyObject *frame = u.frame;
+    Py_SET_SIZE(self->stack, depth - 1);
+    PyObject *before = PyDict_GetItemWithError(self->calls, key);
+    long long previous = before != NULL ? PyLong_AsLongLong(before) : 0;
+    PyObject *count = PyErr_Occurred() ? NULL : PyLong_FromLongLong(previous + 1);
+    int status = count == NULL || PyDict_SetItem(self->calls, key, count) < 0 ? -1 : 0;
     if (status == 0) {
         status = record_call(self, module, key, frame, count, u.params_grad, u.has_params,
                              u.grad_on, u.inference, u.inputs_rg, u.outputs_rg, u.floating,

@@ -89,7 +89,12 @@ PyObject *untracked(PyObject *obj);
  * keeps what it holds alive for the collector (a reference from an untracked object counts
  * as one from outside). */
 #define untracked_holder untracked
-static inline int atomic(PyObject *obj) { return obj == NULL || !PyObject_GC_IsTracked(obj); }
+/* No reference a collection could follow: not a GC type at all (ints, strs, floats, bools,
+ * None: checked inline), or not tracked. */
+static inline int atomic(PyObject *obj)
+{
+    return obj == NULL || !PyObject_IS_GC(obj) || !PyObject_GC_IsTracked(obj);
+}
 PyObject *untracked_tuple(PyObject *obj);
 
 PyObject *dtype_facts(PyObject *dtype);

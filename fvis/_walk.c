@@ -13,12 +13,42 @@
 
 static PyObject *s_modules, *s_dot, *s_empty, *s_training;
 
+/* The modules still to visit, last on top: (prefix, module) pairs holding references. A C
+ * array rather than a list of tuples: a model's widest container (hundreds of children) made
+ * the list grow and copy, and a tuple per module. */
+typedef struct {
+    PyObject **items; /* prefix, module, prefix, module, ... */
+    Py_ssize_t size, allocated;
+} pending_t;
+
+static int pending_reserve(pending_t *p, Py_ssize_t more)
+{
+    if (p->size + 2 * more <= p->allocated) return 0;
+    Py_ssize_t want = (p->size + 2 * more) * 2;
+    PyObject **grown = PyMem_Realloc(p->items, (size_t)want * sizeof(PyObject *));
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    p->items = grown;
+    p->allocated = want;
+    return 0;
+}
+
+static void pending_clear(pending_t *p)
+{
+    for (Py_ssize_t i = 0; i < p->size; i++) Py_DECREF(p->items[i]);
+    PyMem_Free(p->items);
+}
+
+static int push_children(PyObject *prefix, PyObject *children, pending_t *stack);
+
 /* Visits module under prefix: the same steps as fvis.capture._walk's loop body. The children
  * go on the stack last first, so they are visited in order. 1 done, 0 where Python must walk
  * (a _modules that is not exactly a dict, a child name that is not exactly a str), -1 with an
  * exception. */
 static int visit(PyObject *prefix, PyObject *module, PyObject *names, PyObject *modules,
-                 PyObject *by_name, PyObject *classes, PyObject *kinds, PyObject *stack)
+                 PyObject *by_name, PyObject *classes, PyObject *kinds, pending_t *stack)
 {
     if (PyDict_SetItem(by_name, prefix, module) < 0) return -1;
     PyObject *key = PyLong_FromVoidPtr(module); /* id(module) */
@@ -50,37 +80,46 @@ static int visit(PyObject *prefix, PyObject *module, PyObject *names, PyObject *
         Py_XDECREF(children);
         goto done;
     }
-    Py_ssize_t count = PyDict_GET_SIZE(children), at = PyList_GET_SIZE(stack), pos = 0;
-    PyObject *name, *child;
-    status = 1;
-    if (count > 0) {
-        PyObject *dot = PyUnicode_GET_LENGTH(prefix) ? PyUnicode_Concat(prefix, s_dot) : NULL;
-        if (PyUnicode_GET_LENGTH(prefix) && dot == NULL) status = -1;
-        PyObject *added = status < 0 ? NULL : PyList_New(0);
-        while (added != NULL && PyDict_Next(children, &pos, &name, &child)) {
-            if (child == Py_None) continue;
-            if (!PyUnicode_CheckExact(name)) { /* a name Python must spell (or refuse) */
-                Py_CLEAR(added);
-                status = 0;
-                break;
-            }
-            PyObject *full = dot != NULL ? PyUnicode_Concat(dot, name) : Py_NewRef(name);
-            PyObject *entry = full == NULL ? NULL : PyTuple_Pack(2, full, child);
-            Py_XDECREF(full);
-            if (entry == NULL || PyList_Append(added, entry) < 0) Py_CLEAR(added);
-            Py_XDECREF(entry);
-        }
-        if (added == NULL) {
-            if (status > 0) status = -1;
-        } else {
-            if (PyList_Reverse(added) < 0 || PyList_SetSlice(stack, at, at, added) < 0) status = -1;
-            Py_DECREF(added);
-        }
-        Py_XDECREF(dot);
-    }
+    status = push_children(prefix, children, stack);
     Py_DECREF(children);
 done:
     Py_DECREF(key);
+    return status;
+}
+
+/* The children of a module (its _modules, in order) pushed so the first is on top. */
+static int push_children(PyObject *prefix, PyObject *children, pending_t *stack)
+{
+    Py_ssize_t count = PyDict_GET_SIZE(children), pos = 0, at = stack->size;
+    if (count == 0) return 1;
+    if (pending_reserve(stack, count) < 0) return -1;
+    PyObject *dot = NULL, *name, *child;
+    if (PyUnicode_GET_LENGTH(prefix) && (dot = PyUnicode_Concat(prefix, s_dot)) == NULL) return -1;
+    Py_ssize_t pushed = 0;
+    int status = 1;
+    while (PyDict_Next(children, &pos, &name, &child)) {
+        if (child == Py_None) continue;
+        if (!PyUnicode_CheckExact(name)) { /* a name Python must spell (or refuse) */
+            status = 0;
+            break;
+        }
+        PyObject *full = dot != NULL ? PyUnicode_Concat(dot, name) : Py_NewRef(name);
+        if (full == NULL) {
+            status = -1;
+            break;
+        }
+        stack->items[at + 2 * pushed] = full;
+        stack->items[at + 2 * pushed + 1] = Py_NewRef(child);
+        stack->size += 2;
+        pushed++;
+    }
+    Py_XDECREF(dot);
+    /* reverse the pairs just pushed: the first child is visited first */
+    for (Py_ssize_t i = 0, j = pushed - 1; i < j; i++, j--) {
+        PyObject **a = stack->items + at + 2 * i, **b = stack->items + at + 2 * j;
+        PyObject *p0 = a[0], *p1 = a[1];
+        a[0] = b[0], a[1] = b[1], b[0] = p0, b[1] = p1;
+    }
     return status;
 }
 
@@ -90,17 +129,20 @@ static PyObject *walk_modules(PyObject *unused, PyObject *model)
 {
     (void)unused;
     PyObject *names = PyDict_New(), *modules = PyDict_New(), *by_name = PyDict_New();
-    PyObject *classes = PySet_New(NULL), *kinds = PyDict_New(), *stack = PyList_New(0);
-    PyObject *root = PyTuple_Pack(2, s_empty, model), *result = NULL;
-    int status = names && modules && by_name && classes && kinds && stack && root ? 1 : -1;
-    if (status > 0 && PyList_Append(stack, root) < 0) status = -1;
-    while (status > 0 && PyList_GET_SIZE(stack) > 0) {
-        Py_ssize_t last = PyList_GET_SIZE(stack) - 1;
-        PyObject *entry = Py_NewRef(PyList_GET_ITEM(stack, last));
-        if (PyList_SetSlice(stack, last, last + 1, NULL) < 0) status = -1;
-        else status = visit(PyTuple_GET_ITEM(entry, 0), PyTuple_GET_ITEM(entry, 1), names,
-                            modules, by_name, classes, kinds, stack);
-        Py_DECREF(entry);
+    PyObject *classes = PySet_New(NULL), *kinds = PyDict_New(), *result = NULL;
+    pending_t stack = {NULL, 0, 0};
+    int status = names && modules && by_name && classes && kinds ? 1 : -1;
+    if (status > 0 && pending_reserve(&stack, 16) < 0) status = -1;
+    if (status > 0) {
+        stack.items[0] = Py_NewRef(s_empty);
+        stack.items[1] = Py_NewRef(model);
+        stack.size = 2;
+    }
+    while (status > 0 && stack.size > 0) {
+        PyObject *module = stack.items[--stack.size], *prefix = stack.items[--stack.size];
+        status = visit(prefix, module, names, modules, by_name, classes, kinds, &stack);
+        Py_DECREF(prefix);
+        Py_DECREF(module);
     }
     if (status > 0) {
         PyObject *frozen = PyFrozenSet_New(classes);
@@ -109,13 +151,12 @@ static PyObject *walk_modules(PyObject *unused, PyObject *model)
     } else if (status == 0) {
         result = Py_NewRef(Py_None);
     }
+    pending_clear(&stack);
     Py_XDECREF(names);
     Py_XDECREF(modules);
     Py_XDECREF(by_name);
     Py_XDECREF(classes);
     Py_XDECREF(kinds);
-    Py_XDECREF(stack);
-    Py_XDECREF(root);
     return result;
 }
 
