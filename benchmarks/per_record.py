@@ -104,11 +104,11 @@ def _fvis(
     chosen = Mode.INFERENCE if mode == "inference" else Mode.GRAD
 
     def run() -> object:
-        fasthooks.USE_NATIVE = native
+        before, fasthooks.USE_NATIVE = fasthooks.USE_NATIVE, native and fasthooks.USE_NATIVE
         try:
             return capture(model, [x], layers, mode=chosen, keep_values=False)
         finally:
-            fasthooks.USE_NATIVE = True
+            fasthooks.USE_NATIVE = before
 
     return run
 

@@ -59,6 +59,9 @@ __all__ = [
 ]
 
 
+_WHATS = frozenset(What)
+
+
 def capture(
     model: nn.Module,
     inputs: Sequence[Any] | Mapping[str, Any],
@@ -108,7 +111,7 @@ def capture(
     them; captured ones are ``Capture`` s labelled ``module:op#index``. Off, no mode is
     installed and nothing is paid.
     """
-    if what not in set(What):
+    if what not in _WHATS:
         raise UsageError(f"what={what!r}: choose one of {', '.join(What)}")
     tree = _walk(model)
     op_patterns: list[str] = []
@@ -140,6 +143,7 @@ def capture(
             session.finish()
         exported = type(model).__name__ == "UnflattenedModule"
         result = session.result(output, mode, exported, tree)
+        del session  # its held outputs go before the collector's threshold comes back down
     if watch is None:
         return result
     return replace(result, ops=tuple(watch.records), op_calls=watch.calls)

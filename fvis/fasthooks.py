@@ -209,8 +209,12 @@ def native_session(session: Any) -> bool:
 
 
 def enabled() -> bool:
-    return _native is not None and os.environ.get("FVIS_NATIVE", "1") != "0" and USE_NATIVE
+    return USE_NATIVE and _native is not None
 
 
-USE_NATIVE = True  # tests switch the C hooks off to compare them with the Python ones
+
+
+# FVIS_NATIVE=0 keeps the Python hooks (read once, as fvis.stats does: a capture asked the
+# environment five times); tests switch the C hooks off to compare them with the Python ones
+USE_NATIVE = os.environ.get("FVIS_NATIVE", "1") != "0"
 USE_WRAP = True  # and the wrapped forwards off, to compare them with the global hooks
