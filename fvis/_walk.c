@@ -64,7 +64,7 @@ static int visit(PyObject *prefix, PyObject *module, PyObject *names, PyObject *
     if (own == NULL) goto done;
     PyList_SET_ITEM(own, 0, Py_NewRef(prefix));
     PyObject_GC_UnTrack(own); /* names only: never part of a cycle (fvis/_wrap.c) */
-    int failed = PyDict_SetItem(names, key, own) < 0 || PyDict_SetItem(modules, key, module) < 0 ||
+    int failed = PyDict_SetItem(names, key, own) < 0 || PyList_Append(modules, module) < 0 ||
                  PySet_Add(classes, (PyObject *)Py_TYPE(module)) < 0 ||
                  PyDict_SetItem(kinds, prefix, (PyObject *)Py_TYPE(module)) < 0;
     Py_DECREF(own);
@@ -123,12 +123,12 @@ static int push_children(PyObject *prefix, PyObject *children, pending_t *stack)
     return status;
 }
 
-/* walk_modules(model) -> (names, modules, by_name, classes, kinds), or None where Python must
- * walk. */
+/* walk_modules(model) -> (names, modules (a tuple, walk order), by_name, classes, kinds), or
+ * None where Python must walk. */
 static PyObject *walk_modules(PyObject *unused, PyObject *model)
 {
     (void)unused;
-    PyObject *names = PyDict_New(), *modules = PyDict_New(), *by_name = PyDict_New();
+    PyObject *names = PyDict_New(), *modules = PyList_New(0), *by_name = PyDict_New();
     PyObject *classes = PySet_New(NULL), *kinds = PyDict_New(), *result = NULL;
     pending_t stack = {NULL, 0, 0};
     int status = names && modules && by_name && classes && kinds ? 1 : -1;
@@ -146,8 +146,10 @@ static PyObject *walk_modules(PyObject *unused, PyObject *model)
     }
     if (status > 0) {
         PyObject *frozen = PyFrozenSet_New(classes);
-        result = frozen == NULL ? NULL
-                                : Py_BuildValue("(OOONO)", names, modules, by_name, frozen, kinds);
+        PyObject *all = frozen == NULL ? NULL : PyList_AsTuple(modules);
+        result = all == NULL ? NULL
+                             : Py_BuildValue("(ONONO)", names, all, by_name, frozen, kinds);
+        if (all == NULL) Py_XDECREF(frozen);
     } else if (status == 0) {
         result = Py_NewRef(Py_None);
     }

@@ -135,7 +135,7 @@ def capture(
     with collector.room_for(len(tree.modules)):
         with train_mode(model, train, tree), ExitStack() as stack:
             stack.enter_context(_grad_context(mode))
-            session.install(model, stack, tree.modules.values())
+            session.install(model, stack, tree.modules)
             if watch_ops and mode is Mode.GRAD:  # only a graph can be cut
                 stack.enter_context(DetachWatch(session))
             watch = stack.enter_context(OpWatch(session, op_patterns, every_op)) if ops else None
@@ -159,7 +159,7 @@ def train_mode(model: nn.Module, train: bool, tree: _Tree | None = None) -> Iter
     then, and must see the same modes (``fvis.api`` does).
     """
     tree = tree or _walk(model)
-    modules = tuple(tree.modules.values())
+    modules = tree.modules
     flags = fasthooks.training_flags(modules)
     if flags is None:  # no extension: the same in Python
         flags = bytes(bool(module.training) for module in modules)
@@ -192,7 +192,7 @@ def _refuse_script(model: nn.Module, layers: Sequence[str], tree: _Tree) -> None
 @dataclass(frozen=True)
 class _Tree:
     names: dict[int, list[str]]  # id -> every dotted name (shared modules have several)
-    modules: dict[int, nn.Module]  # id -> module
+    modules: tuple[nn.Module, ...]  # every module once, in walk order
     by_name: dict[str, nn.Module]
     classes: frozenset[type]  # every module's class (the checks of a class made once)
     kinds: dict[str, type]  # each module's first name -> its class (CaptureResult.classes)
@@ -214,7 +214,7 @@ def _walk(model: nn.Module) -> _Tree:
 
 def _python_walk(model: nn.Module) -> _Tree:
     names: dict[int, list[str]] = {}
-    modules: dict[int, nn.Module] = {}
+    modules: list[nn.Module] = []
     by_name: dict[str, nn.Module] = {}
     kinds: dict[str, type] = {}
     stack: list[tuple[str, nn.Module]] = [("", model)]
@@ -227,14 +227,14 @@ def _python_walk(model: nn.Module) -> _Tree:
             aliases.append(prefix)
             continue
         names[key] = [prefix]
-        modules[key] = module
+        modules.append(module)
         kinds[prefix] = type(module)
         if module._modules:
             dot = prefix + "." if prefix else ""
             children = [(dot + n, m) for n, m in module._modules.items() if m is not None]
             stack.extend(reversed(children))
     fasthooks.untrack(names.values())  # lists of names: never part of a cycle
-    return _Tree(names, modules, by_name, frozenset(map(type, modules.values())), kinds)
+    return _Tree(names, tuple(modules), by_name, frozenset(map(type, modules)), kinds)
 
 
 def _targets(tree: _Tree, layers: Sequence[str]) -> dict[int, tuple[str, nn.Module]]:
