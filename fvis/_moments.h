@@ -28,8 +28,12 @@ int fvis_add_trace(PyObject *module);
 /* The Tracer type and the session's pre-hook and forward hook (_trace.c), which the wrapped
  * forwards call. */
 PyTypeObject *fvis_tracer_type(void);
-PyObject *fvis_trace_pre(PyObject *tracer, PyObject *const *args, Py_ssize_t nargs);
-PyObject *fvis_trace_post(PyObject *tracer, PyObject *const *args, Py_ssize_t nargs);
+/* The hooks around a module's call; key and names: the module's entry in the tracer's names
+ * dict where the caller has it, else NULL (looked up). */
+PyObject *fvis_trace_pre(PyObject *tracer, PyObject *module, PyObject *args, PyObject *key,
+                         PyObject *names);
+PyObject *fvis_trace_post(PyObject *tracer, PyObject *const *args, PyObject *key);
+PyObject *fvis_tracer_names(PyObject *tracer); /* borrowed, may be NULL */
 
 /* Adds the wrapped forwards' functions: configure_wrap(), forwards_wrappable(),
  * wrap_forwards(), unwrap_forwards(), untrack() (_wrap.c). */

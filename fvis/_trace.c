@@ -69,20 +69,19 @@ static PyObject *fallback(Tracer *self, PyObject *method, PyObject *const *args,
     return PyObject_VectorcallMethod(method, full, (size_t)(n + 1) | 0, NULL);
 }
 
-/* pre(module, args): fvis.session._Session._pre. */
-static PyObject *tracer_pre(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
+/* fvis.session._Session._pre of module called with args; key and names are the module's
+ * entry in ``names`` where the caller knows it (a wrapped forward: fvis/_wrap.c), else NULL. */
+static PyObject *pre_call(Tracer *self, PyObject *module, PyObject *call_args, PyObject *key,
+                          PyObject *names)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "pre(module, args)");
-        return NULL;
-    }
     if (!NEED(self, names) || !NEED(self, stack) || !NEED(self, targets)) return NULL;
     int replaying = truth(self->replaying);
     if (replaying) return replaying < 0 ? NULL : Py_NewRef(Py_None);
-    PyObject *key = PyLong_FromVoidPtr(args[0]);
+    PyObject *args[2] = {module, call_args};
+    key = key != NULL ? Py_NewRef(key) : PyLong_FromVoidPtr(module);
     if (key == NULL) return NULL;
     PyObject *result = NULL;
-    PyObject *names = PyDict_GetItemWithError(self->names, key);
+    if (names == NULL) names = PyDict_GetItemWithError(self->names, key);
     if (names == NULL) {
         result = PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
         goto done;
@@ -122,6 +121,16 @@ static PyObject *tracer_pre(Tracer *self, PyObject *const *args, Py_ssize_t narg
 done:
     Py_DECREF(key);
     return result;
+}
+
+/* pre(module, args): fvis.session._Session._pre. */
+static PyObject *tracer_pre(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "pre(module, args)");
+        return NULL;
+    }
+    return pre_call(self, args[0], args[1], NULL, NULL);
 }
 
 /* The channel dim of a capture: the module's own decision remembered in ``decided``, else
@@ -442,13 +451,10 @@ static int usual_call(Tracer *self, PyObject *module, PyObject *key, PyObject *a
     return u->shape == NULL ? -1 : 1;
 }
 
-/* post(module, args, kwargs, output): fvis.session._Session._post. */
-static PyObject *tracer_post(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
+/* fvis.session._Session._post of args (module, args, kwargs, output); key is the module's
+ * key in ``names`` where the caller knows it is there (a wrapped forward), else NULL. */
+static PyObject *post_call(Tracer *self, PyObject *const *args, PyObject *known_key)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "post(module, args, kwargs, output)");
-        return NULL;
-    }
     if (!NEED(self, names) || !NEED(self, stack) || !NEED(self, targets) || !NEED(self, trace)
         || !NEED(self, calls) || !NEED(self, params_grad) || !NEED(self, live)
         || !NEED(self, done) || !NEED(self, edges) || !NEED(self, cut_outputs)
@@ -458,14 +464,12 @@ static PyObject *tracer_post(Tracer *self, PyObject *const *args, Py_ssize_t nar
     int replaying = truth(self->replaying);
     if (replaying) return replaying < 0 ? NULL : Py_NewRef(Py_None);
     PyObject *module = args[0];
-    PyObject *key = PyLong_FromVoidPtr(module);
+    PyObject *key = known_key != NULL ? Py_NewRef(known_key) : PyLong_FromVoidPtr(module);
     if (key == NULL) return NULL;
-    PyObject *result = NULL;
-    int known = PyDict_Contains(self->names, key);
+    int known = known_key != NULL ? 1 : PyDict_Contains(self->names, key);
     if (known <= 0) {
-        result = known < 0 ? NULL : Py_NewRef(Py_None);
         Py_DECREF(key);
-        return result;
+        return known < 0 ? NULL : Py_NewRef(Py_None);
     }
     usual_t u = {0};
     int usual = usual_call(self, module, key, args[1], args[2], args[3], &u);
@@ -500,18 +504,34 @@ static PyObject *tracer_post(Tracer *self, PyObject *const *args, Py_ssize_t nar
     return Py_NewRef(Py_None);
 }
 
+/* post(module, args, kwargs, output): fvis.session._Session._post. */
+static PyObject *tracer_post(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "post(module, args, kwargs, output)");
+        return NULL;
+    }
+    return post_call(self, args, NULL);
+}
+
 static PyTypeObject TracerType;
 
 PyTypeObject *fvis_tracer_type(void) { return &TracerType; }
 
-PyObject *fvis_trace_pre(PyObject *tracer, PyObject *const *args, Py_ssize_t nargs)
+PyObject *fvis_trace_pre(PyObject *tracer, PyObject *module, PyObject *args, PyObject *key,
+                         PyObject *names)
 {
-    return tracer_pre((Tracer *)tracer, args, nargs);
+    return pre_call((Tracer *)tracer, module, args, key, names);
 }
 
-PyObject *fvis_trace_post(PyObject *tracer, PyObject *const *args, Py_ssize_t nargs)
+PyObject *fvis_trace_post(PyObject *tracer, PyObject *const *args, PyObject *key)
 {
-    return tracer_post((Tracer *)tracer, args, nargs);
+    return post_call((Tracer *)tracer, args, key);
+}
+
+PyObject *fvis_tracer_names(PyObject *tracer)
+{
+    return ((Tracer *)tracer)->names;
 }
 
 static PyMethodDef tracer_methods[] = {

@@ -28,6 +28,9 @@ typedef struct {
     PyObject *tracer, *module;
     PyObject *func; /* the module's forward; with bound, its function, called module first */
     int bound;
+    /* the module's key and names in the tracer's names dict, known when it was wrapped (the
+     * hooks then need not make the key nor look it up), or NULL */
+    PyObject *key, *names;
 } Wrapped;
 
 /* What fvis.fasthooks hands over once (configure_wrap): the code objects of torch's
@@ -75,8 +78,7 @@ static PyObject *wrapped_call(Wrapped *self, PyObject *args, PyObject *kwargs)
 {
     /* tracer NULL: the capture ended and this wrapper had been kept somewhere (unwrap) */
     if (self->tracer == NULL || !called_through_call()) return call_forward(self, args, kwargs);
-    PyObject *pre_args[2] = {self->module, args};
-    PyObject *r = fvis_trace_pre(self->tracer, pre_args, 2);
+    PyObject *r = fvis_trace_pre(self->tracer, self->module, args, self->key, self->names);
     if (r == NULL) return NULL;
     Py_DECREF(r);
     PyObject *output = call_forward(self, args, kwargs);
@@ -84,7 +86,7 @@ static PyObject *wrapped_call(Wrapped *self, PyObject *args, PyObject *kwargs)
     /* no keywords: one shared empty dict (the hooks only read it; a new one per call cost
      * an allocation the collector counts) */
     PyObject *post_args[4] = {self->module, args, kwargs != NULL ? kwargs : no_keywords, output};
-    r = fvis_trace_post(self->tracer, post_args, 4);
+    r = fvis_trace_post(self->tracer, post_args, self->key);
     if (r == NULL) {
         Py_DECREF(output);
         return NULL;
@@ -98,6 +100,8 @@ static int wrapped_traverse(Wrapped *self, visitproc visit, void *arg)
     Py_VISIT(self->tracer);
     Py_VISIT(self->module);
     Py_VISIT(self->func);
+    Py_VISIT(self->key);
+    Py_VISIT(self->names);
     return 0;
 }
 
@@ -106,6 +110,8 @@ static int wrapped_clear(Wrapped *self)
     Py_CLEAR(self->tracer);
     Py_CLEAR(self->module);
     Py_CLEAR(self->func);
+    Py_CLEAR(self->key);
+    Py_CLEAR(self->names);
     return 0;
 }
 
@@ -169,6 +175,7 @@ static PyObject *new_wrapped(PyObject *tracer, PyObject *module, PyObject *func,
     wrapped->module = Py_NewRef(module);
     wrapped->func = Py_NewRef(func);
     wrapped->bound = bound;
+    wrapped->key = wrapped->names = NULL;
     return (PyObject *)wrapped;
 }
 
@@ -327,8 +334,9 @@ static int restore(PyObject *saved)
     return -1;
 }
 
-/* Wraps one module's forward and records what to put back in saved. */
-static int wrap_one(PyObject *tracer, PyObject *m, PyObject *saved)
+/* Wraps one module's forward and records what to put back in saved; key and names are its
+ * entry in the tracer's names dict, or NULL. */
+static int wrap_one(PyObject *tracer, PyObject *m, PyObject *saved, PyObject *key, PyObject *names)
 {
     PyObject *own = PyObject_GenericGetDict(m, NULL);
     if (own == NULL) return -1;
@@ -336,6 +344,10 @@ static int wrap_one(PyObject *tracer, PyObject *m, PyObject *saved)
     PyObject *entry = PyErr_Occurred() ? NULL
                       : previous != NULL ? PyTuple_Pack(2, own, previous) : PyTuple_Pack(1, own);
     PyObject *wrapped = entry == NULL ? NULL : wrap_forward_of(tracer, m, previous);
+    if (wrapped != NULL && key != NULL) {
+        ((Wrapped *)wrapped)->key = Py_NewRef(key);
+        ((Wrapped *)wrapped)->names = Py_NewRef(names);
+    }
     int failed = wrapped == NULL || PyList_Append(saved, entry) < 0;
     if (!failed) {
         PyObject_GC_UnTrack(entry); /* see the top of this file */
@@ -361,8 +373,18 @@ static PyObject *wrap_forwards(PyObject *module, PyObject *const *args, Py_ssize
     if (fast == NULL) return NULL;
     int ok = all_wrappable(fast);
     PyObject *saved = ok <= 0 ? NULL : PyList_New(0);
+    /* The walk lists the modules in the order of the names dict: the entries are read side by
+     * side, each checked (a module whose entry is elsewhere gets none: its hooks look it up). */
+    PyObject *names = fvis_tracer_names(args[0]), *key = NULL, *aliases = NULL;
+    Py_ssize_t pos = 0;
+    int in_step = names != NULL && PyDict_Check(names);
     for (Py_ssize_t i = 0; saved != NULL && i < PySequence_Fast_GET_SIZE(fast); i++) {
-        if (wrap_one(args[0], PySequence_Fast_GET_ITEM(fast, i), saved) < 0) {
+        PyObject *m = PySequence_Fast_GET_ITEM(fast, i);
+        in_step = in_step && PyDict_Next(names, &pos, &key, &aliases);
+        int same = in_step && PyLong_CheckExact(key) && PyLong_AsVoidPtr(key) == (void *)m &&
+                   PyList_Check(aliases) && PyList_GET_SIZE(aliases) >= 1;
+        if (PyErr_Occurred()) PyErr_Clear(); /* a key that is no pointer: not the entry */
+        if (wrap_one(args[0], m, saved, same ? key : NULL, same ? aliases : NULL) < 0) {
             PyObject *type, *value, *traceback;
             PyErr_Fetch(&type, &value, &traceback);
             restore(saved);
