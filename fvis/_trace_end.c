@@ -63,8 +63,47 @@ fail:
     return NULL;
 }
 
+typedef struct {
+    Py_ssize_t seq, at;
+} by_seq_t;
+
+static int compare_seq(const void *a, const void *b)
+{
+    const by_seq_t *x = a, *y = b; /* position breaks ties: a stable sort, as sorted() */
+    if (x->seq != y->seq) return (x->seq > y->seq) - (x->seq < y->seq);
+    return (x->at > y->at) - (x->at < y->at);
+}
+
+/* The order to read items in: by their seq (the order the captures were made), as
+ * ``sorted(items, key=seq)`` would; in grad mode they usually are in order already. NULL with
+ * an exception where an item is no _Live item with an int seq. */
+static by_seq_t *in_seq_order(PyObject *items)
+{
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    by_seq_t *order = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(by_seq_t));
+    if (order == NULL) return (by_seq_t *)PyErr_NoMemory();
+    int sorted = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        PyObject *seq = Py_IS_TYPE(item, cfg.live) ? *live_slot(item, LIVE_SEQ) : NULL;
+        order[i].seq = seq != NULL && PyLong_Check(seq) ? PyLong_AsSsize_t(seq) : -1;
+        order[i].at = i;
+        if (order[i].seq < 0) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "fast_captures: _Live items expected");
+            PyMem_Free(order);
+            return NULL;
+        }
+        sorted = sorted && (i == 0 || order[i - 1].seq <= order[i].seq);
+    }
+    if (!sorted) {
+        qsort(order, (size_t)n, sizeof(by_seq_t), compare_seq);
+    }
+    return order;
+}
+
 /* fast_captures(items, batch, calls) -> tuple of Capture: ``item.capture(batch,
- * calls.get(item.key, 1), final=True)`` for each _Live item (fvis.records._Live.capture). */
+ * calls.get(item.key, 1), final=True)`` for each _Live item in seq order
+ * (fvis.records._Live.capture). */
 PyObject *tracer_captures(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
@@ -74,11 +113,16 @@ PyObject *tracer_captures(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *items = args[0], *batch = args[1], *calls = args[2];
     Py_ssize_t n = PyList_GET_SIZE(items);
+    by_seq_t *order = in_seq_order(items);
+    if (order == NULL) return NULL;
     PyObject *out = PyTuple_New(n);
-    if (out == NULL) return NULL;
+    if (out == NULL) {
+        PyMem_Free(order);
+        return NULL;
+    }
     int modified = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyList_GET_ITEM(items, i);
+        PyObject *item = PyList_GET_ITEM(items, order[i].at);
         PyObject *facts = Py_IS_TYPE(item, cfg.live) ? *live_slot(item, LIVE_FACTS) : NULL;
         PyObject *info = facts != NULL ? *live_slot(item, LIVE_TENSOR_INFO) : NULL;
         if (facts == NULL || !PyTuple_Check(facts) || PyTuple_GET_SIZE(facts) != 7
@@ -117,8 +161,10 @@ PyObject *tracer_captures(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
         if (atoms) untracked(capture); /* a kept tensor or a stranger value: tracked */
         PyTuple_SET_ITEM(out, i, capture);
     }
+    PyMem_Free(order);
     return Py_BuildValue("(NN)", out, new_bool(modified));
 fail:
+    PyMem_Free(order);
     Py_DECREF(out);
     return NULL;
 }

@@ -467,10 +467,10 @@ class _Session(AxisDecisions, Base):  # type: ignore[misc]  # fvis.fasthooks: a 
         )
 
     def result(self, output: Any, mode: Mode, exported: bool, tree: _Tree) -> CaptureResult:
-        done = sorted(self.done, key=_by_seq)
-        if self.native:  # the same records, built in C
-            captures, modified = self.fast_captures(done, self.batch, self.calls)
+        if self.native:  # the same records, built in C (sorted there too)
+            captures, modified = self.fast_captures(self.done, self.batch, self.calls)
         else:
+            done = sorted(self.done, key=_by_seq)
             captures = tuple(
                 item.capture(self.batch, self.calls.get(item.key, 1), final=True) for item in done
             )

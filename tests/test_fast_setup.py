@@ -317,3 +317,14 @@ def test_an_inference_tensor_out_of_inference_mode_is_told_without_a_version() -
         (got,) = capture(model, [torch.zeros(1)], ["0"], mode=mode).captures
         assert got.grad.is_inference is table.is_inference() is True
         assert got.grad.version is None and got.grad.grad_fn is None and got.grad.is_leaf
+
+
+def test_captures_keep_their_order_when_one_was_done_before_the_end() -> None:
+    """An inference tensor's capture is done at once, the held ones at the end: the C path
+    sorts them back into the order the captures were made, as the Python path does."""
+    from tests.test_fast_hooks import CachedNet
+
+    model = CachedNet().eval()
+    result = capture(model, [torch.randn(2, 4)], ["proj", "table"], mode=Mode.GRAD)
+    assert [c.layer for c in result.captures] == ["proj", "table"]
+    assert [c.grad.is_inference for c in result.captures] == [False, True]
