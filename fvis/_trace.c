@@ -248,7 +248,9 @@ static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *reco
     slots[LIVE_SAVED] = Py_NewRef(Py_None);
     slots[LIVE_SEQ] = PyLong_FromSsize_t(seq);
     slots[LIVE_STATS] = Py_NewRef(stats);
-    slots[LIVE_TENSOR_INFO] = untracked_tuple(PyTuple_Pack(3, shape, dtype_name, cfg.cpu));
+    slots[LIVE_SHAPE] = Py_NewRef(shape);
+    slots[LIVE_DTYPE] = Py_NewRef(dtype_name);
+    slots[LIVE_DEVICE] = Py_NewRef(cfg.cpu);
     slots[LIVE_TOKEN_GRID] = Py_NewRef(Py_None);
     slots[LIVE_VALUES] = Py_NewRef(values);
     item = untracked_holder(new_slots(cfg.live, cfg.live_at, LIVE_N, slots));

@@ -124,9 +124,7 @@ PyObject *tracer_captures(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GET_ITEM(items, order[i].at);
         PyObject *facts = Py_IS_TYPE(item, cfg.live) ? *live_slot(item, LIVE_FACTS) : NULL;
-        PyObject *info = facts != NULL ? *live_slot(item, LIVE_TENSOR_INFO) : NULL;
-        if (facts == NULL || !PyTuple_Check(facts) || PyTuple_GET_SIZE(facts) != 7
-            || info == NULL || !PyTuple_Check(info) || PyTuple_GET_SIZE(info) != 3) {
+        if (facts == NULL || !PyTuple_Check(facts) || PyTuple_GET_SIZE(facts) != 7) {
             PyErr_SetString(PyExc_TypeError, "fast_captures: _Live items expected");
             goto fail;
         }
@@ -147,8 +145,9 @@ PyObject *tracer_captures(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
         }
         PyObject *fields[CAPTURE_N] = {
             Py_XNewRef(*live_slot(item, LIVE_LAYER)), Py_XNewRef(*live_slot(item, LIVE_CALL)),
-            Py_XNewRef(*live_slot(item, LIVE_PATH)), Py_NewRef(PyTuple_GET_ITEM(info, 0)),
-            Py_NewRef(PyTuple_GET_ITEM(info, 1)), Py_NewRef(PyTuple_GET_ITEM(info, 2)), grad,
+            Py_XNewRef(*live_slot(item, LIVE_PATH)), Py_XNewRef(*live_slot(item, LIVE_SHAPE)),
+            Py_XNewRef(*live_slot(item, LIVE_DTYPE)), Py_XNewRef(*live_slot(item, LIVE_DEVICE)),
+            grad,
             Py_XNewRef(*live_slot(item, LIVE_STATS)), Py_XNewRef(*live_slot(item, LIVE_VALUES)),
             total != NULL ? Py_NewRef(total) : PyLong_FromLong(1), Py_NewRef(batch),
             Py_XNewRef(*live_slot(item, LIVE_CALL_ID)),

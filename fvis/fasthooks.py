@@ -43,6 +43,8 @@ from fvis.tensor_facts import _dtype, _grad_fn_name, gradient_edge, sample_value
 LIVE_SLOTS = (
     "call",
     "call_id",
+    "device",
+    "dtype",
     "facts",
     "key",
     "last_grad_fn",
@@ -52,8 +54,8 @@ LIVE_SLOTS = (
     "ref",
     "saved",
     "seq",
+    "shape",
     "stats",
-    "tensor_info",
     "token_grid",
     "values",
 )

@@ -234,6 +234,8 @@ class _Live:
     __slots__ = (
         "call",
         "call_id",
+        "device",
+        "dtype",
         "facts",
         "key",
         "last_grad_fn",
@@ -243,8 +245,8 @@ class _Live:
         "ref",
         "saved",
         "seq",
+        "shape",
         "stats",
-        "tensor_info",
         "token_grid",
         "values",
     )
@@ -264,7 +266,8 @@ class _Live:
         seq: int,
     ) -> None:
         self.key, self.layer, self.call, self.path = key, layer, call, path
-        self.tensor_info, self.facts, self.stats, self.values = tensor_info, facts, stats, values
+        self.shape, self.dtype, self.device = tensor_info  # three slots: no tuple kept per item
+        self.facts, self.stats, self.values = facts, stats, values
         self.call_id, self.ref, self.seq = call_id, ref, seq
         self.token_grid: tuple[int, int, int] | None = None
         self.saved: torch.Tensor | None = None
@@ -272,15 +275,14 @@ class _Live:
 
     def capture(self, batch: int | None, calls_total: int = 1, final: bool = False) -> Capture:
         after = (self.last_version, self.last_grad_fn) if final else (None, None)
-        shape, dtype, device = self.tensor_info
         return _new_capture(
             (
                 self.layer,
                 self.call,
                 self.path,
-                shape,
-                dtype,
-                device,
+                self.shape,
+                self.dtype,
+                self.device,
                 _new_grad_facts((*self.facts, *after)),
                 self.stats,
                 self.values,
