@@ -238,22 +238,26 @@ def _python_walk(model: nn.Module) -> _Tree:
 
 
 def _targets(tree: _Tree, layers: Sequence[str]) -> dict[int, tuple[str, nn.Module]]:
-    found = fasthooks.targets_of(tree.by_name, layers)
-    if found is None:  # no extension: the same in Python
-        targets: dict[int, tuple[str, nn.Module]] = {}
-        for layer in layers:
-            module = tree.by_name.get(layer)
-            if module is None:
-                found = (None, layer)
-                break
-            targets.setdefault(id(module), (layer, module))
-        else:
-            found = (targets, None)
-        fasthooks.untrack(targets.values())  # (name, module): no cycle outlives the capture
+    found = fasthooks.targets_of(tree.by_name, layers) or _python_targets(tree, layers)
     targets, missing = found
     if targets is None:
         raise ModelInputError(f"no layer {missing!r} in the loaded model")
     return targets
+
+
+def _python_targets(
+    tree: _Tree, layers: Sequence[str]
+) -> tuple[dict[int, tuple[str, nn.Module]] | None, str | None]:
+    """``fasthooks.targets_of`` without the extension: (targets, None), or (None, the first
+    layer the model lacks)."""
+    targets: dict[int, tuple[str, nn.Module]] = {}
+    for layer in layers:
+        module = tree.by_name.get(layer)
+        if module is None:
+            return None, layer
+        targets.setdefault(id(module), (layer, module))
+    fasthooks.untrack(targets.values())  # (name, module): no cycle outlives the capture
+    return targets, None
 
 
 @contextmanager

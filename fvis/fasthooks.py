@@ -214,8 +214,6 @@ def enabled() -> bool:
     return USE_NATIVE and _native is not None
 
 
-
-
 # FVIS_NATIVE=0 keeps the Python hooks (read once, as fvis.stats does: a capture asked the
 # environment five times); tests switch the C hooks off to compare them with the Python ones
 USE_NATIVE = os.environ.get("FVIS_NATIVE", "1") != "0"

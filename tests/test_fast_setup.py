@@ -328,3 +328,18 @@ def test_captures_keep_their_order_when_one_was_done_before_the_end() -> None:
     result = capture(model, [torch.randn(2, 4)], ["proj", "table"], mode=Mode.GRAD)
     assert [c.layer for c in result.captures] == ["proj", "table"]
     assert [c.grad.is_inference for c in result.captures] == [False, True]
+
+
+def test_the_c_targets_are_the_python_targets() -> None:
+    """fasthooks.targets_of (C) and the Python fallback pick the same (name, module) per module,
+    the first name of a shared module, and name the same missing layer."""
+    from fvis.capture import _python_targets
+
+    model = Shared()
+    tree = _walk(model)
+    layers = ["again", "block", "items.0", "heads.a"]
+    assert fasthooks.targets_of(tree.by_name, layers) == _python_targets(tree, layers)
+    assert fasthooks.targets_of(tree.by_name, layers)[0][id(model.block)][0] == "again"
+    missing = ["block", "nope", "also.nope"]
+    assert fasthooks.targets_of(tree.by_name, missing) == (None, "nope")
+    assert _python_targets(tree, missing) == (None, "nope")
