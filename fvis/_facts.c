@@ -47,11 +47,13 @@ static PyObject **tensor_names[T_N] = {
     &s_requires_grad, &s_grad_fn, &s_shape, &s_dtype, &s_is_cpu, &s_is_leaf, &s_version,
     &s_output_nr, &s_is_inference, &s_is_contiguous, &s_is_neg, &s_is_zerotensor, &s_data_ptr,
 };
+static PyObject *no_args; /* (), for torch's parsed methods (call_method) */
 static PyObject *tensor_descr[T_N]; /* borrowed from the classes, which cfg keeps */
 static unsigned int looked_up_in[2];  /* the classes' version tags when they were looked up */
 
 void find_tensor_descriptors(void)
 {
+    if (no_args == NULL) no_args = PyTuple_New(0);
     for (int i = 0; i < T_N; i++) {
         PyObject *d = _PyType_Lookup(cfg.tensor, *tensor_names[i]);
         int usable = d != NULL && d == _PyType_Lookup(cfg.parameter, *tensor_names[i]) &&
@@ -71,6 +73,22 @@ static int descriptors_current(void)
            looked_up_in[1] != 0 && looked_up_in[1] == cfg.parameter->tp_version_tag;
 }
 
+/* A method descriptor of torch.Tensor called on self with no arguments, its C function called
+ * directly for the two kinds torch's tensor methods are (no arguments; positional and keyword
+ * arguments, parsed by torch): the method call's own dispatch and, for the second kind, its
+ * argument tuple were a fifth of what the call cost. */
+static PyObject *call_method(PyObject *descr, PyObject *self)
+{
+    PyMethodDef *m = ((PyMethodDescrObject *)descr)->d_method;
+    int kind = m->ml_flags & (METH_VARARGS | METH_FASTCALL | METH_NOARGS | METH_O | METH_KEYWORDS
+                              | METH_METHOD);
+    if (kind == METH_NOARGS) return m->ml_meth(self, NULL);
+    if (kind == (METH_VARARGS | METH_KEYWORDS) && no_args != NULL) {
+        return ((PyCFunctionWithKeywords)(void (*)(void))m->ml_meth)(self, no_args, NULL);
+    }
+    return PyObject_Vectorcall(descr, &self, 1, NULL);
+}
+
 /* tensor.<name> (a getset) or tensor.<name>() (a method), as a new reference. A method set
  * on one tensor object itself (``t.is_contiguous = f``) is not seen: torch never does that,
  * and for data_ptr the real address is what the statistics must read. */
@@ -83,7 +101,7 @@ PyObject *tensor_fact(PyObject *tensor, int which)
             PyGetSetDef *g = ((PyGetSetDescrObject *)d)->d_getset;
             return g->get(tensor, g->closure);
         }
-        return PyObject_Vectorcall(d, &tensor, 1, NULL);
+        return call_method(d, tensor);
     }
     return which < T_FIRST_METHOD ? PyObject_GetAttr(tensor, *tensor_names[which])
                                   : PyObject_CallMethodNoArgs(tensor, *tensor_names[which]);

@@ -216,9 +216,8 @@ static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *reco
     }
     if (inference) {
         ref = Py_NewRef(Py_None);
-    } else if (hold) {
-        PyObject *held[1] = {Py_NewRef(tensor)};
-        ref = untracked_holder(new_slots(cfg.held, &cfg.held_at, 1, held));
+    } else if (hold) { /* the tensor itself: compared once at the end */
+        ref = Py_NewRef(tensor);
     } else {
         ref = PyWeakref_NewRef(tensor, NULL);
     }
@@ -596,19 +595,18 @@ static int is_type(PyObject *obj) { return obj != NULL && PyType_Check(obj); }
 static PyObject *configure_trace(PyObject *module, PyObject *args)
 {
     (void)module;
-    PyObject *tensor, *parameter, *record, *frame, *live, *held, *stats, *capture, *facts;
-    PyObject *live_at, *held_at, *stats_at, *capture_at, *facts_at;
+    PyObject *tensor, *parameter, *record, *frame, *live, *stats, *capture, *facts;
+    PyObject *live_at, *stats_at, *capture_at, *facts_at;
     PyObject *grad_enabled, *inference_mode, *float32, *sample_values, *gradient_edge;
     PyObject *dtype_name, *tensor_stats, *stats_module, *grad_fn_name;
-    if (!PyArg_ParseTuple(args, "(OOOOOOOOO)(OOOOO)(OOOOOOOOO)", &tensor, &parameter, &record,
-                          &frame, &live, &held, &stats, &capture, &facts, &live_at, &held_at,
-                          &stats_at, &capture_at, &facts_at, &grad_enabled, &inference_mode,
+    if (!PyArg_ParseTuple(args, "(OOOOOOOO)(OOOO)(OOOOOOOOO)", &tensor, &parameter, &record,
+                          &frame, &live, &stats, &capture, &facts, &live_at, &stats_at, &capture_at, &facts_at, &grad_enabled, &inference_mode,
                           &float32, &sample_values, &gradient_edge, &dtype_name, &tensor_stats,
                           &stats_module, &grad_fn_name)) {
         return NULL;
     }
-    PyObject *types[9] = {tensor, parameter, record, frame, live, held, stats, capture, facts};
-    for (int i = 0; i < 9; i++) {
+    PyObject *types[8] = {tensor, parameter, record, frame, live, stats, capture, facts};
+    for (int i = 0; i < 8; i++) {
         if (!is_type(types[i])) {
             PyErr_SetString(PyExc_TypeError, "configure_trace: classes expected");
             return NULL;
@@ -619,19 +617,16 @@ static PyObject *configure_trace(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "configure_trace: records are NamedTuples");
         return NULL;
     }
-    Py_ssize_t held_offsets[1];
     if (offsets_into(live_at, cfg.live_at, LIVE_N, (PyTypeObject *)live) < 0
-        || offsets_into(held_at, held_offsets, 1, (PyTypeObject *)held) < 0
         || offsets_into(stats_at, cfg.stats_at, STATS_N, (PyTypeObject *)stats) < 0
         || offsets_into(capture_at, cfg.capture_at, CAPTURE_N, (PyTypeObject *)capture) < 0
         || offsets_into(facts_at, cfg.facts_at, FACTS_N, (PyTypeObject *)facts) < 0) {
         cfg.ready = 0;
         return NULL;
     }
-    cfg.held_at = held_offsets[0];
 #define KEEP(field, value) Py_XSETREF(cfg.field, (void *)Py_NewRef(value));
     KEEP(tensor, tensor) KEEP(parameter, parameter) KEEP(record, record) KEEP(frame, frame)
-    KEEP(live, live) KEEP(held, held) KEEP(stats, stats) KEEP(capture, capture)
+    KEEP(live, live) KEEP(stats, stats) KEEP(capture, capture)
     KEEP(facts, facts) KEEP(grad_fn_name, grad_fn_name) KEEP(grad_enabled, grad_enabled)
     KEEP(inference_mode, inference_mode) KEEP(float32, float32)
     KEEP(sample_values, sample_values) KEEP(gradient_edge, gradient_edge)

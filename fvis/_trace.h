@@ -23,8 +23,8 @@ enum {
 /* What fvis.fasthooks.configure hands over once: classes, slot offsets, torch callables. */
 typedef struct {
     int ready;
-    PyTypeObject *tensor, *parameter, *record, *frame, *live, *held, *stats, *capture, *facts;
-    Py_ssize_t live_at[LIVE_N], held_at, stats_at[STATS_N], capture_at[CAPTURE_N];
+    PyTypeObject *tensor, *parameter, *record, *frame, *live, *stats, *capture, *facts;
+    Py_ssize_t live_at[LIVE_N], stats_at[STATS_N], capture_at[CAPTURE_N];
     Py_ssize_t facts_at[FACTS_N];
     PyObject *grad_enabled, *inference_mode, *float32, *sample_values, *gradient_edge;
     PyObject *grad_fn_name;

@@ -26,9 +26,8 @@ PyObject *tracer_check_versions(Tracer *self, PyObject *unused)
         PyObject *ref = *live_slot(item, LIVE_REF), *tensor;
         if (ref == NULL || ref == Py_None) {
             tensor = Py_NewRef(Py_None);
-        } else if (Py_IS_TYPE(ref, cfg.held)) {
-            tensor = *(PyObject **)((char *)ref + cfg.held_at);
-            tensor = Py_NewRef(tensor != NULL ? tensor : Py_None);
+        } else if (PyObject_TypeCheck(ref, cfg.tensor)) { /* held (fvis.records.referent) */
+            tensor = Py_NewRef(ref);
         } else {
             tensor = PyObject_CallNoArgs(ref);
             if (tensor == NULL) goto fail;

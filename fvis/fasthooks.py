@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from fvis import stats
-from fvis.records import CallRecord, Capture, GradFacts, _Frame, _Held, _Live
+from fvis.records import CallRecord, Capture, GradFacts, _Frame, _Live
 from fvis.stats import Stats, tensor_stats
 from fvis.tensor_facts import _dtype, _grad_fn_name, gradient_edge, sample_values
 
@@ -85,7 +85,6 @@ def _configure(native: Any, frame: type) -> bool:
     records = (Stats, Capture, GradFacts)  # frozen dataclasses, built slot by slot
     layouts = (
         _offsets(native, _Live, LIVE_SLOTS),
-        _offsets(native, _Held, ("tensor",)),
         *(_offsets(native, cls, _fields(cls)) for cls in records),
     )
     plain = all(
@@ -96,7 +95,7 @@ def _configure(native: Any, frame: type) -> bool:
     if any(layout is None for layout in layouts) or not plain:
         return False
     native.configure_trace(
-        (torch.Tensor, torch.nn.Parameter, CallRecord, frame, _Live, _Held, *records),
+        (torch.Tensor, torch.nn.Parameter, CallRecord, frame, _Live, *records),
         layouts,
         (
             torch.is_grad_enabled,

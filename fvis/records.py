@@ -8,8 +8,8 @@ and ``CaptureResult`` (everything one forward pass produced). ``fvis.capture`` r
 ``OpRecord`` is one tensor op seen inside a forward with ``ops=True`` (``fvis.ops``).
 
 ``_Live`` is a capture while it is being recorded (made by the hook session, turned into a
-frozen ``Capture`` once at the end), kept here next to the records it builds positionally;
-``_Held`` is its strong reference to a tensor, and ``_Frame`` a module call under way.
+frozen ``Capture`` once at the end), kept here next to the records it builds positionally,
+and ``_Frame`` a module call under way.
 """
 
 from __future__ import annotations
@@ -214,21 +214,10 @@ class _Frame(NamedTuple):
     grad_off: bool = False  # grad mode was off when the call started
 
 
-class _Held:
-    """A strong reference with the call shape of ``weakref.ref``."""
-
-    __slots__ = ("tensor",)
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-    def __call__(self) -> torch.Tensor:
-        return self.tensor
-
-
 class _Live:
-    """A capture being recorded: what the hook saw, plus a reference to its tensor (strong in
-    grad mode, weak otherwise) to compare ``_version`` later. A plain slotted class: one is
+    """A capture being recorded: what the hook saw, plus a reference to its tensor to compare
+    ``_version`` later (``ref``: the tensor itself in grad mode, a ``weakref.ref`` otherwise,
+    None for an inference tensor; ``referent`` reads it). A plain slotted class: one is
     made per captured tensor inside the hook, and the frozen ``Capture`` only once at the end."""
 
     __slots__ = (
@@ -262,7 +251,7 @@ class _Live:
         stats: Stats,
         values: np.ndarray | None,
         call_id: int,
-        ref: Callable[[], torch.Tensor | None] | None,
+        ref: torch.Tensor | Callable[[], torch.Tensor | None] | None,
         seq: int,
     ) -> None:
         self.key, self.layer, self.call, self.path = key, layer, call, path
@@ -293,6 +282,13 @@ class _Live:
                 self.saved,
             )
         )
+
+
+def referent(ref: torch.Tensor | Callable[[], torch.Tensor | None] | None) -> torch.Tensor | None:
+    """The tensor a ``_Live.ref`` holds: itself (held), a weak reference's, or None."""
+    if ref is None or isinstance(ref, torch.Tensor):
+        return ref
+    return ref()
 
 
 # Built once per captured tensor: without the frozen dataclasses' __init__ (fvis.fastbuild).

@@ -42,8 +42,8 @@ from fvis.records import (
     CaptureResult,
     Detach,
     _Frame,
-    _Held,
     _Live,
+    referent,
 )
 from fvis.session_axes import AxisDecisions
 from fvis.stats import _channel_dim as channel_dim
@@ -387,7 +387,7 @@ class _Session(AxisDecisions, Base):  # type: ignore[misc]  # fvis.fasthooks: a 
                 self.edges[(layer, call, path)] = edge
         ref: Callable[[], torch.Tensor | None] | None = None
         if not inference:
-            ref = _Held(tensor) if self.hold else weakref.ref(tensor)
+            ref = tensor if self.hold else weakref.ref(tensor)
         shape = tuple(tensor.shape)
         device = "cpu" if tensor.is_cpu else _device(tensor.device)
         info = (shape, _dtype(tensor.dtype), device)
@@ -442,7 +442,7 @@ class _Session(AxisDecisions, Base):  # type: ignore[misc]  # fvis.fasthooks: a 
             return
         still: list[_Live] = []
         for item in self.live:
-            tensor = item.ref() if item.ref is not None else None
+            tensor = referent(item.ref)
             if tensor is None:
                 self.done.append(item)
                 continue
