@@ -222,6 +222,15 @@ static int64_t dead_last(const float *x, int64_t rows, int64_t channels)
 /* fvis.stats._native_stats for a finite contiguous float32 host tensor (the caller read the
  * dtype), or Py_None (a new reference) where fvis.stats.tensor_stats must decide; NULL on
  * error. */
+/* zeros / numel as a float; no zero at all (most maps before a ReLU) shares one 0.0. */
+static PyObject *zero_fraction(long long zeros, long long numel)
+{
+    static PyObject *none_zero;
+    if (zeros != 0) return PyFloat_FromDouble((double)zeros / (double)numel);
+    if (none_zero == NULL && (none_zero = PyFloat_FromDouble(0.0)) == NULL) return NULL;
+    return Py_NewRef(none_zero);
+}
+
 PyObject *fast_stats(PyObject *tensor, PyObject *shape, long axis)
 {
     /* fvis.stats._native, read from the module's dict (tests switch it off) */
@@ -276,7 +285,7 @@ PyObject *fast_stats(PyObject *tensor, PyObject *shape, long axis)
     PyObject *items[STATS_N] = {
         PyLong_FromLongLong(numel), PyFloat_FromDouble(lo), PyFloat_FromDouble(hi),
         PyFloat_FromDouble(mean), PyFloat_FromDouble(std),
-        PyFloat_FromDouble((double)r.zeros / (double)numel), PyLong_FromLong(0),
+        zero_fraction(r.zeros, numel), PyLong_FromLong(0),
         PyLong_FromLong(0), PyLong_FromLong(0), PyLong_FromLongLong(channels),
         PyLong_FromLongLong(channels ? dead : 0),
         dim >= 0 ? PyLong_FromLong(dim) : Py_NewRef(Py_None),

@@ -32,8 +32,10 @@ PyTypeObject *fvis_tracer_type(void);
  * dict where the caller has it, else NULL (looked up). */
 PyObject *fvis_trace_pre(PyObject *tracer, PyObject *module, PyObject *args, PyObject *key,
                          PyObject *names);
-PyObject *fvis_trace_post(PyObject *tracer, PyObject *const *args, PyObject *key);
-PyObject *fvis_tracer_names(PyObject *tracer); /* borrowed, may be NULL */
+PyObject *fvis_trace_post(PyObject *tracer, PyObject *const *args, PyObject *key,
+                          PyObject *target); /* target: the module's targets entry, or NULL */
+PyObject *fvis_tracer_names(PyObject *tracer);   /* borrowed, may be NULL */
+PyObject *fvis_tracer_targets(PyObject *tracer); /* borrowed, may be NULL */
 
 /* Adds the wrapped forwards' functions: configure_wrap(), forwards_wrappable(),
  * wrap_forwards(), unwrap_forwards(), untrack() (_wrap.c). */

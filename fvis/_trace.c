@@ -279,12 +279,24 @@ done:
     return status;
 }
 
+/* Whether a call takes the fast path, read before anything changes; the facts it needs. */
+typedef struct {
+    PyObject *frame, *params_grad, *dtype_name, *shape;
+    int has_params, inplace, grad_on, inference, inputs_rg, outputs_rg, floating, float32;
+    /* the module's entry in ``targets`` (borrowed, NULL: not a target) where the caller knew
+     * it when the forward was wrapped (target_known), else looked up */
+    PyObject *target;
+    int target_known;
+} usual_t;
+
+static void usual_clear(usual_t *u)
+{
+    Py_CLEAR(u->shape);
+}
+
 /* The record of a usual call and its capture; the frame is already popped. */
 static int record_call(Tracer *self, PyObject *module, PyObject *key, PyObject *frame,
-                       PyObject *call, PyObject *params_grad, int has_params, int grad_on,
-                       int inference, int inputs_rg, int outputs_rg, int floating,
-                       PyObject *output, PyObject *shape, PyObject *dtype_name, int inplace,
-                       int float32)
+                       PyObject *call, PyObject *output, const usual_t *u)
 {
 #if PY_VERSION_HEX >= 0x030B0000
     PyObject *class_name = PyType_GetQualName(Py_TYPE(module));
@@ -292,17 +304,17 @@ static int record_call(Tracer *self, PyObject *module, PyObject *key, PyObject *
     PyObject *class_name = PyObject_GetAttrString((PyObject *)Py_TYPE(module), "__qualname__");
 #endif
     PyObject *items[RECORD_N] = {
-        Py_NewRef(PyTuple_GET_ITEM(frame, 1)), class_name, Py_NewRef(call), new_bool(grad_on),
-        new_bool(inference), new_bool(inputs_rg), Py_NewRef(params_grad), new_bool(outputs_rg),
-        new_bool(floating), untracked_tuple(PyTuple_Pack(1, shape)),
-        Py_NewRef(PyTuple_GET_ITEM(frame, 2)),
-        Py_NewRef(PyTuple_GET_ITEM(frame, 3)), new_bool(0), new_bool(has_params), new_bool(0),
+        Py_NewRef(PyTuple_GET_ITEM(frame, 1)), class_name, Py_NewRef(call),
+        new_bool(u->grad_on), new_bool(u->inference), new_bool(u->inputs_rg),
+        Py_NewRef(u->params_grad), new_bool(u->outputs_rg), new_bool(u->floating),
+        untracked_tuple(PyTuple_Pack(1, u->shape)), Py_NewRef(PyTuple_GET_ITEM(frame, 2)),
+        Py_NewRef(PyTuple_GET_ITEM(frame, 3)), new_bool(0), new_bool(u->has_params), new_bool(0),
     };
     PyObject *record = untracked_tuple(new_named(cfg.record, RECORD_N, items));
     if (record == NULL) return -1;
     int status = -1;
     if (PyList_Append(self->trace, record) < 0) goto done;
-    if (inplace) Py_XSETREF(self->in_place_ops, Py_NewRef(Py_True));
+    if (u->inplace) Py_XSETREF(self->in_place_ops, Py_NewRef(Py_True));
     int hold = truth(self->hold);
     if (hold < 0) goto done;
     if (!hold && PyList_GET_SIZE(self->live)) {
@@ -312,7 +324,7 @@ static int record_call(Tracer *self, PyObject *module, PyObject *key, PyObject *
     }
     int outputs = truth(self->want_outputs);
     if (outputs < 0) goto done;
-    PyObject *target = PyDict_GetItemWithError(self->targets, key);
+    PyObject *target = u->target_known ? u->target : PyDict_GetItemWithError(self->targets, key);
     if (target == NULL || !outputs) {
         status = PyErr_Occurred() ? -1 : 0;
         goto done;
@@ -322,8 +334,8 @@ static int record_call(Tracer *self, PyObject *module, PyObject *key, PyObject *
         goto done;
     }
     Py_INCREF(target);
-    status = snapshot(self, key, PyTuple_GET_ITEM(target, 0), record, output, shape, dtype_name,
-                      outputs_rg, float32);
+    status = snapshot(self, key, PyTuple_GET_ITEM(target, 0), record, output, u->shape,
+                      u->dtype_name, u->outputs_rg, u->float32);
     Py_DECREF(target);
 done:
     Py_DECREF(record);
@@ -372,17 +384,6 @@ static PyObject *params_grad(Tracer *self, PyObject *module, PyObject *key, int 
         return NULL;
     }
     return found ? Py_True : Py_False;
-}
-
-/* Whether a call takes the fast path, read before anything changes; the facts it needs. */
-typedef struct {
-    PyObject *frame, *params_grad, *dtype_name, *shape;
-    int has_params, inplace, grad_on, inference, inputs_rg, outputs_rg, floating, float32;
-} usual_t;
-
-static void usual_clear(usual_t *u)
-{
-    Py_CLEAR(u->shape);
 }
 
 /* 1: the usual call (u filled), 0: Python decides, -1: error. */
@@ -453,8 +454,10 @@ static int usual_call(Tracer *self, PyObject *module, PyObject *key, PyObject *a
 }
 
 /* fvis.session._Session._post of args (module, args, kwargs, output); key is the module's
- * key in ``names`` where the caller knows it is there (a wrapped forward), else NULL. */
-static PyObject *post_call(Tracer *self, PyObject *const *args, PyObject *known_key)
+ * key in ``names`` where the caller knows it is there (a wrapped forward), and then target its
+ * entry in ``targets`` (NULL: none); else key is NULL. */
+static PyObject *post_call(Tracer *self, PyObject *const *args, PyObject *known_key,
+                           PyObject *target)
 {
     if (!NEED(self, names) || !NEED(self, stack) || !NEED(self, targets) || !NEED(self, trace)
         || !NEED(self, calls) || !NEED(self, params_grad) || !NEED(self, live)
@@ -473,6 +476,8 @@ static PyObject *post_call(Tracer *self, PyObject *const *args, PyObject *known_
         return known < 0 ? NULL : Py_NewRef(Py_None);
     }
     usual_t u = {0};
+    u.target_known = known_key != NULL;
+    u.target = target;
     int usual = usual_call(self, module, key, args[1], args[2], args[3], &u);
     if (usual <= 0) {
         usual_clear(&u);
@@ -491,9 +496,7 @@ static PyObject *post_call(Tracer *self, PyObject *const *args, PyObject *known_
     PyObject *count = PyErr_Occurred() ? NULL : PyLong_FromLongLong(previous + 1);
     int status = count == NULL || PyDict_SetItem(self->calls, key, count) < 0 ? -1 : 0;
     if (status == 0) {
-        status = record_call(self, module, key, frame, count, u.params_grad, u.has_params,
-                             u.grad_on, u.inference, u.inputs_rg, u.outputs_rg, u.floating,
-                             args[3], u.shape, u.dtype_name, u.inplace, u.float32);
+        status = record_call(self, module, key, frame, count, args[3], &u);
     }
     Py_XDECREF(count);
     Py_DECREF(frame);
@@ -512,7 +515,7 @@ static PyObject *tracer_post(Tracer *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_TypeError, "post(module, args, kwargs, output)");
         return NULL;
     }
-    return post_call(self, args, NULL);
+    return post_call(self, args, NULL, NULL);
 }
 
 static PyTypeObject TracerType;
@@ -525,14 +528,20 @@ PyObject *fvis_trace_pre(PyObject *tracer, PyObject *module, PyObject *args, PyO
     return pre_call((Tracer *)tracer, module, args, key, names);
 }
 
-PyObject *fvis_trace_post(PyObject *tracer, PyObject *const *args, PyObject *key)
+PyObject *fvis_trace_post(PyObject *tracer, PyObject *const *args, PyObject *key,
+                          PyObject *target)
 {
-    return post_call((Tracer *)tracer, args, key);
+    return post_call((Tracer *)tracer, args, key, target);
 }
 
 PyObject *fvis_tracer_names(PyObject *tracer)
 {
     return ((Tracer *)tracer)->names;
+}
+
+PyObject *fvis_tracer_targets(PyObject *tracer)
+{
+    return ((Tracer *)tracer)->targets;
 }
 
 static PyMethodDef tracer_methods[] = {

@@ -28,9 +28,10 @@ typedef struct {
     PyObject *tracer, *module;
     PyObject *func; /* the module's forward; with bound, its function, called module first */
     int bound;
-    /* the module's key and names in the tracer's names dict, known when it was wrapped (the
-     * hooks then need not make the key nor look it up), or NULL */
-    PyObject *key, *names;
+    /* the module's key and names in the tracer's names dict and its entry in the tracer's
+     * targets (NULL: not a target), known when it was wrapped (the hooks then need not make
+     * the key nor look the module up); key NULL where not known */
+    PyObject *key, *names, *target;
 } Wrapped;
 
 /* What fvis.fasthooks hands over once (configure_wrap): the code objects of torch's
@@ -86,7 +87,7 @@ static PyObject *wrapped_call(Wrapped *self, PyObject *args, PyObject *kwargs)
     /* no keywords: one shared empty dict (the hooks only read it; a new one per call cost
      * an allocation the collector counts) */
     PyObject *post_args[4] = {self->module, args, kwargs != NULL ? kwargs : no_keywords, output};
-    r = fvis_trace_post(self->tracer, post_args, self->key);
+    r = fvis_trace_post(self->tracer, post_args, self->key, self->target);
     if (r == NULL) {
         Py_DECREF(output);
         return NULL;
@@ -102,6 +103,7 @@ static int wrapped_traverse(Wrapped *self, visitproc visit, void *arg)
     Py_VISIT(self->func);
     Py_VISIT(self->key);
     Py_VISIT(self->names);
+    Py_VISIT(self->target);
     return 0;
 }
 
@@ -112,6 +114,7 @@ static int wrapped_clear(Wrapped *self)
     Py_CLEAR(self->func);
     Py_CLEAR(self->key);
     Py_CLEAR(self->names);
+    Py_CLEAR(self->target);
     return 0;
 }
 
@@ -175,7 +178,7 @@ static PyObject *new_wrapped(PyObject *tracer, PyObject *module, PyObject *func,
     wrapped->module = Py_NewRef(module);
     wrapped->func = Py_NewRef(func);
     wrapped->bound = bound;
-    wrapped->key = wrapped->names = NULL;
+    wrapped->key = wrapped->names = wrapped->target = NULL;
     return (PyObject *)wrapped;
 }
 
@@ -338,6 +341,11 @@ static int restore(PyObject *saved)
  * entry in the tracer's names dict, or NULL. */
 static int wrap_one(PyObject *tracer, PyObject *m, PyObject *saved, PyObject *key, PyObject *names)
 {
+    PyObject *targets = fvis_tracer_targets(tracer), *target = NULL;
+    if (key != NULL && (targets == NULL || !PyDict_Check(targets))) key = NULL;
+    if (key != NULL && (target = PyDict_GetItemWithError(targets, key)) == NULL && PyErr_Occurred()) {
+        return -1;
+    }
     PyObject *own = PyObject_GenericGetDict(m, NULL);
     if (own == NULL) return -1;
     PyObject *previous = PyDict_GetItemWithError(own, s_forward); /* accelerate sets one */
@@ -347,6 +355,7 @@ static int wrap_one(PyObject *tracer, PyObject *m, PyObject *saved, PyObject *ke
     if (wrapped != NULL && key != NULL) {
         ((Wrapped *)wrapped)->key = Py_NewRef(key);
         ((Wrapped *)wrapped)->names = Py_NewRef(names);
+        ((Wrapped *)wrapped)->target = Py_XNewRef(target);
     }
     int failed = wrapped == NULL || PyList_Append(saved, entry) < 0;
     if (!failed) {
