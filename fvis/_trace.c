@@ -111,7 +111,9 @@ static PyObject *pre_call(Tracer *self, PyObject *module, PyObject *call_args, P
         Py_NewRef(key), Py_NewRef(PyList_GET_ITEM(names, 0)),
         PyLong_FromSsize_t(self->next_call_id), Py_NewRef(parent), new_bool(!grad_on),
     };
-    PyObject *frame = untracked_tuple(new_named(cfg.frame, FRAME_N, items));
+    /* left tracked: it lives for the call only, and the room fvis/collector.py makes keeps
+     * collections out of the capture; untracking it was work for nothing */
+    PyObject *frame = new_named(cfg.frame, FRAME_N, items);
     if (frame == NULL) goto done;
     int failed = PyList_Append(self->stack, frame);
     Py_DECREF(frame);
