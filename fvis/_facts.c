@@ -222,6 +222,20 @@ static int64_t dead_last(const float *x, int64_t rows, int64_t channels)
 /* fvis.stats._native_stats for a finite contiguous float32 host tensor (the caller read the
  * dtype), or Py_None (a new reference) where fvis.stats.tensor_stats must decide; NULL on
  * error. */
+/* numel as an int, the previous call's object where the same (same-shaped layers in a row) */
+static PyObject *count_of(long long numel)
+{
+    static PyObject *last;
+    static long long last_numel = -1;
+    if (last != NULL && numel == last_numel) return Py_NewRef(last);
+    PyObject *count = PyLong_FromLongLong(numel);
+    if (count != NULL) {
+        Py_XSETREF(last, Py_NewRef(count));
+        last_numel = numel;
+    }
+    return count;
+}
+
 /* zeros / numel as a float; no zero at all (most maps before a ReLU) shares one 0.0. */
 static PyObject *zero_fraction(long long zeros, long long numel)
 {
@@ -283,7 +297,7 @@ PyObject *fast_stats(PyObject *tensor, PyObject *shape, long axis)
     if (dim >= 0 && !first) dead = r.zeros ? dead_last(x, numel / channels, channels) : 0;
     if (dead < 0) return PyErr_NoMemory();
     PyObject *items[STATS_N] = {
-        PyLong_FromLongLong(numel), PyFloat_FromDouble(lo), PyFloat_FromDouble(hi),
+        count_of(numel), PyFloat_FromDouble(lo), PyFloat_FromDouble(hi),
         PyFloat_FromDouble(mean), PyFloat_FromDouble(std),
         zero_fraction(r.zeros, numel), PyLong_FromLong(0),
         PyLong_FromLong(0), PyLong_FromLong(0), PyLong_FromLongLong(channels),
@@ -321,6 +335,48 @@ PyObject *version_or_inference(PyObject *tensor, int inference_mode, int *infere
     Py_XDECREF(value);
     Py_XDECREF(trace);
     return Py_NewRef(Py_None);
+}
+
+/* The last output shape recorded, as a plain tuple and as a record's 1-tuple of output shapes:
+ * a call whose output has the same shape as the previous one's shares both (tuples of ints are
+ * immutable, and runs of same-shaped layers are the rule), two objects fewer per record. */
+static PyObject *last_shape, *last_shapes;
+
+static int same_dims(PyObject *size, PyObject *shape)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(size);
+    if (n != PyTuple_GET_SIZE(shape)) return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *a = PyTuple_GET_ITEM(size, i), *b = PyTuple_GET_ITEM(shape, i);
+        if (a == b) continue;
+        if (!PyLong_CheckExact(a) || !PyLong_CheckExact(b)) return 0;
+        int overflow_a, overflow_b;
+        long long x = PyLong_AsLongLongAndOverflow(a, &overflow_a);
+        long long y = PyLong_AsLongLongAndOverflow(b, &overflow_b);
+        if (overflow_a || overflow_b || x != y) return 0;
+    }
+    return 1;
+}
+
+/* tuple(size) for a torch.Size (a tuple subclass), shared with the previous call's where equal. */
+PyObject *plain_shape(PyObject *size)
+{
+    if (!PyTuple_Check(size)) return untracked_tuple(PySequence_Tuple(size));
+    if (last_shape != NULL && same_dims(size, last_shape)) return Py_NewRef(last_shape);
+    PyObject *shape = untracked_tuple(PyTuple_GetSlice(size, 0, PY_SSIZE_T_MAX));
+    if (shape != NULL) Py_XSETREF(last_shape, Py_NewRef(shape));
+    return shape;
+}
+
+/* (shape,), the same object for the same shape object as the previous call's. */
+PyObject *one_shape(PyObject *shape)
+{
+    if (last_shapes != NULL && PyTuple_GET_ITEM(last_shapes, 0) == shape) {
+        return Py_NewRef(last_shapes);
+    }
+    PyObject *shapes = untracked_tuple(PyTuple_Pack(1, shape));
+    if (shapes != NULL) Py_XSETREF(last_shapes, Py_NewRef(shapes));
+    return shapes;
 }
 
 /* (node, tensor.output_nr): the gradient edge of a tensor whose grad_fn is node. */

@@ -309,7 +309,7 @@ static int record_call(Tracer *self, PyObject *module, PyObject *key, PyObject *
         Py_NewRef(PyTuple_GET_ITEM(frame, 1)), class_name, Py_NewRef(call),
         new_bool(u->grad_on), new_bool(u->inference), new_bool(u->inputs_rg),
         Py_NewRef(u->params_grad), new_bool(u->outputs_rg), new_bool(u->floating),
-        untracked_tuple(PyTuple_Pack(1, u->shape)), Py_NewRef(PyTuple_GET_ITEM(frame, 2)),
+        one_shape(u->shape), Py_NewRef(PyTuple_GET_ITEM(frame, 2)),
         Py_NewRef(PyTuple_GET_ITEM(frame, 3)), new_bool(0), new_bool(u->has_params), new_bool(0),
     };
     PyObject *record = untracked_tuple(new_named(cfg.record, RECORD_N, items));
@@ -448,9 +448,7 @@ static int usual_call(Tracer *self, PyObject *module, PyObject *key, PyObject *a
     if (cut || block) return 0; /* a cut, or the first call of a no_grad block: Python */
     PyObject *size = tensor_fact(output, T_SHAPE);
     if (size == NULL) return -1;
-    /* torch.Size is a tuple: its items copied into a plain one (PySequence_Tuple iterates) */
-    u->shape = untracked_tuple(PyTuple_Check(size) ? PyTuple_GetSlice(size, 0, PY_SSIZE_T_MAX)
-                                                   : PySequence_Tuple(size));
+    u->shape = plain_shape(size);
     Py_DECREF(size);
     return u->shape == NULL ? -1 : 1;
 }

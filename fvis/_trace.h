@@ -102,6 +102,8 @@ PyObject *fast_stats(PyObject *tensor, PyObject *shape, long axis);
 PyObject *node_name_of(PyObject *node);
 PyObject *version_or_inference(PyObject *tensor, int inference_mode, int *inference);
 PyObject *node_edge(PyObject *node, PyObject *tensor);
+PyObject *plain_shape(PyObject *size);
+PyObject *one_shape(PyObject *shape);
 
 /* _trace_end.c: the methods that end a capture. */
 static inline PyObject **live_slot(PyObject *item, int which)
