@@ -343,3 +343,25 @@ def test_the_c_targets_are_the_python_targets() -> None:
     missing = ["block", "nope", "also.nope"]
     assert fasthooks.targets_of(tree.by_name, missing) == (None, "nope")
     assert _python_targets(tree, missing) == (None, "nope")
+
+
+def test_same_shaped_outputs_in_a_row_share_a_shape_and_others_do_not() -> None:
+    """The C path reuses the previous call's shape tuple for an equal shape: each record must
+    still carry its own output's shape (checked against the tensors themselves)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3), nn.Linear(3, 4), nn.ReLU())
+    x = torch.randn(2, 4)
+    seen: list[tuple[int, ...]] = []
+    hooks = [
+        m.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape))) for m in model
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    result = capture(model, [x], [str(i) for i in range(5)])
+    assert [c.shape for c in result.captures] == seen == [(2, 4), (2, 4), (2, 3), (2, 4), (2, 4)]
+    records = [r for r in result.trace if r.name]
+    assert [r.output_shapes for r in records] == [(s,) for s in seen]
+    assert result.captures[0].shape is result.captures[1].shape  # shared, as intended
