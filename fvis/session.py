@@ -385,7 +385,7 @@ class _Session(AxisDecisions, Base):  # type: ignore[misc]  # fvis.fasthooks: a 
             edge = (node, tensor.output_nr) if node is not None else gradient_edge(tensor)
             if edge is not None:
                 self.edges[(layer, call, path)] = edge
-        ref: Callable[[], torch.Tensor | None] | None = None
+        ref: torch.Tensor | Callable[[], torch.Tensor | None] | None = None  # records.referent
         if not inference:
             ref = tensor if self.hold else weakref.ref(tensor)
         shape = tuple(tensor.shape)
