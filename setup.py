@@ -16,6 +16,8 @@ setup(
             sources=[
                 "fvis/_moments.c",
                 "fvis/_trace.c",
+                "fvis/_snapshot.c",
+                "fvis/_trace_config.c",
                 "fvis/_facts.c",
                 "fvis/_trace_end.c",
                 "fvis/_wrap.c",

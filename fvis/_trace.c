@@ -17,21 +17,14 @@
  *
  * Tracer is the base class of fvis.session._Session: its members are the session's state,
  * set and read from Python by name, read here directly. The tensor facts and records it
- * builds are in _facts.c, the end of a capture in _trace_end.c, the module walk in _walk.c
+ * builds are in _facts.c, a capture's snapshot in _snapshot.c, the end of a capture in
+ * _trace_end.c, what fvis.fasthooks configures in _trace_config.c, the module walk in _walk.c
  * (_trace.h: what they share).
  */
 #include "_trace.h"
 
 #include <stddef.h>
 #include <structmember.h>
-
-trace_cfg_t cfg;
-
-PyObject *s_requires_grad, *s_grad_fn, *s_shape, *s_dtype, *s_is_cpu, *s_is_leaf,
-    *s_version, *s_output_nr, *s_is_inference, *s_data_ptr, *s_is_contiguous, *s_is_neg,
-    *s_is_zerotensor, *s_name, *s_parameters, *s_modules, *s_inplace, *s_is_floating_point, *s_is_complex,
-    *s_pre, *s_post, *s_snapshot, *s_check_versions, *s_channel_dim, *s_token_grid,
-    *s_deliver, *s_native;
 
 #define FRAME_N 5
 
@@ -58,7 +51,7 @@ static void tracer_dealloc(Tracer *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *fallback(Tracer *self, PyObject *method, PyObject *const *args, Py_ssize_t n)
+PyObject *trace_fallback(Tracer *self, PyObject *method, PyObject *const *args, Py_ssize_t n)
 {
     PyObject *full[6] = {(PyObject *)self, NULL, NULL, NULL, NULL, NULL};
     if (n > 5) {
@@ -94,7 +87,7 @@ static PyObject *pre_call(Tracer *self, PyObject *module, PyObject *call_args, P
     if (target < 0) goto done;
     if ((!grad_on && hold) || target || !PyList_Check(names) || PyList_GET_SIZE(names) < 1
         || !PyList_Check(self->stack)) {
-        result = fallback(self, s_pre, args, 2);
+        result = trace_fallback(self, s_pre, args, 2);
         goto done;
     }
     Py_ssize_t depth = PyList_GET_SIZE(self->stack);
@@ -102,7 +95,7 @@ static PyObject *pre_call(Tracer *self, PyObject *module, PyObject *call_args, P
     if (depth) {
         PyObject *top = PyList_GET_ITEM(self->stack, depth - 1);
         if (!PyTuple_Check(top) || PyTuple_GET_SIZE(top) < FRAME_N) {
-            result = fallback(self, s_pre, args, 2);
+            result = trace_fallback(self, s_pre, args, 2);
             goto done;
         }
         parent = PyTuple_GET_ITEM(top, 2);
@@ -133,152 +126,6 @@ static PyObject *tracer_pre(Tracer *self, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     return pre_call(self, args[0], args[1], NULL, NULL);
-}
-
-/* The channel dim of a capture: the module's own decision remembered in ``decided``, else
- * fvis.session._Session._channel_dim; -1 with an error set on failure. */
-static long channel_dim(Tracer *self, PyObject *key, PyObject *record, PyObject *shape)
-{
-    PyObject *memo = PyTuple_Pack(2, key, shape);
-    if (memo == NULL) return -1;
-    PyObject *own = PyDict_GetItemWithError(self->decided, memo); /* borrowed */
-    Py_DECREF(memo);
-    if (own == NULL && PyErr_Occurred()) return -1;
-    PyObject *dim;
-    if (own != NULL && own != Py_None && PyTuple_Check(own) && PyTuple_GET_SIZE(own) >= 1) {
-        dim = Py_NewRef(PyTuple_GET_ITEM(own, 0));
-    } else {
-        PyObject *args[3] = {key, record, shape};
-        dim = fallback(self, s_channel_dim, args, 3);
-        if (dim == NULL) return -1;
-    }
-    long value = PyLong_AsLong(dim);
-    Py_DECREF(dim);
-    return value == -1 && PyErr_Occurred() ? -1 : value;
-}
-
-/* fvis.session._Session._snapshot of a module's tensor output (path ""). */
-static int snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *record,
-                    PyObject *tensor, PyObject *shape, PyObject *dtype_name, int requires_grad,
-                    int float32)
-{
-    int keep_tensors = truth(self->keep_tensors);
-    int defer = truth(self->defer_cpu);
-    int is_cpu = tensor_truth(tensor, T_IS_CPU);
-    if (keep_tensors < 0 || defer < 0 || is_cpu < 0) return -1;
-    if (keep_tensors || defer || !is_cpu) { /* a copy kept, or statistics on a device */
-        PyObject *args[5] = {key, layer, record, cfg.empty, tensor};
-        PyObject *r = fallback(self, s_snapshot, args, 5);
-        Py_XDECREF(r);
-        return r == NULL ? -1 : 0;
-    }
-    int grad_enabled = PyTuple_GET_ITEM(record, 3) == Py_True;
-    PyObject *call = PyTuple_GET_ITEM(record, 2);
-    int keep_values = truth(self->keep_values);
-    int callback_values = truth(self->callback_values);
-    int hold = truth(self->hold);
-    if (keep_values < 0 || callback_values < 0 || hold < 0) return -1;
-    int inference;
-    PyObject *version = version_or_inference(tensor, PyTuple_GET_ITEM(record, 4) == Py_True,
-                                             &inference);
-    if (version == NULL) return -1;
-    PyObject *node = tensor_fact(tensor, T_GRAD_FN);
-    if (node == NULL) {
-        Py_DECREF(version);
-        return -1;
-    }
-    int status = -1;
-    PyObject *values = NULL, *ref = NULL, *stats = NULL, *item = NULL;
-    PyObject *node_name = node == Py_None ? Py_NewRef(Py_None) : node_name_of(node);
-    /* is_leaf is torch's ``not grad_fn`` (THPVariable_is_leaf): no second read */
-    PyObject *facts_items[7] = {
-        new_bool(grad_enabled), Py_NewRef(PyTuple_GET_ITEM(record, 4)), new_bool(requires_grad),
-        node_name, new_bool(node == Py_None), new_bool(inference), version,
-    };
-    PyObject *facts = untracked_tuple(new_named(&PyTuple_Type, 7, facts_items));
-    if (facts == NULL) goto done;
-    if (keep_values || callback_values) {
-        values = PyObject_CallFunctionObjArgs(cfg.sample_values, tensor, self->sample, NULL);
-    } else {
-        values = Py_NewRef(Py_None);
-    }
-    if (values == NULL) goto done;
-    if (requires_grad && grad_enabled) {
-        PyObject *edge = node != Py_None ? untracked_holder(node_edge(node, tensor))
-                                         : PyObject_CallOneArg(cfg.gradient_edge, tensor);
-        if (edge == NULL) goto done;
-        int failed = 0;
-        if (edge != Py_None) {
-            PyObject *where = untracked_tuple(PyTuple_Pack(3, layer, call, cfg.empty));
-            failed = where == NULL || PyDict_SetItem(self->edges, where, edge) < 0;
-            Py_XDECREF(where);
-        }
-        Py_DECREF(edge);
-        if (failed) goto done;
-    }
-    if (inference) {
-        ref = Py_NewRef(Py_None);
-    } else if (hold) { /* the tensor itself: compared once at the end */
-        ref = Py_NewRef(tensor);
-    } else {
-        ref = PyWeakref_NewRef(tensor, NULL);
-    }
-    if (ref == NULL) goto done;
-    Py_ssize_t ndim = PyTuple_GET_SIZE(shape);
-    long axis = ndim >= 3 ? channel_dim(self, key, record, shape) : 1;
-    if (axis == -1 && PyErr_Occurred()) goto done;
-    stats = float32 ? fast_stats(tensor, shape, axis) : Py_NewRef(Py_None);
-    if (stats == Py_None) {
-        Py_DECREF(stats);
-        PyObject *dim = PyLong_FromLong(axis);
-        stats = dim == NULL ? NULL : PyObject_CallFunctionObjArgs(cfg.tensor_stats, tensor, dim, NULL);
-        Py_XDECREF(dim);
-    }
-    if (stats == NULL) goto done;
-    Py_ssize_t seq = PyList_GET_SIZE(self->live) + PyList_GET_SIZE(self->done);
-    PyObject *slots[LIVE_N];
-    slots[LIVE_CALL] = Py_NewRef(call);
-    slots[LIVE_CALL_ID] = Py_NewRef(PyTuple_GET_ITEM(record, 10));
-    slots[LIVE_FACTS] = Py_NewRef(facts);
-    slots[LIVE_KEY] = Py_NewRef(key);
-    slots[LIVE_LAST_GRAD_FN] = Py_NewRef(PyTuple_GET_ITEM(facts, 3));
-    slots[LIVE_LAST_VERSION] = Py_NewRef(PyTuple_GET_ITEM(facts, 6));
-    slots[LIVE_LAYER] = Py_NewRef(layer);
-    slots[LIVE_PATH] = Py_NewRef(cfg.empty);
-    slots[LIVE_REF] = Py_NewRef(ref);
-    slots[LIVE_SAVED] = Py_NewRef(Py_None);
-    slots[LIVE_SEQ] = PyLong_FromSsize_t(seq);
-    slots[LIVE_STATS] = Py_NewRef(stats);
-    slots[LIVE_SHAPE] = Py_NewRef(shape);
-    slots[LIVE_DTYPE] = Py_NewRef(dtype_name);
-    slots[LIVE_DEVICE] = Py_NewRef(cfg.cpu);
-    slots[LIVE_TOKEN_GRID] = Py_NewRef(Py_None);
-    slots[LIVE_VALUES] = Py_NewRef(values);
-    item = untracked_holder(new_slots(cfg.live, cfg.live_at, LIVE_N, slots));
-    if (item == NULL) goto done;
-    if (ndim == 3 && axis == 2) { /* tokens: a grid of patches, if a patch embedding ran */
-        PyObject *args[2] = {record, shape};
-        PyObject *grid = fallback(self, s_token_grid, args, 2);
-        if (grid == NULL) goto done;
-        PyObject **slot = (PyObject **)((char *)item + cfg.live_at[LIVE_TOKEN_GRID]);
-        Py_XSETREF(*slot, grid);
-    }
-    if (self->on_capture != Py_None) { /* pictures are drawn there */
-        PyObject *r = fallback(self, s_deliver, &item, 1);
-        if (r == NULL) goto done;
-        Py_DECREF(r);
-    }
-    /* An inference tensor has no version counter and no reference to check: it is done. */
-    if (PyList_Append(ref != Py_None ? self->live : self->done, item) < 0) goto done;
-    status = 0;
-done:
-    Py_DECREF(node);
-    Py_XDECREF(facts);
-    Py_XDECREF(values);
-    Py_XDECREF(ref);
-    Py_XDECREF(stats);
-    Py_XDECREF(item);
-    return status;
 }
 
 /* Whether a call takes the fast path, read before anything changes; the facts it needs. */
@@ -320,7 +167,7 @@ static int record_call(Tracer *self, PyObject *module, PyObject *key, PyObject *
     int hold = truth(self->hold);
     if (hold < 0) goto done;
     if (!hold && PyList_GET_SIZE(self->live)) {
-        PyObject *r = fallback(self, s_check_versions, NULL, 0);
+        PyObject *r = trace_fallback(self, s_check_versions, NULL, 0);
         if (r == NULL) goto done;
         Py_DECREF(r);
     }
@@ -336,7 +183,7 @@ static int record_call(Tracer *self, PyObject *module, PyObject *key, PyObject *
         goto done;
     }
     Py_INCREF(target);
-    status = snapshot(self, key, PyTuple_GET_ITEM(target, 0), record, output, u->shape,
+    status = trace_snapshot(self, key, PyTuple_GET_ITEM(target, 0), record, output, u->shape,
                       u->dtype_name, u->outputs_rg, u->float32);
     Py_DECREF(target);
 done:
@@ -482,7 +329,7 @@ static PyObject *post_call(Tracer *self, PyObject *const *args, PyObject *known_
     if (usual <= 0) {
         usual_clear(&u);
         Py_DECREF(key);
-        return usual < 0 ? NULL : fallback(self, s_post, args, 4);
+        return usual < 0 ? NULL : trace_fallback(self, s_post, args, 4);
     }
     /* Our own tensor reads are not the model's (as in _Session._post). */
     Py_XSETREF(self->in_hook, Py_NewRef(Py_True));
@@ -580,75 +427,6 @@ static PyTypeObject TracerType = {
     .tp_new = PyType_GenericNew,
 };
 
-static int offsets_into(PyObject *tuple, Py_ssize_t *out, Py_ssize_t n, PyTypeObject *type)
-{
-    if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) != n) {
-        PyErr_SetString(PyExc_ValueError, "configure_trace: wrong number of slot offsets");
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        out[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(tuple, i));
-        if (out[i] == -1 && PyErr_Occurred()) return -1;
-        if (out[i] < (Py_ssize_t)sizeof(PyObject)
-            || out[i] > type->tp_basicsize - (Py_ssize_t)sizeof(PyObject *)) {
-            PyErr_SetString(PyExc_ValueError, "configure_trace: offset outside the instance");
-            return -1;
-        }
-    }
-    return 0;
-}
-
-static int is_type(PyObject *obj) { return obj != NULL && PyType_Check(obj); }
-
-/* configure_trace(classes, offsets, functions): see fvis.fasthooks.configure. */
-static PyObject *configure_trace(PyObject *module, PyObject *args)
-{
-    (void)module;
-    PyObject *tensor, *parameter, *record, *frame, *live, *stats, *capture, *facts;
-    PyObject *live_at, *stats_at, *capture_at, *facts_at;
-    PyObject *grad_enabled, *inference_mode, *float32, *sample_values, *gradient_edge;
-    PyObject *dtype_name, *tensor_stats, *stats_module, *grad_fn_name;
-    if (!PyArg_ParseTuple(args, "(OOOOOOOO)(OOOO)(OOOOOOOOO)", &tensor, &parameter, &record,
-                          &frame, &live, &stats, &capture, &facts, &live_at, &stats_at, &capture_at, &facts_at, &grad_enabled, &inference_mode,
-                          &float32, &sample_values, &gradient_edge, &dtype_name, &tensor_stats,
-                          &stats_module, &grad_fn_name)) {
-        return NULL;
-    }
-    PyObject *types[8] = {tensor, parameter, record, frame, live, stats, capture, facts};
-    for (int i = 0; i < 8; i++) {
-        if (!is_type(types[i])) {
-            PyErr_SetString(PyExc_TypeError, "configure_trace: classes expected");
-            return NULL;
-        }
-    }
-    if (!PyType_IsSubtype((PyTypeObject *)record, &PyTuple_Type)
-        || !PyType_IsSubtype((PyTypeObject *)frame, &PyTuple_Type)) {
-        PyErr_SetString(PyExc_TypeError, "configure_trace: records are NamedTuples");
-        return NULL;
-    }
-    if (offsets_into(live_at, cfg.live_at, LIVE_N, (PyTypeObject *)live) < 0
-        || offsets_into(stats_at, cfg.stats_at, STATS_N, (PyTypeObject *)stats) < 0
-        || offsets_into(capture_at, cfg.capture_at, CAPTURE_N, (PyTypeObject *)capture) < 0
-        || offsets_into(facts_at, cfg.facts_at, FACTS_N, (PyTypeObject *)facts) < 0) {
-        cfg.ready = 0;
-        return NULL;
-    }
-#define KEEP(field, value) Py_XSETREF(cfg.field, (void *)Py_NewRef(value));
-    KEEP(tensor, tensor) KEEP(parameter, parameter) KEEP(record, record) KEEP(frame, frame)
-    KEEP(live, live) KEEP(stats, stats) KEEP(capture, capture)
-    KEEP(facts, facts) KEEP(grad_fn_name, grad_fn_name) KEEP(grad_enabled, grad_enabled)
-    KEEP(inference_mode, inference_mode) KEEP(float32, float32)
-    KEEP(sample_values, sample_values) KEEP(gradient_edge, gradient_edge)
-    KEEP(dtype_name, dtype_name) KEEP(tensor_stats, tensor_stats) KEEP(stats_module, stats_module)
-#undef KEEP
-    Py_XSETREF(cfg.dtypes, PyDict_New());
-    Py_XSETREF(cfg.node_names, PyDict_New());
-    if (cfg.dtypes == NULL || cfg.node_names == NULL) return NULL;
-    find_tensor_descriptors();
-    cfg.ready = 1;
-    Py_RETURN_NONE;
-}
-
 static PyObject *tracer_new_checked(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     if (!cfg.ready) {
@@ -658,30 +436,10 @@ static PyObject *tracer_new_checked(PyTypeObject *type, PyObject *args, PyObject
     return PyType_GenericNew(type, args, kwargs);
 }
 
-static PyMethodDef trace_functions[] = {
-    {"configure_trace", (PyCFunction)configure_trace, METH_VARARGS,
-     "configure_trace((classes), (offsets), (functions)): what the fast hooks build and call"},
-    {NULL, NULL, 0, NULL},
-};
-
 int fvis_add_trace(PyObject *module)
 {
-#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1;
-    INTERN(s_requires_grad, "requires_grad") INTERN(s_grad_fn, "grad_fn")
-    INTERN(s_shape, "shape") INTERN(s_dtype, "dtype") INTERN(s_is_cpu, "is_cpu")
-    INTERN(s_is_leaf, "is_leaf") INTERN(s_version, "_version") INTERN(s_output_nr, "output_nr")
-    INTERN(s_is_inference, "is_inference") INTERN(s_data_ptr, "data_ptr")
-    INTERN(s_is_contiguous, "is_contiguous") INTERN(s_is_neg, "is_neg")
-    INTERN(s_is_zerotensor, "_is_zerotensor") INTERN(s_name, "name")
-    INTERN(s_parameters, "_parameters") INTERN(s_modules, "_modules") INTERN(s_inplace, "inplace")
-    INTERN(s_is_floating_point, "is_floating_point") INTERN(s_is_complex, "is_complex")
-    INTERN(s_pre, "_pre") INTERN(s_post, "_post") INTERN(s_snapshot, "_snapshot")
-    INTERN(s_check_versions, "_check_versions") INTERN(s_channel_dim, "_channel_dim")
-    INTERN(s_token_grid, "_token_grid") INTERN(s_deliver, "_deliver") INTERN(s_native, "_native")
-    INTERN(cfg.empty, "") INTERN(cfg.cpu, "cpu")
-#undef INTERN
+    if (fvis_add_trace_config(module) < 0) return -1;
     TracerType.tp_new = tracer_new_checked;
     if (PyType_Ready(&TracerType) < 0 || fvis_add_wrap(module) < 0) return -1;
-    if (PyModule_AddObjectRef(module, "Tracer", (PyObject *)&TracerType) < 0) return -1;
-    return PyModule_AddFunctions(module, trace_functions);
+    return PyModule_AddObjectRef(module, "Tracer", (PyObject *)&TracerType);
 }

@@ -105,6 +105,17 @@ PyObject *node_edge(PyObject *node, PyObject *tensor);
 PyObject *plain_shape(PyObject *size);
 PyObject *one_shape(PyObject *shape);
 
+/* _trace.c: a session method called with the tracer first (the Python code decides). */
+PyObject *trace_fallback(Tracer *self, PyObject *method, PyObject *const *args, Py_ssize_t n);
+
+/* _snapshot.c: a module's tensor output captured (path ""); 0, or -1 with an exception. */
+int trace_snapshot(Tracer *self, PyObject *key, PyObject *layer, PyObject *record,
+                   PyObject *tensor, PyObject *shape, PyObject *dtype_name, int requires_grad,
+                   int float32);
+
+/* _trace_config.c: configure_trace and the interned names, added to the module. */
+int fvis_add_trace_config(PyObject *module);
+
 /* _trace_end.c: the methods that end a capture. */
 static inline PyObject **live_slot(PyObject *item, int which)
 {
