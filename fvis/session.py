@@ -4,19 +4,19 @@
 captures being recorded as ``fvis.records._Live`` items, gradient edges, where cuts fed
 later calls); the C hooks (``fvis.fasthooks``) do its usual calls. The records come from
 ``fvis.call_records``, the channel axis and token grid of a capture from
-``fvis.session_axes``, and ``fvis.cuts.DetachWatch`` sees every ``.detach()`` during
-forward. ``fvis.capture`` runs the model inside one session.
+``fvis.session_axes``, the version check and the final ``CaptureResult`` from
+``fvis.session_end``, and ``fvis.cuts.DetachWatch`` sees every ``.detach()`` during forward.
+``fvis.capture`` runs the model inside one session.
 """
 
 from __future__ import annotations
 
-import operator
 import os
 import sys
 import weakref
 from collections.abc import Callable, Collection, Mapping
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,8 +24,8 @@ from torch import nn
 from fvis import device_stats
 from fvis.attention import missing_probabilities
 from fvis.axes import Axis
-from fvis.call_records import call_record, not_called
-from fvis.choices import Mode, What
+from fvis.call_records import call_record
+from fvis.choices import What
 from fvis.cuts import SET_GRAD_ENABLED, block_entry, cut_record, grad_entry
 from fvis.device_stats import (
     DEFERRED_DEVICES,
@@ -39,19 +39,17 @@ from fvis.outputs import describe_value, flatten_tensors
 from fvis.records import (
     CallRecord,
     Capture,
-    CaptureResult,
     Detach,
     _Frame,
     _Live,
-    referent,
 )
 from fvis.session_axes import AxisDecisions
+from fvis.session_end import SessionEnd
 from fvis.stats import _channel_dim as channel_dim
 from fvis.stats import tensor_stats
 from fvis.tensor_facts import (
     _device,
     _dtype,
-    _grad_fn_name,
     _storages,
     gradient_edge,
     perturbed,
@@ -59,11 +57,8 @@ from fvis.tensor_facts import (
     sample_values,
 )
 
-if TYPE_CHECKING:
-    from fvis.capture import _Tree
 
-
-class _Session(AxisDecisions, Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or object
+class _Session(AxisDecisions, SessionEnd, Base):  # type: ignore[misc]  # fvis.fasthooks: a C type, or object
     """State of one capture run: hook callbacks and what they recorded."""
 
     def __init__(
@@ -433,82 +428,6 @@ class _Session(AxisDecisions, Base):  # type: ignore[misc]  # fvis.fasthooks: a 
             item.stats = stats_from(vector, numel, channels, dim)
             item.values = sample
             self._deliver(item)
-
-    def _check_versions(self) -> None:
-        # Called after every module call: an in-place op by a later module (ReLU(inplace=True))
-        # is seen while the tensor is still alive, even if it is freed before forward ends.
-        if self.native:  # the same loop in C (fvis/_trace.c)
-            self.fast_check_versions()
-            return
-        still: list[_Live] = []
-        for item in self.live:
-            tensor = referent(item.ref)
-            if tensor is None:
-                self.done.append(item)
-                continue
-            version = tensor._version
-            if version != item.last_version:  # the rare case: only then name the new grad_fn
-                item.last_version = version
-                item.last_grad_fn = _grad_fn_name(tensor)
-            still.append(item)
-        self.live = still
-
-    def finish(self) -> None:
-        self._read_back()  # what accelerators computed during the forward: one transfer
-        self._check_versions()
-        self.done.extend(self.live)
-        self.live = []
-
-    def ran_summary(self, limit: int = 5) -> str:
-        names = list(dict.fromkeys(r.name for r in self.trace if r.name))
-        shown = ", ".join(names[-limit:])
-        return (f"... {shown}" if len(names) > limit else shown) + (
-            f" ({len(names)} in all)" if len(names) > limit else ""
-        )
-
-    def result(self, output: Any, mode: Mode, exported: bool, tree: _Tree) -> CaptureResult:
-        if self.native:  # the same records, built in C (sorted there too)
-            captures, modified = self.fast_captures(self.done, self.batch, self.calls)
-        else:
-            done = sorted(self.done, key=_by_seq)
-            captures = tuple(
-                item.capture(self.batch, self.calls.get(item.key, 1), final=True) for item in done
-            )
-            modified = any(c.grad.modified_in_place for c in captures)
-        self.in_place_ops = self.in_place_ops or modified
-        ran = self.calls.__contains__
-        missed = (
-            {
-                name: not_called(name, module, exported)
-                for key, (name, module) in self.targets.items()
-                if not ran(key)
-            }
-            if not all(map(ran, self.targets))
-            else {}
-        )
-        # A container (ModuleList, ModuleDict) has no forward: it can never run, so it never
-        # "never ran"; its items are what runs.
-        never = tuple(name for name, info in missed.items() if not info.container)
-        return CaptureResult(
-            captures,
-            tuple(self.trace),
-            never,
-            output,
-            self.edges,
-            mode,
-            self.cut_inputs,
-            self.fed_by_cut,
-            {layer: tuple(notes) for layer, notes in self.notes.items()},
-            tuple(self.detaches),
-            missed,
-            tree.kinds,
-            self.in_place_ops,
-            frozenset(self.checkpointed),
-            grad_off_blocks=self.grad_off_blocks,
-        )
-
-
-_by_seq = operator.attrgetter("seq")
 
 
 def _inside_reentrant_checkpoint() -> bool:
