@@ -216,10 +216,8 @@ static PyObject *params_grad(Tracer *self, PyObject *module, PyObject *key, int 
         if (found < 0) break;
     }
     /* A module that contains itself stops here (as in Python); a leaf needs no such mark. */
-    if (found == 0 && PyDict_GET_SIZE(children)
-        && PyDict_SetItem(self->params_grad, key, Py_False) < 0) {
-        found = -1;
-    }
+    int marked = found == 0 && PyDict_GET_SIZE(children);
+    if (marked && PyDict_SetItem(self->params_grad, key, Py_False) < 0) found = -1;
     pos = 0;
     while (found == 0 && PyDict_Next(children, &pos, &name, &value)) {
         if (value == Py_None) continue;
@@ -229,9 +227,16 @@ static PyObject *params_grad(Tracer *self, PyObject *module, PyObject *key, int 
         found = inside == NULL ? -1 : inside == Py_True;
     }
     Py_DECREF(own);
-    if (found < 0 || PyDict_SetItem(self->params_grad, key, found ? Py_True : Py_False) < 0) {
+    if (found < 0) { /* the Python code decides: no half-made mark may stay for it to trust */
+        if (marked) {
+            PyObject *type, *value, *trace;
+            PyErr_Fetch(&type, &value, &trace);
+            if (PyDict_DelItem(self->params_grad, key) < 0) PyErr_Clear();
+            PyErr_Restore(type, value, trace);
+        }
         return NULL;
     }
+    if (PyDict_SetItem(self->params_grad, key, found ? Py_True : Py_False) < 0) return NULL;
     return found ? Py_True : Py_False;
 }
 
@@ -335,9 +340,17 @@ static PyObject *post_call(Tracer *self, PyObject *const *args, PyObject *known_
     Py_XSETREF(self->in_hook, Py_NewRef(Py_True));
     Py_ssize_t depth = PyList_GET_SIZE(self->stack);
     /* the frame popped as list.pop() would, its reference now ours (the list keeps its room:
-     * PyList_SetSlice cost as much as the rest of the bookkeeping of the pop) */
-    PyObject *frame = u.frame;
-    Py_SET_SIZE(self->stack, depth - 1);
+     * PyList_SetSlice cost as much as the rest of the bookkeeping of the pop); only if it is
+     * still on top, as usual_call saw it (code run since could have changed the stack) */
+    PyObject *frame = depth ? PyList_GET_ITEM(self->stack, depth - 1) : NULL;
+    if (frame == u.frame) {
+        Py_SET_SIZE(self->stack, depth - 1);
+    } else {
+        Py_XSETREF(self->in_hook, Py_NewRef(Py_False));
+        usual_clear(&u);
+        Py_DECREF(key);
+        return trace_fallback(self, s_post, args, 4);
+    }
     PyObject *before = PyDict_GetItemWithError(self->calls, key);
     long long previous = before != NULL ? PyLong_AsLongLong(before) : 0;
     PyObject *count = PyErr_Occurred() ? NULL : PyLong_FromLongLong(previous + 1);

@@ -110,13 +110,17 @@ PyObject *tracer_captures(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "fast_captures(items: list, batch, calls: dict)");
         return NULL;
     }
-    PyObject *items = args[0], *batch = args[1], *calls = args[2];
+    /* a copy: the records made below may run a collection, whose finalizers could change the
+     * session's list under the indexes in order */
+    PyObject *items = PyList_GetSlice(args[0], 0, PY_SSIZE_T_MAX), *batch = args[1];
+    PyObject *calls = args[2];
+    if (items == NULL) return NULL;
     Py_ssize_t n = PyList_GET_SIZE(items);
     by_seq_t *order = in_seq_order(items);
-    if (order == NULL) return NULL;
-    PyObject *out = PyTuple_New(n);
+    PyObject *out = order != NULL ? PyTuple_New(n) : NULL;
     if (out == NULL) {
         PyMem_Free(order);
+        Py_DECREF(items);
         return NULL;
     }
     int modified = 0;
@@ -160,9 +164,11 @@ PyObject *tracer_captures(Tracer *self, PyObject *const *args, Py_ssize_t nargs)
         PyTuple_SET_ITEM(out, i, capture);
     }
     PyMem_Free(order);
+    Py_DECREF(items);
     return Py_BuildValue("(NN)", out, new_bool(modified));
 fail:
     PyMem_Free(order);
+    Py_DECREF(items);
     Py_DECREF(out);
     return NULL;
 }

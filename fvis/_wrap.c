@@ -304,6 +304,11 @@ static void retire(PyObject *wrapper)
     if (wrapper == NULL || !Py_IS_TYPE(wrapper, &WrappedType)) return;
     Wrapped *w = (Wrapped *)wrapper;
     Py_CLEAR(w->tracer);
+    /* the hints too: the target entry is untracked, so a reference it held to the module
+     * would keep any cycle through the module from being collected */
+    Py_CLEAR(w->key);
+    Py_CLEAR(w->names);
+    Py_CLEAR(w->target);
     if (Py_REFCNT(wrapper) > 2 && !PyObject_GC_IsTracked(wrapper)) { /* beyond dict + ours */
         PyObject_GC_Track(wrapper);
     }
@@ -348,6 +353,7 @@ static int wrap_one(PyObject *tracer, PyObject *m, PyObject *saved, PyObject *ke
     }
     PyObject *own = PyObject_GenericGetDict(m, NULL);
     if (own == NULL) return -1;
+    Py_XINCREF(target); /* ours while other code runs (the forward's lookup below) */
     PyObject *previous = PyDict_GetItemWithError(own, s_forward); /* accelerate sets one */
     PyObject *entry = PyErr_Occurred() ? NULL
                       : previous != NULL ? PyTuple_Pack(2, own, previous) : PyTuple_Pack(1, own);
@@ -357,6 +363,7 @@ static int wrap_one(PyObject *tracer, PyObject *m, PyObject *saved, PyObject *ke
         ((Wrapped *)wrapped)->names = Py_NewRef(names);
         ((Wrapped *)wrapped)->target = Py_XNewRef(target);
     }
+    Py_XDECREF(target);
     int failed = wrapped == NULL || PyList_Append(saved, entry) < 0;
     if (!failed) {
         PyObject_GC_UnTrack(entry); /* see the top of this file */

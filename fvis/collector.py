@@ -9,32 +9,62 @@ everything torch and the model own (tens of milliseconds). ``room_for`` raises t
 threshold by what the capture itself will allocate, for the capture only: the model's own
 garbage is collected as often as it would be without fvis, fvis's live records are not
 traversed for nothing, and they die young when the caller drops them.
+
+The threshold is the process's: captures that overlap (threads) add their room to one count,
+and the threshold goes back to its own value when the last one ends. A threshold someone else
+set meanwhile (the model, another library) stands.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 OBJECTS_PER_MODULE = 16  # measured: 10-14 net tracked allocations per captured leaf call
+
+_LOCK = threading.Lock()
+_room = 0  # the room of the captures under way
+_base = 0  # the young threshold before them
+_set = 0  # the threshold they set last (anything else was set by someone else)
 
 
 @contextmanager
 def room_for(modules: int) -> Iterator[None]:
     """The young-generation threshold raised by ``OBJECTS_PER_MODULE * modules`` inside.
 
-    Left alone where the collector is off (``gc.disable()``, threshold 0), and put back only
-    if nothing else changed it meanwhile (another thread, or the model itself)."""
-    young, *older = gc.get_threshold()
-    if not gc.isenabled() or young <= 0 or modules <= 0:
+    Left alone where the collector is off (``gc.disable()``, threshold 0)."""
+    room = OBJECTS_PER_MODULE * modules
+    if room <= 0 or not _widen(room):
         yield
         return
-    raised = young + OBJECTS_PER_MODULE * modules
-    gc.set_threshold(raised, *older)
     try:
         yield
     finally:
-        now, *now_older = gc.get_threshold()
-        if now == raised:
-            gc.set_threshold(young, *now_older)
+        _narrow(room)
+
+
+def _widen(room: int) -> bool:
+    global _room, _base, _set
+    with _LOCK:
+        young, *older = gc.get_threshold()
+        if not gc.isenabled() or young <= 0:
+            return False
+        if _room == 0 or young != _set:  # the first capture, or someone set it since
+            _base, _room = young, 0
+        _room += room
+        _set = _base + _room
+        gc.set_threshold(_set, *older)
+        return True
+
+
+def _narrow(room: int) -> None:
+    global _room, _set
+    with _LOCK:
+        young, *older = gc.get_threshold()
+        _room = max(0, _room - room)
+        if young != _set:  # set by someone else meanwhile: theirs stands
+            return
+        _set = _base + _room
+        gc.set_threshold(_set, *older)

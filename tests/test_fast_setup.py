@@ -365,3 +365,51 @@ def test_same_shaped_outputs_in_a_row_share_a_shape_and_others_do_not() -> None:
     records = [r for r in result.trace if r.name]
     assert [r.output_shapes for r in records] == [(s,) for s in seen]
     assert result.captures[0].shape is result.captures[1].shape  # shared, as intended
+
+
+class KeepsOwnForward(nn.Module):
+    """Keeps its own ``forward`` (the wrapper, during a capture): module -> wrapper -> module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.kept: object = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.kept = self.forward
+        return self.lin(x)
+
+
+def test_a_kept_wrapper_of_a_target_lets_its_module_be_collected() -> None:
+    """The wrapper of a captured module carries its target entry ((name, module), kept out of
+    the collector): once the capture ends a kept wrapper must let it go, or the cycle through
+    the module could never be collected."""
+    model = KeepsOwnForward()
+    result = capture(model, [torch.ones(1, 2)], [""])
+    assert len(result.captures) == 1
+    gone = weakref.ref(model)
+    del model, result
+    gc.collect()
+    assert gone() is None
+
+
+class Chain(nn.Module):
+    """A chain of nested modules, deeper than the C walk of parameters goes (200), whose only
+    trainable parameter is at the bottom; forward does not call the chain."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.child: nn.Module = Chain(depth - 1) if depth > 1 else nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def test_a_tree_too_deep_for_c_is_decided_by_python_without_stale_marks() -> None:
+    """Past 200 levels the C code leaves params_require_grad to the Python code; the marks it
+    set on the way down must not stay behind for Python to trust (they said False)."""
+    model = Chain(205)
+    truth = any(p.requires_grad for p in model.parameters())
+    result = capture(model, [torch.ones(1, 2)], [""])
+    (top,) = [r for r in result.trace if r.name == ""]
+    assert top.params_require_grad is truth is True
