@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import functools
 import gc
+import sys
 import types
 import weakref
 
@@ -413,3 +414,13 @@ def test_a_tree_too_deep_for_c_is_decided_by_python_without_stale_marks() -> Non
     result = capture(model, [torch.ones(1, 2)], [""])
     (top,) = [r for r in result.trace if r.name == ""]
     assert top.params_require_grad is truth is True
+
+
+@pytest.mark.skipif(
+    not (3, 11) <= sys.version_info[:2] <= (3, 12), reason="read in place only on 3.11 and 3.12"
+)
+def test_the_running_frames_code_is_read_without_a_frame_object() -> None:
+    """configure_wrap found where the interpreter frame keeps its code object (checked against
+    PyEval_GetFrame once), so a wrapped call makes no frame object; what it decides is tested
+    by the direct-forward cases of tests/test_fast_hooks.py."""
+    assert fasthooks._native.code_slot() == (4 if sys.version_info[:2] == (3, 11) else 0)
