@@ -21,6 +21,7 @@ setup(
                 "fvis/_facts.c",
                 "fvis/_trace_end.c",
                 "fvis/_wrap.c",
+                "fvis/_callsite.c",
                 "fvis/_walk.c",
             ],
             depends=["fvis/_moments.h", "fvis/_trace.h"],

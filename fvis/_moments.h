@@ -40,6 +40,10 @@ PyObject *fvis_tracer_targets(PyObject *tracer); /* borrowed, may be NULL */
 /* Adds the wrapped forwards' functions: configure_wrap(), forwards_wrappable(),
  * wrap_forwards(), unwrap_forwards(), untrack() (_wrap.c). */
 int fvis_add_wrap(PyObject *module);
+/* _callsite.c: whether the running frame is one of the call sites configure_wrap was given. */
+void fvis_set_call_sites(PyObject *codes);
+int fvis_called_through_call(void);
+int fvis_add_callsite(PyObject *module);
 
 /* Adds walk_modules(): fvis.capture._walk (_walk.c). */
 int fvis_add_walk(PyObject *module);
