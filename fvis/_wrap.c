@@ -5,7 +5,8 @@
  * Module._call_impl (a closure, hook loops, a try block: about 1.5-2 us per call, as much as
  * the rest of the bookkeeping). fvis.fasthooks puts one of these in each module's instance
  * __dict__ as ``forward`` instead, where that sees exactly what the global hooks see; the
- * call then takes _call_impl's fast path.
+ * call then takes _call_impl's fast path. A call straight to ``module.forward(x)`` (not seen by
+ * global hooks either) is told apart by its caller's frame (_callsite.c).
  *
  * The cycle collector: a capture makes a wrapper per module and a few containers per module
  * (its names, its target entry, what to put back). They live exactly as long as the capture,
@@ -61,7 +62,9 @@ static PyObject *call_forward(Wrapped *self, PyObject *args, PyObject *kwargs)
 static PyObject *wrapped_call(Wrapped *self, PyObject *args, PyObject *kwargs)
 {
     /* tracer NULL: the capture ended and this wrapper had been kept somewhere (unwrap) */
-    if (self->tracer == NULL || !fvis_called_through_call()) return call_forward(self, args, kwargs);
+    if (self->tracer == NULL || !fvis_called_through_call()) { /* _callsite.c */
+        return call_forward(self, args, kwargs);
+    }
     PyObject *r = fvis_trace_pre(self->tracer, self->module, args, self->key, self->names);
     if (r == NULL) return NULL;
     Py_DECREF(r);
