@@ -44,7 +44,7 @@ static int attr_truth(PyObject *obj, PyObject *name)
 }
 
 static PyObject **tensor_names[T_N] = {
-    &s_requires_grad, &s_grad_fn, &s_shape, &s_dtype, &s_is_cpu, &s_is_leaf, &s_version,
+    &s_requires_grad, &s_grad_fn, &s_shape, &s_dtype, &s_is_cpu, &s_version,
     &s_output_nr, &s_is_inference, &s_is_contiguous, &s_is_neg, &s_is_zerotensor, &s_data_ptr,
 };
 static PyObject *no_args; /* (), for torch's parsed methods (call_method) */

@@ -39,6 +39,9 @@ PyObject *fvis_tracer_targets(PyObject *tracer); /* borrowed, may be NULL */
 
 /* Adds the wrapped forwards' functions: configure_wrap(), forwards_wrappable(),
  * wrap_forwards(), unwrap_forwards(), untrack() (_wrap.c). */
+/* var = the interned text, or return -1 from the function that adds names to the module. */
+#define FVIS_INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1;
+
 int fvis_add_wrap(PyObject *module);
 /* _callsite.c: whether the running frame is one of the call sites configure_wrap was given. */
 void fvis_set_call_sites(PyObject *codes);

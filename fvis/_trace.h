@@ -35,7 +35,7 @@ typedef struct {
 extern trace_cfg_t cfg;
 
 /* Interned attribute and method names (_trace.c). */
-extern PyObject *s_requires_grad, *s_grad_fn, *s_shape, *s_dtype, *s_is_cpu, *s_is_leaf,
+extern PyObject *s_requires_grad, *s_grad_fn, *s_shape, *s_dtype, *s_is_cpu,
     *s_version, *s_output_nr, *s_is_inference, *s_data_ptr, *s_is_contiguous, *s_is_neg,
     *s_is_zerotensor, *s_name, *s_parameters, *s_modules, *s_inplace, *s_is_floating_point, *s_is_complex,
     *s_pre, *s_post, *s_snapshot, *s_check_versions, *s_channel_dim, *s_token_grid,
@@ -71,7 +71,7 @@ int call_truth(PyObject *callable);
  * subclass, or a name the classes do not define as a plain getset or method (one torch
  * overrides in Python), takes the usual getattr. */
 enum {
-    T_REQUIRES_GRAD, T_GRAD_FN, T_SHAPE, T_DTYPE, T_IS_CPU, T_IS_LEAF, T_VERSION, T_OUTPUT_NR,
+    T_REQUIRES_GRAD, T_GRAD_FN, T_SHAPE, T_DTYPE, T_IS_CPU, T_VERSION, T_OUTPUT_NR,
     T_IS_INFERENCE, T_IS_CONTIGUOUS, T_IS_NEG, T_IS_ZEROTENSOR, T_DATA_PTR, T_N
 };
 #define T_FIRST_METHOD T_IS_INFERENCE

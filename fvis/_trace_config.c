@@ -7,7 +7,7 @@
 
 trace_cfg_t cfg;
 
-PyObject *s_requires_grad, *s_grad_fn, *s_shape, *s_dtype, *s_is_cpu, *s_is_leaf,
+PyObject *s_requires_grad, *s_grad_fn, *s_shape, *s_dtype, *s_is_cpu,
     *s_version, *s_output_nr, *s_is_inference, *s_data_ptr, *s_is_contiguous, *s_is_neg,
     *s_is_zerotensor, *s_name, *s_parameters, *s_modules, *s_inplace, *s_is_floating_point, *s_is_complex,
     *s_pre, *s_post, *s_snapshot, *s_check_versions, *s_channel_dim, *s_token_grid,
@@ -93,19 +93,18 @@ static PyMethodDef trace_functions[] = {
 /* configure_trace and the interned names, added to the extension module. */
 int fvis_add_trace_config(PyObject *module)
 {
-#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1;
-    INTERN(s_requires_grad, "requires_grad") INTERN(s_grad_fn, "grad_fn")
-    INTERN(s_shape, "shape") INTERN(s_dtype, "dtype") INTERN(s_is_cpu, "is_cpu")
-    INTERN(s_is_leaf, "is_leaf") INTERN(s_version, "_version") INTERN(s_output_nr, "output_nr")
-    INTERN(s_is_inference, "is_inference") INTERN(s_data_ptr, "data_ptr")
-    INTERN(s_is_contiguous, "is_contiguous") INTERN(s_is_neg, "is_neg")
-    INTERN(s_is_zerotensor, "_is_zerotensor") INTERN(s_name, "name")
-    INTERN(s_parameters, "_parameters") INTERN(s_modules, "_modules") INTERN(s_inplace, "inplace")
-    INTERN(s_is_floating_point, "is_floating_point") INTERN(s_is_complex, "is_complex")
-    INTERN(s_pre, "_pre") INTERN(s_post, "_post") INTERN(s_snapshot, "_snapshot")
-    INTERN(s_check_versions, "_check_versions") INTERN(s_channel_dim, "_channel_dim")
-    INTERN(s_token_grid, "_token_grid") INTERN(s_deliver, "_deliver") INTERN(s_native, "_native")
-    INTERN(cfg.empty, "") INTERN(cfg.cpu, "cpu")
-#undef INTERN
+    FVIS_INTERN(s_requires_grad, "requires_grad") FVIS_INTERN(s_grad_fn, "grad_fn")
+    FVIS_INTERN(s_shape, "shape") FVIS_INTERN(s_dtype, "dtype") FVIS_INTERN(s_is_cpu, "is_cpu")
+    FVIS_INTERN(s_version, "_version") FVIS_INTERN(s_output_nr, "output_nr")
+    FVIS_INTERN(s_is_inference, "is_inference") FVIS_INTERN(s_data_ptr, "data_ptr")
+    FVIS_INTERN(s_is_contiguous, "is_contiguous") FVIS_INTERN(s_is_neg, "is_neg")
+    FVIS_INTERN(s_is_zerotensor, "_is_zerotensor") FVIS_INTERN(s_name, "name")
+    FVIS_INTERN(s_parameters, "_parameters") FVIS_INTERN(s_modules, "_modules")
+    FVIS_INTERN(s_inplace, "inplace") FVIS_INTERN(s_is_floating_point, "is_floating_point")
+    FVIS_INTERN(s_is_complex, "is_complex") FVIS_INTERN(s_pre, "_pre")
+    FVIS_INTERN(s_post, "_post") FVIS_INTERN(s_snapshot, "_snapshot")
+    FVIS_INTERN(s_check_versions, "_check_versions") FVIS_INTERN(s_channel_dim, "_channel_dim")
+    FVIS_INTERN(s_token_grid, "_token_grid") FVIS_INTERN(s_deliver, "_deliver")
+    FVIS_INTERN(s_native, "_native") FVIS_INTERN(cfg.empty, "") FVIS_INTERN(cfg.cpu, "cpu")
     return PyModule_AddFunctions(module, trace_functions);
 }

@@ -448,12 +448,11 @@ static PyMethodDef wrap_functions[] = {
 
 int fvis_add_wrap(PyObject *module)
 {
-#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1;
-    INTERN(s_call, "__call__") INTERN(s_call_impl, "_call_impl")
-    INTERN(s_forward_pre_hooks, "_forward_pre_hooks") INTERN(s_forward, "forward")
-    INTERN(s_getattribute, "__getattribute__") INTERN(s_backward_hooks, "_backward_hooks")
-    INTERN(s_backward_pre_hooks, "_backward_pre_hooks")
-#undef INTERN
+    FVIS_INTERN(s_call, "__call__") FVIS_INTERN(s_call_impl, "_call_impl")
+    FVIS_INTERN(s_forward_pre_hooks, "_forward_pre_hooks") FVIS_INTERN(s_forward, "forward")
+    FVIS_INTERN(s_getattribute, "__getattribute__")
+    FVIS_INTERN(s_backward_hooks, "_backward_hooks")
+    FVIS_INTERN(s_backward_pre_hooks, "_backward_pre_hooks")
     plain_getattribute = _PyType_Lookup(&PyBaseObject_Type, s_getattribute); /* immortal type */
     if ((no_keywords = PyDict_New()) == NULL || PyType_Ready(&WrappedType) < 0) return -1;
     if (fvis_add_callsite(module) < 0) return -1;

@@ -250,23 +250,29 @@ def test_backward_hooks_keep_the_global_hooks(what: str, monkeypatch: pytest.Mon
 
 
 class KeepsForward(nn.Module):
-    """Keeps a partial of its child's ``forward`` (the wrapper, during a capture)."""
+    """Keeps a partial of its child's ``forward``, or its own ``forward`` (``own``): the
+    wrapper, during a capture; a cycle module -> kept -> wrapper (-> module, when its own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, own: bool) -> None:
         super().__init__()
         self.inner = nn.Linear(2, 2)
+        self.own = own
         self.kept: object = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.kept = functools.partial(self.inner.forward)
+        if self.kept is None:  # the capture's wrapper, and only it
+            self.kept = self.forward if self.own else functools.partial(self.inner.forward)
         return self.inner(x)
 
 
-def test_a_kept_wrapper_lets_the_capture_go() -> None:
-    """After the capture the kept wrapper is a plain forward, records nothing, and a cycle
-    through it (model -> kept -> wrapper -> model) is collected."""
-    model = KeepsForward()
-    result = capture(model, [torch.ones(1, 2)], ["inner"])
+@pytest.mark.parametrize(("own", "layer"), [(False, "inner"), (True, "")])
+def test_a_kept_wrapper_lets_the_capture_go(own: bool, layer: str) -> None:
+    """After the capture the kept wrapper is a plain forward, records nothing, and the model
+    is collected. The wrapper of a captured module carries its target entry ((name, module),
+    kept out of the collector): a kept one must let it go too, or the cycle through its
+    module could never be collected."""
+    model = KeepsForward(own)
+    result = capture(model, [torch.ones(1, 2)], [layer])
     assert len(result.captures) == 1
     kept = model.kept
     assert torch.equal(kept(torch.ones(1, 2)), model.inner(torch.ones(1, 2)))  # type: ignore[operator]
@@ -366,32 +372,6 @@ def test_same_shaped_outputs_in_a_row_share_a_shape_and_others_do_not() -> None:
     records = [r for r in result.trace if r.name]
     assert [r.output_shapes for r in records] == [(s,) for s in seen]
     assert result.captures[0].shape is result.captures[1].shape  # shared, as intended
-
-
-class KeepsOwnForward(nn.Module):
-    """Keeps its own ``forward`` (the wrapper, during a capture): module -> wrapper -> module."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(2, 2)
-        self.kept: object = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.kept = self.forward
-        return self.lin(x)
-
-
-def test_a_kept_wrapper_of_a_target_lets_its_module_be_collected() -> None:
-    """The wrapper of a captured module carries its target entry ((name, module), kept out of
-    the collector): once the capture ends a kept wrapper must let it go, or the cycle through
-    the module could never be collected."""
-    model = KeepsOwnForward()
-    result = capture(model, [torch.ones(1, 2)], [""])
-    assert len(result.captures) == 1
-    gone = weakref.ref(model)
-    del model, result
-    gc.collect()
-    assert gone() is None
 
 
 class Chain(nn.Module):
